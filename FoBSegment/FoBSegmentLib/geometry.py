@@ -183,3 +183,14 @@ class SliceView:
         ijk[self.slice_axis_ijk] = index
         p = volume.ijk_to_lps() @ np.append(ijk, 1.0)
         return float(p[:3] @ normal)
+
+    def stack_coords_to_ijk(self, coords: np.ndarray, stack_shape: tuple) -> np.ndarray:
+        """(N, 3) continuous (slice, row, col) stack coordinates -> (N, 3) (i, j, k) voxel
+        coordinates of the volume (for placing prompts as markups)."""
+        c = np.array(coords, dtype=float).reshape(-1, 3)
+        for ax in self.flips:
+            c[:, ax] = stack_shape[ax] - 1 - c[:, ax]
+        kji = np.empty_like(c)
+        for t, a in enumerate(self.perm):
+            kji[:, a] = c[:, t]
+        return kji[:, ::-1]

@@ -1,0 +1,260 @@
+"""Reading volumes and support masks, writing results; every failure becomes a clear
+``FoBInputError`` and no output file is ever left half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FoBInputError
+from .geometry import Volume, validate_volume
+
+LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".seg.nrrd", ".nii.gz"):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def read_volume(path: str | Path, what: str = "volume") -> Volume:
+    """NIfTI, NRRD, MHA/MHD or a DICOM series folder -> :class:`Volume` (validated, 3D)."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise FoBInputError(f"The {what} file {p} does not exist. Check the path.")
+    try:
+        if p.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(p))
+            if not series:
+                raise FoBInputError(
+                    f"The folder {p} given as {what} holds no DICOM series. Point to a folder of "
+                    "DICOM slices or to a NIfTI/NRRD/MHA file."
+                )
+            files = reader.GetGDCMSeriesFileNames(str(p), series[0])
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(p))
+    except FoBInputError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise FoBInputError(
+            f"Cannot read the {what} {p}: the file is unreadable, truncated or not an image "
+            f"(NIfTI, NRRD, MHA or a DICOM folder) ({first[:160]}). Re-export or re-copy it."
+        ) from None
+    return image_to_volume(image, what=what, name=p.name)
+
+
+def image_to_volume(image, what: str = "volume", name: str = "") -> Volume:
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise FoBInputError(
+            f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
+            "vector image); FoBSegment needs a scalar (grey-level) volume."
+        )
+    dim = image.GetDimension()
+    if dim != 3:
+        shape = image.GetSize()
+        raise FoBInputError(
+            f"The {what} is {dim}D (size {shape}); FoBSegment needs a 3D volume. "
+            + ("For a 4D series (cine, dynamic, multi-echo) extract one 3D frame first."
+               if dim == 4 else "Stack 2D slices into a 3D volume first.")
+        )
+    arr = sitk.GetArrayFromImage(image)
+    vol = Volume(arr, image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3), name)
+    validate_volume(vol, what)
+    return vol
+
+
+def volume_to_image(vol: Volume):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.array))
+    img.SetSpacing(vol.spacing)
+    img.SetOrigin(vol.origin)
+    img.SetDirection(tuple(np.asarray(vol.direction).ravel()))
+    return img
+
+
+@dataclass
+class SupportMask:
+    """A binary support mask on the support volume's grid plus what the user calls it."""
+
+    mask: np.ndarray  # bool (k, j, i)
+    name: str
+    color: tuple  # RGB in [0, 1]
+    label_value: int | None = None
+
+
+DEFAULT_COLOURS = {
+    "liver": (0.87, 0.51, 0.31), "spleen": (0.62, 0.0, 1.0), "right_kidney": (0.72, 0.31, 0.25),
+    "left_kidney": (0.72, 0.31, 0.25), "lv_bp": (0.86, 0.21, 0.21), "lv_myo": (0.94, 0.78, 0.39),
+    "rv": (0.31, 0.47, 0.86),
+}
+
+
+def _colour_for(name: str, value: int | None) -> tuple:
+    if name.lower() in DEFAULT_COLOURS:
+        return DEFAULT_COLOURS[name.lower()]
+    rng = np.random.default_rng(value if value is not None else abs(hash(name)) % 1000)
+    return tuple(float(c) for c in rng.uniform(0.2, 0.95, 3))
+
+
+def read_support_mask(path: str | Path, support: Volume, label: int | None = None,
+                      segment: str | None = None) -> SupportMask:
+    """A labelmap (any value, or ``label``) or a Slicer ``.seg.nrrd`` (segment by name or label
+    value) -> binary mask on the support grid.  The grids must agree; we never resample
+    silently because a mask drawn on another grid would be a silent wrong answer."""
+    p = Path(path)
+    if not p.exists():
+        raise FoBInputError(f"The support mask file {p} does not exist. Check the path.")
+    if _suffix(p) == ".seg.nrrd":
+        return _read_seg_nrrd(p, support, label, segment)
+    if segment is not None:
+        raise FoBInputError(
+            f"--segment {segment!r} names a segment, but {p.name} is a plain labelmap without segment "
+            "names. Use --label N for a labelmap, or pass a Slicer .seg.nrrd."
+        )
+    labvol = read_volume(p, what="support mask")
+    if not labvol.same_grid(support):
+        raise FoBInputError(
+            f"The support mask {p.name} (size {labvol.shape_ijk}, spacing {np.round(labvol.spacing, 3)}) is "
+            f"not on the support image's grid (size {support.shape_ijk}, spacing {np.round(support.spacing, 3)}). "
+            "Save the mask on the same grid as the image it was drawn on (in Slicer: export the segmentation "
+            "with the image as reference volume)."
+        )
+    lab = np.rint(labvol.array).astype(np.int64)
+    values = [int(v) for v in np.unique(lab) if v != 0]
+    if not values:
+        raise FoBInputError(
+            f"The support mask {p.name} is empty: no voxel is labelled. Paint the structure on at "
+            "least one slice of the support image."
+        )
+    if label is None:
+        if len(values) > 1:
+            raise FoBInputError(
+                f"The support mask {p.name} holds several labels {values}; choose one with --label N."
+            )
+        label = values[0]
+    if label not in values:
+        raise FoBInputError(
+            f"Label {label} is not present in the support mask {p.name}; it holds {values}. "
+            "Pass one of these with --label."
+        )
+    name = f"label_{label}"
+    return SupportMask(lab == label, name, _colour_for(name, label), label)
+
+
+def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(p))
+    except Exception as exc:  # slicerio raises many types for a damaged file
+        raise FoBInputError(f"Cannot read the segmentation {p}: {exc}. Re-save it from Slicer.") from None
+    segments = seg.get("segments", [])
+    names = [s.get("name", "") for s in segments]
+    chosen = None
+    if segment is not None:
+        chosen = next((s for s in segments if s.get("name") == segment), None)
+        if chosen is None:
+            raise FoBInputError(f"No segment named {segment!r} in {p.name}; it has {names}. Use --segment with one of them.")
+    elif label is not None:
+        chosen = next((s for s in segments if int(s.get("labelValue", -1)) == int(label)), None)
+        if chosen is None:
+            vals = [s.get("labelValue") for s in segments]
+            raise FoBInputError(f"No segment with label value {label} in {p.name} (values {vals}, names {names}).")
+    elif len(segments) == 1:
+        chosen = segments[0]
+    else:
+        raise FoBInputError(f"{p.name} holds several segments {names}; choose one with --segment NAME.")
+    extracted = slicerio.extract_segments(seg, [(chosen["name"], 1)])
+    voxels = np.asarray(extracted["voxels"])  # (i, j, k) in the file's IJK
+    if voxels.ndim == 4:
+        voxels = voxels[..., 0]
+    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    direction = ijk_to_lps[:3, :3] / np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    labvol = Volume(np.transpose(voxels, (2, 1, 0)), spacing, ijk_to_lps[:3, 3], direction)
+    mask = _resample_nearest_onto(labvol, support) if not labvol.same_grid(support) else labvol.array > 0
+    if not mask.any():
+        raise FoBInputError(
+            f"Segment {chosen['name']!r} in {p.name} is empty on the support image. Paint it on at least one slice."
+        )
+    color = tuple(float(c) for c in chosen.get("color", _colour_for(chosen["name"], None)))
+    return SupportMask(mask.astype(bool), chosen["name"], color, int(chosen.get("labelValue", 1)))
+
+
+def _resample_nearest_onto(src: Volume, ref: Volume) -> np.ndarray:
+    """A .seg.nrrd usually stores only the segments' bounding box (an extent of the
+    reference grid); nearest-neighbour resampling in physical space puts it back."""
+    import SimpleITK as sitk
+
+    img = volume_to_image(src.with_array((src.array > 0).astype(np.uint8)))
+    refimg = volume_to_image(ref.with_array(np.zeros(ref.array.shape, np.uint8)))
+    out = sitk.Resample(img, refimg, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out) > 0
+
+
+def check_output_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.parent.exists() or not p.parent.is_dir():
+        raise FoBInputError(
+            f"The output folder {p.parent} does not exist. Create it first or choose another --output path."
+        )
+    if _suffix(p) not in LABELMAP_SUFFIXES + (".seg.nrrd",):
+        raise FoBInputError(
+            f"Unsupported output format {p.name!r}: use .seg.nrrd (Slicer segmentation), .nii.gz, .nii, .nrrd or .mha."
+        )
+    if p.is_dir():
+        raise FoBInputError(f"The output path {p} is a folder; give a file name such as {p / 'result.seg.nrrd'}.")
+    return p
+
+
+def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = "segment",
+                 color=(1.0, 0.0, 0.0), label_value: int = 1) -> Path:
+    """Write a binary mask in the query geometry as a labelmap or a ``.seg.nrrd``.
+    Written to a temporary file in the same folder and renamed, so a failure never leaves
+    a partial output behind."""
+    import SimpleITK as sitk
+
+    p = check_output_path(path)
+    suffix = _suffix(p)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".fobsegment-", suffix=suffix)
+    os.close(fd)
+    try:
+        labels = (np.asarray(mask) > 0).astype(np.uint8) * np.uint8(label_value)
+        if suffix == ".seg.nrrd":
+            import slicerio
+
+            ijk_to_lps = query.ijk_to_lps()
+            segmentation = {
+                "voxels": np.transpose(labels, (2, 1, 0)),  # slicerio wants (i, j, k)
+                "ijkToLPS": ijk_to_lps,
+                "encoding": "gzip",
+                "containedRepresentationNames": ["Binary labelmap"],
+                "segments": [{
+                    "id": "Segment_1", "labelValue": int(label_value), "layer": 0, "name": name,
+                    "color": [float(c) for c in color],
+                }],
+            }
+            slicerio.write_segmentation(tmp, segmentation)
+        else:
+            sitk.WriteImage(volume_to_image(query.with_array(labels)), tmp, useCompression=True)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p

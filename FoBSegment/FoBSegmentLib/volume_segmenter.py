@@ -1,0 +1,431 @@
+"""The volume pipeline: volume -> slices -> embeddings -> prompts -> masks -> volume.
+
+No ground-truth oracle: starting from the slices the support anchors, the pipeline walks
+outward slice by slice and decides on each slice whether the structure is still there
+(coarse-mask confidence, SAM's predicted IoU, overlap with the neighbouring kept slice). It
+stops where the structure ends, so slices beyond it are never encoded.  An optional
+``query_slices`` list is the evaluation oracle (protocol EP1): exactly those slices are
+segmented and nothing is decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .backbones import create_backbone
+from .backbones.base import WORK_SIZE, Backbone, slice_to_square, square_to_slice
+from .embedding_cache import EmbeddingCache
+from .errors import CancelledError, FoBInputError
+from .geometry import SliceView, Volume, validate_volume
+from .preprocessing import fit_normalisation
+from .prompts import RING_INNER, RING_MARGIN, RING_OUTER, SlicePrompt, box_from_mask, check_strategy, choose_mask
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Presence decision thresholds (work-grid pixels / fractions); issue B tunes them.
+MIN_AREA_PX = 6
+MIN_OVERLAP = 0.5
+MIN_IOU = 0.45
+MIN_FG_CONF = 0.25
+MAX_GROWTH = 4.0
+
+
+def default_weights(backbone_name: str) -> Path | None:
+    p = WEIGHTS_DIR / f"fob_{backbone_name}.pt"
+    return p if p.is_file() else None
+
+
+@dataclass
+class SupportSlice:
+    index: int  # slice index in the support stack
+    rel: float  # relative position within the annotated extent, 0..1
+    embedding: torch.Tensor  # (256, 64, 64)
+    mask_sq: np.ndarray  # (256, 256) bool on the work grid
+    ring: np.ndarray | None  # (Np, 2) normalised
+
+
+@dataclass
+class SlicePrompts:
+    """Prompts shown to SAM on one query slice, in the query's voxel coordinates."""
+
+    slice_index: int
+    points_ijk: np.ndarray  # (N, 3)
+    labels: np.ndarray  # (N,) 1 foreground, 0 background
+    box_ijk: np.ndarray | None  # (2, 3) opposite corners
+
+
+@dataclass
+class SegmentationResult:
+    mask: np.ndarray  # uint8 (k, j, i) in the query geometry
+    prompts: list = field(default_factory=list)
+    slice_info: dict = field(default_factory=dict)  # slice -> {iou, fg_conf, kept, reason}
+    backbone: str = ""
+    device: str = "cpu"
+    prompt_strategy: str = ""
+    prompt_source: str = ""
+    slices_total: int = 0
+    slices_segmented: int = 0
+    slices_encoded: int = 0
+    seconds: float = 0.0
+
+
+class Segmenter:
+    """One backbone, one prompt generator and one embedding cache, reused across calls.
+
+    ``prompt``: ``auto`` (the measured default of the backbone) or a strategy of
+    :mod:`FoBSegmentLib.prompts`.  ``prompt_source``: ``fob`` (the trained generator),
+    ``propagate`` (the box of the neighbouring slice's mask: a baseline that needs no
+    generator) or ``auto`` (fob when weights exist).
+    """
+
+    def __init__(self, backbone: str | Backbone = "litemedsam", device: str = "auto", checkpoint=None,
+                 weights=None, prompt: str = "auto", cache_dir=None, memory_cache_mb: float = 1024,
+                 batch_size: int | None = None, mask_choice="best_iou", use_spr: bool = True,
+                 prompt_source: str = "auto", download_progress=None, is_cancelled=None):
+        self.backbone = backbone if isinstance(backbone, Backbone) else create_backbone(
+            backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
+        self.cache = EmbeddingCache(cache_dir, memory_cache_mb)
+        self.batch_size = batch_size or (8 if self.backbone.device.type == "cuda" else 1)
+        self.mask_choice = mask_choice
+        self.generator = None
+        self.generator_meta: dict = {}
+        weights = Path(weights) if weights else default_weights(self.backbone.name)
+        if prompt_source not in ("auto", "fob", "propagate"):
+            raise FoBInputError(f"Unknown prompt source {prompt_source!r}: use auto, fob or propagate.")
+        if prompt_source in ("auto", "fob") and weights is not None:
+            from .prompt_generator import load_generator
+
+            if not Path(weights).is_file():
+                raise FoBInputError(f"Generator weights {weights} not found. Check the --weights path.")
+            self.generator, self.generator_meta = load_generator(weights, device=self.backbone.device)
+            self.generator.eval()
+            if not use_spr and hasattr(self.generator, "use_spr"):
+                self.generator.use_spr = False
+            trained_for = self.generator_meta.get("backbone")
+            if trained_for and trained_for != self.backbone.name:
+                raise FoBInputError(
+                    f"The generator weights {Path(weights).name} were trained for backbone {trained_for!r}, "
+                    f"not {self.backbone.name!r}. Use --backbone {trained_for} or weights trained for this backbone."
+                )
+        elif prompt_source == "fob":
+            raise FoBInputError(
+                f"No FoB generator weights for backbone {self.backbone.name!r}. Train them with "
+                "`fobsegment train` and pass --weights, or use prompt source 'propagate'."
+            )
+        self.prompt_source = "fob" if self.generator is not None else "propagate"
+        if prompt == "auto":
+            prompt = self.generator_meta.get("default_prompt") or ("box" if self.backbone.box_trained else "box+points")
+        self.prompt = check_strategy(prompt)
+        self.encoded_count = 0
+
+    # ---------------------------------------------------------------- embeddings
+    def embed(self, stack: np.ndarray, norm, indices) -> dict:
+        """Embeddings of the given stack slices, encoding only those not cached."""
+        out, todo = {}, []
+        for i in indices:
+            x = self.backbone.prepare(norm.apply(stack[i]))
+            key = EmbeddingCache.key(x, self.backbone.weights_id() + self.backbone.preprocess_id())
+            e = self.cache.get(key)
+            if e is None:
+                todo.append((i, x, key))
+            else:
+                out[i] = e
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            emb = self.backbone.encode(torch.stack([x for _, x, _ in chunk]))
+            self.encoded_count += len(chunk)
+            for (i, _, key), e in zip(chunk, emb):
+                self.cache.put(key, e)
+                out[i] = e.float()
+        return out
+
+    # ---------------------------------------------------------------- support
+    def prepare_support(self, support: Volume, support_mask: np.ndarray, support_slices=None):
+        validate_volume(support, "support image")
+        mask = np.asarray(support_mask)
+        if mask.shape != support.array.shape:
+            raise FoBInputError(
+                f"The support mask has shape {mask.shape} but the support image has {support.array.shape}; "
+                "the mask must be drawn on the support image's grid."
+            )
+        view = SliceView.for_volume(support)
+        stack, mstack = view.to_stack(support.array), view.to_stack(mask > 0)
+        annotated = [int(i) for i in np.nonzero(mstack.reshape(mstack.shape[0], -1).any(1))[0]]
+        if not annotated:
+            raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
+        n = stack.shape[0]
+        if support_slices:
+            bad = [s for s in support_slices if not 0 <= int(s) < n]
+            if bad:
+                raise FoBInputError(
+                    f"Support slice(s) {bad} are out of range: the support image has {n} slices along its "
+                    f"acquisition axis (0 to {n - 1})."
+                )
+            empty = [int(s) for s in support_slices if int(s) not in annotated]
+            if empty:
+                raise FoBInputError(
+                    f"Support slice(s) {empty} carry no annotation of the structure. Annotated slices: "
+                    f"{_ranges(annotated)}."
+                )
+            chosen = sorted({int(s) for s in support_slices})
+        else:
+            chosen = annotated
+        norm = fit_normalisation(support.array)
+        embs = self.embed(stack, norm, chosen)
+        lo, hi = annotated[0], annotated[-1]
+        supports = []
+        from .background_ring import ring_points
+
+        for i in chosen:
+            msq = slice_to_square(mstack[i]) > 0.5
+            if not msq.any():  # a structure smaller than one work-grid pixel
+                msq = slice_to_square(mstack[i]) > 0
+            ring = ring_points(msq, outer_radius=RING_OUTER, inner_radius=RING_INNER) if self.generator else None
+            rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
+            supports.append(SupportSlice(i, rel, embs[i], msq, ring))
+        return supports, view, annotated
+
+    # ---------------------------------------------------------------- one slice
+    @torch.inference_mode()
+    def predict_slice(self, q_emb: torch.Tensor, sup: SupportSlice, prev_sq: np.ndarray | None):
+        """-> (logits (256, 256), predicted IoU, foreground confidence, SlicePrompt)."""
+        fg_conf = 1.0
+        if self.generator is not None:
+            dev = self.backbone.device
+            out = self.generator(
+                sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
+                torch.as_tensor(sup.ring, dtype=torch.float32)[None].to(dev), q_emb[None].to(dev))
+            from .background_ring import ring_to_box
+            from .prompt_generator import foreground_points
+
+            bg = out.points[0].float().cpu().numpy()
+            fg_prob = out.fg_prob[0].float().cpu().numpy()
+            fg = np.asarray(foreground_points(fg_prob), dtype=np.float32).reshape(-1, 2)
+            prompt = SlicePrompt(fg, bg, np.asarray(ring_to_box(bg, RING_MARGIN), np.float32))
+        else:
+            fg_prob = None
+            ref = prev_sq if prev_sq is not None and prev_sq.any() else sup.mask_sq
+            prompt = SlicePrompt(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32),
+                                 box_from_mask(ref, pad_px=2.0))
+        strategy = self.prompt if self.generator is not None else "box"
+        dec = self.backbone.decode(q_emb, multimask=not self.backbone.box_trained and strategy == "points",
+                                   **prompt.as_decoder_args(strategy))
+        logits, iou = choose_mask(dec.logits, dec.iou, self.mask_choice)
+        if fg_prob is not None:
+            m = logits > 0
+            fg_conf = float(fg_prob[m].mean()) if m.any() else 0.0
+        return logits, iou, fg_conf, prompt
+
+    # ---------------------------------------------------------------- volume
+    def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
+                slice_range=None, query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:
+        t0 = time.perf_counter()
+        enc0 = self.encoded_count
+        validate_volume(query, "query image")
+        same = support is None or support is query or (
+            query.same_grid(support) and np.shares_memory(query.array, support.array))
+        if support is None:
+            support = query
+        supports, s_view, annotated = self.prepare_support(support, support_mask, support_slices)
+        view = SliceView.for_volume(query)
+        stack = view.to_stack(query.array)
+        n, rows, cols = stack.shape
+        lo, hi = 0, n - 1
+        if slice_range is not None:
+            a, b = int(slice_range[0]), int(slice_range[1])
+            if not (0 <= a <= b < n):
+                raise FoBInputError(
+                    f"Slice range {a}:{b} is outside the query image, which has {n} slices along its "
+                    f"acquisition axis (valid: 0:{n - 1})."
+                )
+            lo, hi = a, b
+        norm = fit_normalisation(query.array)
+        out_stack = np.zeros((n, rows, cols), np.uint8)
+        result = SegmentationResult(out_stack, backbone=self.backbone.name, device=str(self.backbone.device),
+                                    prompt_strategy=self.prompt if self.generator else "box",
+                                    prompt_source=self.prompt_source, slices_total=n)
+        kept_sq: dict[int, np.ndarray] = {}
+        done = [0]
+        total = hi - lo + 1
+
+        def tick():
+            done[0] += 1
+            if progress is not None:
+                progress(min(done[0], total), total)
+            if is_cancelled is not None and is_cancelled():
+                raise CancelledError()
+
+        def nearest_support(rel_or_index, by_index):
+            if by_index:
+                return min(supports, key=lambda s: abs(s.index - rel_or_index))
+            return min(supports, key=lambda s: abs(s.rel - rel_or_index))
+
+        def run(i, sup, prev_sq, decide):
+            emb = self.embed(stack, norm, [i])[i]
+            logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
+            m = logits > 0
+            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "support": sup.index}
+            if decide:
+                ok, reason, m = _decide(m, prev_sq, iou, fg_conf, self.generator is not None)
+                info.update(kept=ok, reason=reason)
+            else:
+                info.update(kept=True, reason="oracle")
+            result.slice_info[i] = info
+            if info["kept"]:
+                kept_sq[i] = m
+                out_stack[i] = square_to_slice(m.astype(np.float32), (rows, cols)) > 0.5
+                result.prompts.append(self._prompt_record(view, stack.shape, i, prompt, rows, cols))
+            tick()
+            return info["kept"]
+
+        if query_slices is not None:
+            qs = sorted({int(s) for s in query_slices if lo <= int(s) <= hi})
+            total = len(qs)
+            q0, q1 = (qs[0], qs[-1]) if qs else (0, 0)
+            for i in qs:
+                rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
+                run(i, nearest_support(rel, False), None, decide=False)
+        elif same:
+            # The user's own annotation is the answer on the annotated slices.
+            for s in annotated:
+                if lo <= s <= hi:
+                    m = (slice_to_square(s_view.to_stack(support_mask > 0)[s].astype(np.float32)) > 0.5)
+                    kept_sq[s] = m
+                    out_stack[s] = s_view.to_stack(support_mask > 0)[s]
+                    result.slice_info[s] = {"kept": True, "reason": "annotated"}
+            inside = [i for i in range(max(lo, annotated[0]), min(hi, annotated[-1]) + 1) if i not in kept_sq]
+            for i in inside:  # gaps between annotated slices: the structure is there
+                prev = kept_sq.get(max(k for k in kept_sq if k < i)) if any(k < i for k in kept_sq) else None
+                run(i, nearest_support(i, True), prev, decide=False)
+            start_lo = min(hi, annotated[0]) if annotated[0] >= lo else lo
+            start_hi = max(lo, annotated[-1]) if annotated[-1] <= hi else hi
+            if annotated[0] >= lo:
+                self._walk(run, kept_sq, start_lo, -1, lo, lambda i: nearest_support(i, True))
+            if annotated[-1] <= hi:
+                self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
+        else:
+            seed = self._find_seed(stack, norm, supports, s_view, support, view, query, lo, hi, run, tick)
+            if seed is not None:
+                frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
+                self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
+                self._walk(run, kept_sq, seed, +1, hi, lambda i: nearest_support(frac(i), False))
+                self._reprompt_by_extent(stack, norm, supports, kept_sq, out_stack, result, view, rows, cols)
+        result.slices_segmented = int(sum(1 for v in result.slice_info.values() if v.get("kept")))
+        result.mask = np.ascontiguousarray(view.from_stack(out_stack))
+        result.slices_encoded = self.encoded_count - enc0
+        result.seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress(total, total)
+        return result
+
+    def _walk(self, run, kept_sq, start, step, stop, support_for):
+        """From a kept slice, walk until the structure is judged absent or the range ends."""
+        prev = kept_sq.get(start)
+        i = start + step
+        while (i >= stop if step < 0 else i <= stop):
+            if i in kept_sq:
+                prev = kept_sq[i]
+                i += step
+                continue
+            if not run(i, support_for(i), prev, decide=True):
+                break
+            prev = kept_sq[i]
+            i += step
+
+    def _find_seed(self, stack, norm, supports, s_view, support, view, query, lo, hi, run, tick):
+        """Another patient: look for the structure near the support's relative position in
+        the volume and keep the most confident slice as the start of the walk."""
+        central = min(supports, key=lambda s: abs(s.rel - 0.5))
+        n_s = s_view.n_slices(support)
+        guess = lo + int(round(central.index / max(1, n_s - 1) * (hi - lo)))
+        radius = max(2, int(round(0.12 * (hi - lo + 1))))
+        cands = list(range(max(lo, guess - radius), min(hi, guess + radius) + 1))
+        best, best_score, best_mask = None, -1.0, None
+        for i in cands:
+            emb = self.embed(stack, norm, [i])[i]
+            logits, iou, fg_conf, _ = self.predict_slice(emb, central, None)
+            m = logits > 0
+            score = iou * fg_conf if m.sum() >= MIN_AREA_PX else 0.0
+            if score > best_score:
+                best, best_score, best_mask = i, score, m
+        if best is None or best_score < MIN_IOU * MIN_FG_CONF:
+            return None
+        run(best, central, None, decide=False)
+        return best
+
+    def _reprompt_by_extent(self, stack, norm, supports, kept_sq, out_stack, result, view, rows, cols):
+        """With several support slices, re-decode each kept slice from the support at the same
+        relative position within the extent now known (the 3-chunk protocol, generalised).
+        Embeddings are cached, so this costs decoding only."""
+        if len(supports) < 2 or len(kept_sq) < 2:
+            return
+        k0, k1 = min(kept_sq), max(kept_sq)
+        for i in sorted(kept_sq):
+            rel = (i - k0) / max(1, k1 - k0)
+            sup = min(supports, key=lambda s: abs(s.rel - rel))
+            if sup.index == result.slice_info[i].get("support"):
+                continue
+            emb = self.embed(stack, norm, [i])[i]
+            logits, iou, fg_conf, _ = self.predict_slice(emb, sup, kept_sq.get(i))
+            m = logits > 0
+            if m.sum() >= MIN_AREA_PX:
+                out_stack[i] = square_to_slice(m.astype(np.float32), (rows, cols)) > 0.5
+                result.slice_info[i].update(support=sup.index, iou=round(iou, 4))
+
+    def _prompt_record(self, view, stack_shape, i, prompt: SlicePrompt, rows, cols) -> SlicePrompts:
+        L = max(rows, cols)
+
+        def to_ijk(xy):
+            xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+            src = np.stack([np.full(len(xy), i, float), xy[:, 1] * L - 0.5, xy[:, 0] * L - 0.5], 1)
+            return view.stack_coords_to_ijk(src, stack_shape)
+
+        pts = [prompt.fg_points, prompt.bg_points]
+        labels = np.concatenate([np.ones(len(prompt.fg_points), int), np.zeros(len(prompt.bg_points), int)])
+        allpts = np.concatenate([np.asarray(p, float).reshape(-1, 2) for p in pts])
+        box = None if prompt.box is None else to_ijk(np.asarray(prompt.box).reshape(2, 2))
+        return SlicePrompts(i, to_ijk(allpts), labels, box)
+
+
+def _decide(m, prev_sq, iou, fg_conf, has_generator):
+    """Is the structure on this slice?  -> (kept, reason, cleaned mask)."""
+    area = int(m.sum())
+    if area < MIN_AREA_PX:
+        return False, "empty", m
+    if prev_sq is not None and prev_sq.any():
+        near = ndimage.binary_dilation(prev_sq, iterations=6)
+        lab, nlab = ndimage.label(m)
+        if nlab > 1:  # keep only components touching the neighbour: 3D connectivity
+            touching = np.unique(lab[near & m])
+            m = np.isin(lab, touching[touching > 0])
+            area = int(m.sum())
+            if area < MIN_AREA_PX:
+                return False, "disconnected", m
+        if (m & near).sum() < MIN_OVERLAP * area:
+            return False, "disconnected", m
+        if area > MAX_GROWTH * prev_sq.sum() + 50:
+            return False, "leak", m
+    if iou < MIN_IOU:
+        return False, "low_iou", m
+    if has_generator and fg_conf < MIN_FG_CONF:
+        return False, "low_confidence", m
+    return True, "present", m
+
+
+def _ranges(idx):
+    idx = sorted(idx)
+    out, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
