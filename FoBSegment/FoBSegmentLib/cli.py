@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 from .errors import CancelledError, FoBError, FoBInputError
 
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
         print("fobsegment: interrupted; nothing was written.", file=sys.stderr)
         return 130
     except FoBError as exc:
-        print("\n".join(textwrap.wrap(f"fobsegment: error: {exc}", 100)), file=sys.stderr)
+        print(f"fobsegment: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
         print("fobsegment: error: out of memory. Restrict the work with --slices, or use a smaller "

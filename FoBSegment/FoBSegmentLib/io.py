@@ -44,6 +44,7 @@ def read_volume(path: str | Path, what: str = "volume") -> Volume:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
+            _check_complete(p)
             image = sitk.ReadImage(str(p))
     except FoBInputError:
         raise
@@ -54,6 +55,20 @@ def read_volume(path: str | Path, what: str = "volume") -> Volume:
             f"(NIfTI, NRRD, MHA or a DICOM folder) ({first[:160]}). Re-export or re-copy it."
         ) from None
     return image_to_volume(image, what=what, name=p.name)
+
+
+def _check_complete(p: Path) -> None:
+    """ITK zero-fills a truncated .gz silently; read the stream through to catch it."""
+    if p.name.lower().endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error):
+            raise RuntimeError("compressed stream ends early or is damaged") from None
 
 
 def image_to_volume(image, what: str = "volume", name: str = "") -> Volume:

@@ -1,0 +1,189 @@
+"""Bad input: a clear one-paragraph error, a non-zero exit, no traceback, no output file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FoBSegmentLib.cli import main
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _write(path, arr, spacing=None, origin=None):
+    img = sitk.GetImageFromArray(arr)
+    if spacing:
+        img.SetSpacing(spacing)
+    if origin:
+        img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A small realistic case: a crop of the example CT and its liver label."""
+    ct = sitk.ReadImage(str(REPO / "FoBSegment/Testing/Data/example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(REPO / "FoBSegment/Testing/Data/example_seg.nii.gz"))
+    ct, lab = ct[:, :, 85:95], lab[:, :, 85:95]
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(lab, str(tmp_path / "lab.nii.gz"))
+    return tmp_path
+
+
+def _run(argv, capsys, out: Path):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0, "bad input must give a non-zero exit"
+    assert "Traceback" not in err
+    assert err.startswith("fobsegment: error:")
+    assert not out.exists(), "no output file may be left behind"
+    assert not list(out.parent.glob(".fobsegment-*")), "no temporary output may be left behind"
+    return err
+
+
+def _seg(case, **kw):
+    argv = ["segment", "--volume", str(kw.pop("volume", case / "ct.nii.gz")),
+            "--support-mask", str(kw.pop("mask", case / "lab.nii.gz")), "--output", str(kw.pop("out", case / "out.nii.gz"))]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def test_empty_support_mask(case, capsys):
+    lab = sitk.ReadImage(str(case / "lab.nii.gz"))
+    _write(case / "empty.nii.gz", np.zeros_like(sitk.GetArrayFromImage(lab)))
+    e = sitk.ReadImage(str(case / "empty.nii.gz"))
+    e.CopyInformation(lab)
+    sitk.WriteImage(e, str(case / "empty.nii.gz"))
+    err = _run(_seg(case, mask=case / "empty.nii.gz"), capsys, case / "out.nii.gz")
+    assert "empty" in err and "Paint" in err
+
+
+def test_label_not_present(case, capsys):
+    err = _run(_seg(case, label=99), capsys, case / "out.nii.gz")
+    assert "Label 99 is not present" in err and "5" in err
+
+
+def test_several_labels_need_a_choice(case, capsys):
+    err = _run(_seg(case), capsys, case / "out.nii.gz")
+    assert "--label" in err
+
+
+def test_segment_name_not_present(case, capsys, tmp_path):
+    from FoBSegmentLib.io import read_volume, write_result
+
+    ct = read_volume(case / "ct.nii.gz")
+    lab = np.rint(read_volume(case / "lab.nii.gz").array) == 5
+    write_result(case / "support.seg.nrrd", ct, lab, name="liver", color=(1, 0, 0))
+    err = _run(_seg(case, mask=case / "support.seg.nrrd", segment="spleen"), capsys, case / "out.nii.gz")
+    assert "No segment named 'spleen'" in err and "liver" in err
+
+
+def test_support_slice_out_of_range(case, capsys):
+    err = _run(_seg(case, label=5, support_slices="3,400"), capsys, case / "out.nii.gz")
+    assert "out of range" in err and "400" in err
+
+
+def test_support_slice_without_annotation(case, capsys):
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lab.nii.gz")))
+    assert (lab[0] == 5).any()  # fixture sanity: slice 0 is annotated in the crop
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lab.nii.gz")))
+    arr[1:] = 0
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(sitk.ReadImage(str(case / "lab.nii.gz")))
+    sitk.WriteImage(img, str(case / "one.nii.gz"))
+    err = _run(_seg(case, mask=case / "one.nii.gz", label=5, support_slices="4"), capsys, case / "out.nii.gz")
+    assert "carry no annotation" in err
+
+
+def test_2d_image(case, capsys):
+    _write(case / "flat.nii.gz", np.zeros((32, 32), np.int16))
+    err = _run(_seg(case, volume=case / "flat.nii.gz", label=5), capsys, case / "out.nii.gz")
+    assert "2D" in err
+
+
+def test_4d_image(case, capsys):
+    img = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))] * 3)
+    sitk.WriteImage(img, str(case / "cine.nii.gz"))
+    err = _run(_seg(case, volume=case / "cine.nii.gz", label=5), capsys, case / "out.nii.gz")
+    assert "4D" in err and "frame" in err
+
+
+def test_nan_voxels(case, capsys):
+    ct = sitk.ReadImage(str(case / "ct.nii.gz"))
+    arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+    arr[3, 10, 10] = np.nan
+    arr[4, 11, 11] = np.inf
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ct)
+    sitk.WriteImage(img, str(case / "nan.nrrd"))
+    err = _run(_seg(case, volume=case / "nan.nrrd", label=5), capsys, case / "out.nii.gz")
+    assert "2 NaN or infinite" in err
+
+
+def test_support_mask_on_another_grid(case, capsys):
+    lab = sitk.ReadImage(str(case / "lab.nii.gz"))
+    lab.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(lab, str(case / "moved.nii.gz"))
+    err = _run(_seg(case, mask=case / "moved.nii.gz", label=5), capsys, case / "out.nii.gz")
+    assert "not on the support image's grid" in err
+
+
+def test_truncated_file(case, capsys):
+    data = (case / "ct.nii.gz").read_bytes()
+    (case / "cut.nii.gz").write_bytes(data[: len(data) // 3])
+    err = _run(_seg(case, volume=case / "cut.nii.gz", label=5), capsys, case / "out.nii.gz")
+    assert "unreadable, truncated" in err
+
+
+def test_missing_file(case, capsys):
+    err = _run(_seg(case, volume=case / "nope.nii.gz", label=5), capsys, case / "out.nii.gz")
+    assert "does not exist" in err
+
+
+def test_unknown_backbone(case, capsys):
+    err = _run(_seg(case, label=5, backbone="sam_vit_x"), capsys, case / "out.nii.gz")
+    assert "Unknown backbone 'sam_vit_x'" in err and "litemedsam" in err
+
+
+def test_output_folder_missing(case, capsys):
+    out = case / "no" / "such" / "out.nii.gz"
+    err = _run(_seg(case, label=5, out=out), capsys, out)
+    assert "does not exist" in err
+
+
+def test_corrupt_embedded_weights(case, capsys, monkeypatch, tmp_path):
+    """The embedded LiteMedSAM file failing its SHA-256 is refused, not loaded."""
+    from FoBSegmentLib.backbones import litemedsam
+
+    real, sha = litemedsam.embedded_checkpoint()
+    bad = tmp_path / "lite_medsam.pth"
+    data = bytearray(real.read_bytes())
+    data[1000] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(litemedsam, "embedded_checkpoint", lambda: (bad, sha))
+    litemedsam._VERIFIED.clear()
+    err = _run(_seg(case, label=5), capsys, case / "out.nii.gz")
+    assert "SHA-256" in err and "corrupt" in err
+
+
+def test_sam_checkpoint_with_wrong_checksum(case, capsys, tmp_path):
+    fake = tmp_path / "sam_vit_b_01ec64.pth"
+    fake.write_bytes(b"not the real checkpoint" * 100)
+    err = _run(_seg(case, label=5, backbone="sam_vit_b", checkpoint=fake), capsys, case / "out.nii.gz")
+    assert "sam_vit_b" in err
+
+
+def test_console_script_prints_no_traceback(case):
+    exe = Path(sys.executable).with_name("fobsegment")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "FoBSegmentLib.cli"]
+    r = subprocess.run(cmd + _seg(case, label=42), capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "Label 42 is not present" in r.stderr
+    assert not (case / "out.nii.gz").exists()

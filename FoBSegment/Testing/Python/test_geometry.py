@@ -1,0 +1,104 @@
+"""Slice axis, display orientation and the exact reversibility of the slice view."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import shared_case
+from FoBSegmentLib.errors import FoBInputError
+from FoBSegmentLib.geometry import SliceView, Volume, slice_axis_ijk, validate_volume
+from FoBSegmentLib.io import read_volume
+
+
+def _rot(axis, deg):
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    m = np.eye(3)
+    i, j = [k for k in range(3) if k != axis]
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+def test_thick_axis_is_the_slice_axis_whatever_its_index():
+    for thick in range(3):
+        sp = [1.0, 1.0, 1.0]
+        sp[thick] = 5.0
+        vol = Volume(np.zeros((4, 5, 6)), sp)
+        assert slice_axis_ijk(vol) == thick
+        view = SliceView.for_volume(vol)
+        assert view.to_stack(vol.array).shape[0] == vol.shape_ijk[thick]
+
+
+def test_isotropic_volume_follows_file_stacking_order():
+    assert slice_axis_ijk(Volume(np.zeros((4, 5, 6)), (2.0, 2.0, 2.0))) == 2
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0]), np.diag([1.0, -1.0, 1.0]),
+                                       _rot(2, 90), _rot(0, 20) @ _rot(1, 35)])
+def test_view_is_exactly_reversible(direction):
+    rng = np.random.default_rng(0)
+    vol = Volume(rng.random((7, 9, 11)), (1.0, 1.2, 4.0), (3.0, -2.0, 5.0), direction)
+    view = SliceView.for_volume(vol)
+    stack = view.to_stack(vol.array)
+    assert np.array_equal(view.from_stack(stack), vol.array)
+
+
+def test_axial_display_orientation_is_patient_consistent():
+    """Two encodings of the same anatomy (one with flipped i/j axes) give the same stack."""
+    rng = np.random.default_rng(1)
+    arr = rng.random((5, 6, 7))
+    a = Volume(arr, (1, 1, 3), (0, 0, 0), np.eye(3))
+    flipped = arr[:, ::-1, ::-1]
+    b = Volume(flipped, (1, 1, 3), (6, 5, 0), np.diag([-1.0, -1.0, 1.0]))
+    sa = SliceView.for_volume(a).to_stack(a.array)
+    sb = SliceView.for_volume(b).to_stack(b.array)
+    assert np.array_equal(sa, sb)
+
+
+def test_transposed_in_plane_axes_are_put_back():
+    rng = np.random.default_rng(2)
+    arr = rng.random((5, 6, 7))  # (k, j, i)
+    a = Volume(arr, (1, 1, 3), direction=np.eye(3))
+    b_arr = np.transpose(arr, (0, 2, 1))  # swap i and j
+    b = Volume(b_arr, (1, 1, 3), direction=np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]]))
+    assert np.array_equal(SliceView.for_volume(a).to_stack(a.array), SliceView.for_volume(b).to_stack(b.array))
+
+
+def test_stack_coords_map_back_to_the_voxel():
+    rng = np.random.default_rng(3)
+    vol = Volume(rng.random((6, 8, 10)), (1, 1, 4), direction=_rot(2, 180) @ np.diag([1.0, -1.0, 1.0]))
+    view = SliceView.for_volume(vol)
+    stack = view.to_stack(vol.array)
+    for s, r, c in [(0, 0, 0), (5, 7, 9), (2, 3, 4)]:
+        i, j, k = np.rint(view.stack_coords_to_ijk([(s, r, c)], stack.shape)[0]).astype(int)
+        assert vol.array[k, j, i] == stack[s, r, c]
+
+
+def test_oblique_cardiac_volume_slices_along_its_short_axis():
+    img, _ = shared_case("mscmrseg19_bssfp_cmr", 1)
+    vol = read_volume(img)
+    assert abs(np.linalg.det(vol.direction)) > 0.99 and not np.allclose(np.abs(vol.direction), np.eye(3), atol=0.1)
+    view = SliceView.for_volume(vol)
+    assert view.slice_axis_ijk == 2  # 7.99 mm between short-axis slices
+    assert view.slice_spacing == pytest.approx(7.99, abs=0.01)
+    assert np.array_equal(view.from_stack(view.to_stack(vol.array)), vol.array)
+
+
+def test_validation_rejects_nan_and_wrong_dimensions():
+    a = np.zeros((3, 4, 5), np.float32)
+    a[1, 2, 3] = np.nan
+    with pytest.raises(FoBInputError, match="NaN"):
+        validate_volume(Volume(a))
+    with pytest.raises(FoBInputError, match="2D"):
+        validate_volume(Volume(np.zeros((4, 5))))
+    with pytest.raises(FoBInputError, match="4D"):
+        validate_volume(Volume(np.zeros((2, 3, 4, 5))))
+
+
+def test_reading_matches_simpleitk_geometry(example_ct):
+    img_path, _ = example_ct
+    vol = read_volume(img_path)
+    ref = sitk.ReadImage(str(img_path))
+    assert vol.array.shape == sitk.GetArrayFromImage(ref).shape
+    assert np.allclose(vol.direction.ravel(), ref.GetDirection())
+    assert np.allclose(vol.origin, ref.GetOrigin())

@@ -1,0 +1,116 @@
+"""SamBackbone with a tiny segment-anything model, downloaded through the real cache code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from FoBSegmentLib import checkpoints as ck
+from FoBSegmentLib.backbones.base import EMBED_SHAPE, WORK_SIZE, Backbone
+from FoBSegmentLib.backbones.sam import SamBackbone, build_tiny_sam
+from FoBSegmentLib.errors import CheckpointError
+
+# the loopback server and the tiny checkpoint are shared with the downloader tests
+from test_checkpoints import server, tiny_ckpt, tiny_entry  # noqa: F401
+
+
+@pytest.fixture
+def tiny_backbone(server, tiny_ckpt, tiny_entry, tmp_path):  # noqa: F811
+    path = ck.ensure_checkpoint("sam_tiny", cache_dir=tmp_path, url=server.base + "tiny_sam.pth")
+    return SamBackbone("vit_b", "cpu", path, "sam_tiny", builder=build_tiny_sam), path
+
+
+def test_download_then_load_encode_decode(tiny_backbone, tiny_ckpt):  # noqa: F811
+    bb, path = tiny_backbone
+    src, sha, _ = tiny_ckpt
+    assert isinstance(bb, Backbone) and bb.input_size == 1024 and not bb.box_trained
+    # the weights are exactly the file's, loaded on the CPU
+    saved = torch.load(src, map_location="cpu", weights_only=True)
+    got = bb.model.state_dict()
+    assert set(saved) <= set(got)
+    assert all(torch.equal(saved[k], got[k]) for k in saved)
+    assert all(p.device.type == "cpu" for p in bb.model.parameters())
+    assert bb.weights_id() == f"sam_tiny-{sha[:16]}"
+
+    rng = np.random.default_rng(0)
+    x = bb.prepare(rng.random((300, 200), dtype=np.float32))
+    assert x.shape == (3, 1024, 1024)
+    emb = bb.encode(x[None])
+    assert emb.shape == (1, *EMBED_SHAPE) and emb.dtype == torch.float32 and emb.device.type == "cpu"
+    assert torch.isfinite(emb).all() and emb.std() > 0
+
+    one = bb.decode(emb[0], points=np.array([[0.3, 0.4]]), labels=np.array([1]))
+    assert one.logits.shape == (1, WORK_SIZE, WORK_SIZE) and one.iou.shape == (1,)
+    multi = bb.decode(emb, points=np.array([[0.3, 0.4], [0.1, 0.1]]), labels=np.array([1, 0]), multimask=True)
+    assert multi.logits.shape == (3, WORK_SIZE, WORK_SIZE) and multi.iou.shape == (3,)
+    boxed = bb.decode(emb[0], box=np.array([0.1, 0.2, 0.5, 0.6]))
+    assert boxed.logits.shape == (1, WORK_SIZE, WORK_SIZE)
+    assert not torch.allclose(boxed.logits, one.logits)  # the prompt matters
+
+
+def test_encode_matches_the_models_own_encoder(tiny_backbone):
+    bb, _ = tiny_backbone
+    x = torch.rand(2, 3, 1024, 1024)
+    with torch.no_grad():
+        ref = bb.model.image_encoder(x)
+    out = bb.encode(x)
+    assert out.shape == (2, *EMBED_SHAPE)
+    assert torch.allclose(out, ref)
+
+
+def test_pixel_normalisation(tiny_ckpt):  # noqa: F811
+    src, _, _ = tiny_ckpt
+    sam = SamBackbone("vit_b", "cpu", src, "sam_tiny", builder=build_tiny_sam)
+    med = SamBackbone("vit_b", "cpu", src, "medsam_vit_b", box_trained=True, pixel_norm="unit",
+                      builder=build_tiny_sam)
+    x = torch.ones(3, 4, 4)
+    expect = (255.0 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    assert torch.allclose(sam.normalise_input(x)[:, 0, 0], expect)
+    assert torch.allclose(sam.normalise_input(torch.zeros(3, 2, 2))[:, 0, 0],
+                          -torch.tensor([123.675, 116.28, 103.53]) / torch.tensor([58.395, 57.12, 57.375]))
+    assert torch.equal(med.normalise_input(x), x)
+    assert med.box_trained and med.name == "medsam_vit_b"
+    assert sam.preprocess_id() != med.preprocess_id()  # different embeddings -> different cache keys
+
+
+def test_not_a_sam_state_dict(tmp_path, tiny_ckpt):  # noqa: F811
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match="Cannot read"):
+        SamBackbone("vit_b", "cpu", junk, "sam_vit_b")
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(CheckpointError, match="not a sam_vit_b"):
+        SamBackbone("vit_b", "cpu", other, "sam_vit_b")
+    notdict = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], notdict)
+    with pytest.raises(CheckpointError, match="state dict"):
+        SamBackbone("vit_b", "cpu", notdict, "sam_vit_b")
+    # a real SAM state dict of another architecture (tiny into ViT-B)
+    with pytest.raises(CheckpointError, match="missing keys|size mismatch|unexpected keys"):
+        SamBackbone("vit_b", "cpu", tiny_ckpt[0], "sam_vit_b")
+
+
+def test_wrapped_state_dict_and_expected_sha(tmp_path, tiny_ckpt):  # noqa: F811
+    src, sha, _ = tiny_ckpt
+    wrapped = tmp_path / "wrapped.pth"
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in state.items()}}, wrapped)
+    bb = SamBackbone("vit_b", "cpu", wrapped, "sam_tiny", builder=build_tiny_sam)
+    assert all(p.dtype == torch.float32 for p in bb.model.parameters())
+    SamBackbone("vit_b", "cpu", src, "sam_tiny", builder=build_tiny_sam, expected_sha256=sha)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        SamBackbone("vit_b", "cpu", src, "sam_tiny", builder=build_tiny_sam, expected_sha256="f" * 64)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        SamBackbone("vit_b", "cpu", tmp_path / "missing.pth", "sam_tiny", builder=build_tiny_sam)
+
+
+def test_tiny_sam_is_small_and_sam_shaped():
+    from segment_anything.modeling import Sam
+
+    m = build_tiny_sam()
+    assert isinstance(m, Sam)
+    assert sum(p.numel() for p in m.parameters()) < 4_000_000
+    with torch.no_grad():
+        assert m.image_encoder(torch.zeros(1, 3, 1024, 1024)).shape == (1, *EMBED_SHAPE)

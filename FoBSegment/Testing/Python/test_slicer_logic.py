@@ -1,0 +1,284 @@
+"""The node-level pipeline that ``FoBSegmentLogic.process`` runs (``slicer_adapter.run_on_nodes``),
+on real MRML nodes (``slicer-core``) and real MR volumes.
+
+The fast tests use a stand-in segmenter with the ``Segmenter.segment`` signature to check the
+node plumbing; the slow ones run the real LiteMedSAM ``Segmenter`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Qt-free MRML) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' module is not slicer-core", allow_module_level=True)
+
+from conftest import dice, shared_case  # noqa: E402
+from FoBSegmentLib import slicer_adapter as sa  # noqa: E402
+from FoBSegmentLib.errors import CancelledError, FoBInputError  # noqa: E402
+from FoBSegmentLib.geometry import SliceView  # noqa: E402
+from FoBSegmentLib.io import read_volume  # noqa: E402
+from test_slicer_adapter import _rigid_ras, node_from_volume  # noqa: E402
+
+CHAOS = ("chaos_t2spir_mri", 1)
+LIVER_MR = 1
+CMR = ("mscmrseg19_bssfp_cmr", 1)
+LV_BP = 500
+LIVER_COLOR = (0.87, 0.51, 0.31)
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(s)
+    yield s
+    s.Clear(1)
+
+
+def support_segmentation(scene, volumeNode, mask_kji, name, color):
+    """A segmentation (as the Segment Editor leaves it) with one painted segment."""
+    lm = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "painted")
+    sa.volume_to_node(sa.volume_from_node(volumeNode).with_array(mask_kji.astype(np.uint8)), lm)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, seg)
+    scene.RemoveNode(lm)
+    sid = seg.GetSegmentation().GetNthSegmentID(seg.GetSegmentation().GetNumberOfSegments() - 1)
+    seg.GetSegmentation().GetSegment(sid).SetName(name)
+    seg.GetSegmentation().GetSegment(sid).SetColor(*color)
+    return seg, sid
+
+
+def paint_slices(label_vol, value, slices):
+    """The reference label on the given acquisition-axis slices only (what a user paints)."""
+    view = SliceView.for_volume(label_vol)
+    ref = np.rint(label_vol.array) == value
+    stack = view.to_stack(ref)
+    painted = np.zeros_like(stack)
+    painted[list(slices)] = stack[list(slices)]
+    return view.from_stack(painted), ref, view
+
+
+def n_segments(seg):
+    return seg.GetSegmentation().GetNumberOfSegments()
+
+
+# --------------------------------------------------------------------------------------
+# plumbing, with a stand-in segmenter
+# --------------------------------------------------------------------------------------
+
+class _Result:
+    def __init__(self, mask, prompts=()):
+        self.mask = mask
+        self.prompts = list(prompts)
+        self.device = "cpu"
+        self.slices_segmented = self.slices_encoded = 0
+
+
+class FakeSegmenter:
+    """Returns a fixed answer (default: the support mask dilated to every slice it covers)."""
+
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.calls = []
+
+    def segment(self, query, support, support_mask, support_slices=None, slice_range=None, progress=None,
+                is_cancelled=None):
+        self.calls.append(dict(query=query, support=support, support_mask=support_mask, slice_range=slice_range))
+        total = 3
+        for d in range(1, total + 1):
+            if progress:
+                progress(d, total)
+            if is_cancelled and is_cancelled():
+                raise CancelledError()
+        mask = self.answer if self.answer is not None else support_mask
+        from types import SimpleNamespace
+
+        k = int(np.argmax(mask.any(axis=(1, 2))))
+        prompt = SimpleNamespace(slice_index=k, points_ijk=np.array([[10.0, 10.0, k], [0.0, 0.0, k]]),
+                                 labels=np.array([1, 0]), box_ijk=None)
+        return _Result(np.asarray(mask, np.uint8), [prompt])
+
+
+@pytest.fixture
+def ct_nodes(scene, example_ct):
+    vol, lab = read_volume(example_ct[0]), read_volume(example_ct[1])
+    vnode = node_from_volume(scene, vol, "ct")
+    return vol, lab, vnode
+
+
+def test_run_on_nodes_writes_one_segment_per_support(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    liver, spleen = lab.array == 5, lab.array == 1
+    seg, liver_id = support_segmentation(scene, vnode, liver, "liver", LIVER_COLOR)
+    _, spleen_id = support_segmentation_into(scene, seg, vnode, spleen, "spleen", (0.6, 0.0, 1.0))
+    fake = FakeSegmenter()
+    ticks = []
+    run = sa.run_on_nodes(scene, vnode, seg, None, None, fake, segmentIds=[liver_id, spleen_id],
+                          slice_range=(3, 40), progress=lambda d, t: ticks.append((d, t)), show_prompts=True)
+    assert run.output_node is seg and not run.created_output_node  # support painted on the query
+    assert len(run.segment_ids) == 2 and n_segments(seg) == 4
+    names = [seg.GetSegmentation().GetSegment(s).GetName() for s in run.segment_ids]
+    assert names == ["liver (FoB)", "spleen (FoB)"]
+    np.testing.assert_allclose(seg.GetSegmentation().GetSegment(run.segment_ids[0]).GetColor(), LIVER_COLOR)
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, run.segment_ids[1], vnode), spleen)
+    # the results overlap the painted supports completely: the supports must survive intact
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, liver_id, vnode), liver)
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, spleen_id, vnode), spleen)
+    # the query is passed as its own support (same object: the pipeline keeps the painted slices)
+    assert fake.calls[0]["support"] is fake.calls[0]["query"] and fake.calls[0]["slice_range"] == (3, 40)
+    assert ticks == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    assert [n.GetAttribute(sa.PROMPT_NODE_ATTRIBUTE) for n in run.prompt_nodes] == ["foreground", "background"]
+
+
+def support_segmentation_into(scene, seg, volumeNode, mask, name, color):
+    lm = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "painted")
+    sa.volume_to_node(sa.volume_from_node(volumeNode).with_array(mask.astype(np.uint8)), lm)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, seg)
+    scene.RemoveNode(lm)
+    sid = seg.GetSegmentation().GetNthSegmentID(n_segments(seg) - 1)
+    seg.GetSegmentation().GetSegment(sid).SetName(name)
+    seg.GetSegmentation().GetSegment(sid).SetColor(*color)
+    return seg, sid
+
+
+def test_support_on_another_volume_goes_to_a_new_segmentation(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    other = node_from_volume(scene, vol, "support volume")
+    seg, sid = support_segmentation(scene, other, lab.array == 5, "liver", LIVER_COLOR)
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "t")
+    t.SetMatrixTransformToParent(sa._np_to_vtk_matrix(_rigid_ras(25.0)))
+    vnode.SetAndObserveTransformNodeID(t.GetID())
+    answer = lab.array == 2
+    run = sa.run_on_nodes(scene, vnode, seg, sid, None, FakeSegmenter(answer), supportVolumeNode=other)
+    assert run.created_output_node and run.output_node is not seg
+    assert run.output_node.GetParentTransformNode() is t
+    assert n_segments(seg) == 1 and n_segments(run.output_node) == 1
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(run.output_node, run.segment_ids[0], vnode), answer)
+
+
+def test_empty_support_segment_is_a_user_error(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    seg, sid = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    empty = seg.GetSegmentation().AddEmptySegment("", "kidney", [0.5, 0.5, 0.5])
+    with pytest.raises(FoBInputError, match="kidney.*empty"):
+        sa.run_on_nodes(scene, vnode, seg, empty, None, FakeSegmenter())
+    with pytest.raises(FoBInputError, match="No support segment"):
+        sa.run_on_nodes(scene, vnode, seg, None, None, FakeSegmenter())
+
+
+def test_cancel_or_failure_writes_nothing(scene, ct_nodes, monkeypatch):
+    vol, lab, vnode = ct_nodes
+    seg, sid = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    out.CreateDefaultDisplayNodes()
+    n_nodes = scene.GetNumberOfNodes()
+    calls = []
+
+    def cancel_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CancelledError):
+        sa.run_on_nodes(scene, vnode, seg, sid, out, FakeSegmenter(), is_cancelled=cancel_after_two)
+    assert (n_segments(seg), n_segments(out), scene.GetNumberOfNodes()) == (1, 0, n_nodes)
+
+    # the second of two writes fails: the first one is rolled back too
+    real_write = sa.write_mask_as_segment
+    written = []
+
+    def flaky_write(*args, **kwargs):
+        if written:
+            raise RuntimeError("disk on fire")
+        written.append(real_write(*args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(sa, "write_mask_as_segment", flaky_write)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        sa.run_on_nodes(scene, vnode, seg, None, out, FakeSegmenter(), segmentIds=[sid, sid])
+    assert written and (n_segments(seg), n_segments(out), scene.GetNumberOfNodes()) == (1, 0, n_nodes)
+
+
+# --------------------------------------------------------------------------------------
+# the real pipeline: LiteMedSAM on the CPU
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    try:
+        from FoBSegmentLib.volume_segmenter import Segmenter
+    except ImportError as exc:  # the pipeline is not there yet
+        pytest.skip(f"FoBSegmentLib.volume_segmenter.Segmenter not available: {exc}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return Segmenter(backbone="litemedsam", device="cpu", cache_dir=tmp_path_factory.mktemp("fob_cache"))
+
+
+@pytest.mark.slow
+def test_chaos_liver_end_to_end(scene, segmenter):
+    img, lab_path = shared_case(*CHAOS)
+    vol, lab = read_volume(img), read_volume(lab_path)
+    vnode = node_from_volume(scene, vol, "chaos T2")
+    painted, ref, view = paint_slices(lab, LIVER_MR, [26])
+    seg, sid = support_segmentation(scene, vnode, painted, "liver", LIVER_COLOR)
+    lo, hi = 24, 28
+    ticks = []
+    run = sa.run_on_nodes(scene, vnode, seg, sid, None, segmenter, slice_range=(lo, hi),
+                          progress=lambda d, t: ticks.append((d, t)), show_prompts=True)
+    assert run.output_node is seg and len(run.segment_ids) == 1
+    segment = seg.GetSegmentation().GetSegment(run.segment_ids[0])
+    assert segment.GetName() == "liver (FoB)"
+    np.testing.assert_allclose(segment.GetColor(), LIVER_COLOR, atol=1e-6)
+    out = sa.segment_mask_on_volume(seg, run.segment_ids[0], vnode)
+    assert out.shape == vol.array.shape
+    np.testing.assert_array_equal(out, run.results[0].mask > 0)  # written voxel for voxel
+    out_stack, ref_stack = view.to_stack(out), view.to_stack(ref)
+    assert not out_stack[:lo].any() and not out_stack[hi + 1:].any()
+    d = dice(out_stack[lo:hi + 1], ref_stack[lo:hi + 1])
+    assert d > 0.6, f"Dice {d:.3f} on slices {lo}-{hi}"
+    assert ticks and ticks[-1][0] == ticks[-1][1]
+    assert run.results[0].device == "cpu"
+    assert run.prompt_nodes and all(n.GetNumberOfControlPoints() > 0 for n in run.prompt_nodes)
+
+
+@pytest.mark.slow
+def test_oblique_cmr_under_transform_end_to_end(scene, segmenter):
+    """Oblique short-axis MR under a parent transform, result in a separate segmentation."""
+    img, lab_path = shared_case(*CMR)
+    vol, lab = read_volume(img), read_volume(lab_path)
+    vnode = node_from_volume(scene, vol, "cmr")
+    painted, ref, view = paint_slices(lab, LV_BP, [6])
+    seg, sid = support_segmentation(scene, vnode, painted, "LV blood pool", (0.86, 0.21, 0.21))
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    t.SetMatrixTransformToParent(sa._np_to_vtk_matrix(_rigid_ras(12.0, (5.0, -3.0, 8.0))))
+    for node in (vnode, seg):
+        node.SetAndObserveTransformNodeID(t.GetID())
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "results")
+    out.SetAndObserveTransformNodeID(t.GetID())
+    lo, hi = 4, 8
+    run = sa.run_on_nodes(scene, vnode, seg, sid, out, segmenter, slice_range=(lo, hi))
+    assert run.output_node is out and n_segments(out) == 1 and n_segments(seg) == 1
+    assert out.GetSegmentation().GetSegment(run.segment_ids[0]).GetName() == "LV blood pool (FoB)"
+    assert out.GetNodeReferenceID(out.GetReferenceImageGeometryReferenceRole()) == vnode.GetID()
+    result = sa.segment_mask_on_volume(out, run.segment_ids[0], vnode)
+    d = dice(view.to_stack(result)[lo:hi + 1], view.to_stack(ref)[lo:hi + 1])
+    assert d > 0.6, f"Dice {d:.3f} on slices {lo}-{hi}"
+
+
+@pytest.mark.slow
+def test_cancel_during_real_run(scene, segmenter):
+    img, lab_path = shared_case(*CHAOS)
+    vol, lab = read_volume(img), read_volume(lab_path)
+    vnode = node_from_volume(scene, vol, "chaos T2")
+    painted, _, _ = paint_slices(lab, LIVER_MR, [26])
+    seg, sid = support_segmentation(scene, vnode, painted, "liver", LIVER_COLOR)
+    n_nodes, ticks = scene.GetNumberOfNodes(), []
+    with pytest.raises(CancelledError):
+        sa.run_on_nodes(scene, vnode, seg, sid, None, segmenter, slice_range=(20, 32),
+                        progress=lambda d, t: ticks.append(d), is_cancelled=lambda: len(ticks) >= 1)
+    assert n_segments(seg) == 1 and scene.GetNumberOfNodes() == n_nodes
+    assert len(ticks) == 1  # stopped at the first slice, not after the whole range
