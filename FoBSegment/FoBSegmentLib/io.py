@@ -240,9 +240,15 @@ def check_output_path(path: str | Path) -> Path:
 
 def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = "segment",
                  color=(1.0, 0.0, 0.0), label_value: int = 1) -> Path:
-    """Write a binary mask in the query geometry as a labelmap or a ``.seg.nrrd``.
-    Written to a temporary file in the same folder and renamed, so a failure never leaves
-    a partial output behind."""
+    """Write one binary mask in the query geometry (see :func:`write_segments`)."""
+    return write_segments(path, query, [(mask, name, color, label_value)])
+
+
+def write_segments(path: str | Path, query: Volume, segments) -> Path:
+    """Write binary masks ``[(mask, name, colour, label value), ...]`` in the query geometry
+    as a labelmap (NIfTI/NRRD/MHA; later segments win where they overlap) or a ``.seg.nrrd``
+    (one layer per segment, so overlaps are kept).  Written to a temporary file in the same
+    folder and renamed, so a failure never leaves a partial output behind."""
     import SimpleITK as sitk
 
     p = check_output_path(path)
@@ -250,23 +256,23 @@ def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = 
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".fobsegment-", suffix=suffix)
     os.close(fd)
     try:
-        labels = (np.asarray(mask) > 0).astype(np.uint8) * np.uint8(label_value)
         if suffix == ".seg.nrrd":
             import slicerio
 
-            ijk_to_lps = query.ijk_to_lps()
-            segmentation = {
-                "voxels": np.transpose(labels, (2, 1, 0)),  # slicerio wants (i, j, k)
-                "ijkToLPS": ijk_to_lps,
-                "encoding": "gzip",
-                "containedRepresentationNames": ["Binary labelmap"],
-                "segments": [{
-                    "id": "Segment_1", "labelValue": int(label_value), "layer": 0, "name": name,
-                    "color": [float(c) for c in color],
-                }],
-            }
-            slicerio.write_segmentation(tmp, segmentation)
+            layers, meta = [], []
+            for n, (mask, name, color, value) in enumerate(segments):
+                layers.append(np.transpose((np.asarray(mask) > 0).astype(np.uint8) * np.uint8(value), (2, 1, 0)))
+                meta.append({"id": f"Segment_{n + 1}", "labelValue": int(value), "layer": n, "name": name,
+                             "color": [float(c) for c in color]})
+            voxels = layers[0] if len(layers) == 1 else np.stack(layers, axis=0)  # slicerio: ([layer,] i, j, k)
+            slicerio.write_segmentation(tmp, {
+                "voxels": voxels, "ijkToLPS": query.ijk_to_lps(), "encoding": "gzip",
+                "containedRepresentationNames": ["Binary labelmap"], "segments": meta,
+            })
         else:
+            labels = np.zeros(query.array.shape, np.uint16 if max(v for *_, v in segments) > 255 else np.uint8)
+            for mask, _name, _color, value in segments:
+                labels[np.asarray(mask) > 0] = value
             sitk.WriteImage(volume_to_image(query.with_array(labels)), tmp, useCompression=True)
         os.replace(tmp, p)
     except BaseException:

@@ -239,8 +239,15 @@ class BackgroundContext(nn.Module):
         nn.init.normal_(self.head[3].weight, std=0.01)  # start from flat heatmaps (centre points)
         nn.init.zeros_(self.head[3].bias)
         self.log_beta = nn.Parameter(torch.tensor(math.log(20.0)))
+        # Project adaptation (not in the paper): the support ring, drawn as Gaussians, is added
+        # to the heatmap logits with a learned gain.  In the canonical display orientation the
+        # organ sits near the same place on the support and the query, so the untrained
+        # generator starts from "copy the support ring" and BCM/SPR learn the correction;
+        # without it, short CPU training leaves every point at the image centre (measured).
+        self.prior_gain = nn.Parameter(torch.tensor(1.0))
+        self.prior_sigma = 8.0  # px at 256: wide enough to be a prior, not an answer
 
-    def forward(self, feats, proto_fg, proto_bg, cos_fg=None):
+    def forward(self, feats, proto_fg, proto_bg, cos_fg=None, ring_prior=None):
         if cos_fg is None:
             cos_fg = cosine_map(feats, proto_fg)
         f_sup = (1.0 - cos_fg)[:, None] * feats
@@ -252,6 +259,9 @@ class BackgroundContext(nn.Module):
         ctx = self.encoder(self.tokens(torch.cat([q, phi], dim=1)), bias)
         logits = self.head(ctx)
         heatmaps = F.interpolate(logits, size=(self.work_size, self.work_size), mode="bilinear", align_corners=False)
+        if ring_prior is not None:
+            prior = gaussian_heatmaps_torch(ring_prior, size=self.work_size, sigma=self.prior_sigma)
+            heatmaps = heatmaps + self.prior_gain * prior
         points = soft_argmax(heatmaps, self.log_beta.exp())
         return phi, heatmaps, points, ctx
 
@@ -446,7 +456,7 @@ class FoBPromptGenerator(nn.Module):
         f_s, f_q = feats[:b], feats[b:]
         proto_fg, proto_bg, _ = self.prototypes(f_s, support_mask, support_ring)
         cos_fg = cosine_map(f_q, proto_fg)
-        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg)
+        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg, ring_prior=support_ring)
         refined = self.refiner(ctx, proto_bg, coarse) if self.refiner is not None else []
         fg_prob, fg_logits, t = self.foreground(f_q, proto_fg, cos_fg)
         return GeneratorOutput(

@@ -167,7 +167,7 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     model.train()
     t0 = time.time()
     running = {}
-    it = start
+    it, stop = start, False
     for it in range(start, iterations):
         se, sm, sr, qe, qm, qr = (t.to(dev) for t in sampler.sample(batch))
         out = net(se, sm, sr, qe)
@@ -178,7 +178,7 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
         opt.step()
         sched.step()
         for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + float(v)
+            running[k] = running.get(k, 0.0) + float(v.detach())
         done = it + 1
         if rank == 0 and done % log_every == 0:
             avg = {k: round(v / log_every, 4) for k, v in running.items()}
@@ -196,9 +196,10 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
                 print(f"stopping after {max_minutes} min at iteration {done}; rerun the same command to resume", flush=True)
             break
     done = it + 1 if iterations > start else start
-    if rank == 0 and done >= iterations:
+    if rank == 0 and (done >= iterations or stop):
+        # A time-boxed run still writes usable weights; rerunning resumes towards `iterations`.
         meta = {
-            "backbone": backbone, "iterations": iterations, "batch": batch, "lr": lr, "seed": seed,
+            "backbone": backbone, "iterations": done, "iterations_planned": iterations, "batch": batch, "lr": lr, "seed": seed,
             "images": [str(f) for f in files], "exclude_labels": list(exclude_labels or []),
             "supervoxel": supervoxel, "supervoxel_mm": supervoxel_mm, "use_spr": use_spr,
             "train_seconds": round(elapsed_before + time.time() - t0, 1), "device": str(dev),

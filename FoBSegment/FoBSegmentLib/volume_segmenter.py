@@ -37,6 +37,7 @@ MIN_OVERLAP = 0.5
 MIN_IOU = 0.45
 MIN_FG_CONF = 0.25
 MAX_GROWTH = 4.0
+HOLE_RATIO = 0.1  # a support whose holes exceed this fraction of its filled area is a ring
 
 
 def default_weights(backbone_name: str) -> Path | None:
@@ -61,6 +62,8 @@ class SlicePrompts:
     points_ijk: np.ndarray  # (N, 3)
     labels: np.ndarray  # (N,) 1 foreground, 0 background
     box_ijk: np.ndarray | None  # (2, 3) opposite corners
+    points_rc: np.ndarray | None = None  # (N, 2) (row, col) on the displayed slice, for figures
+    box_rc: np.ndarray | None = None  # (2, 2) (row, col) corners on the displayed slice
 
 
 @dataclass
@@ -108,8 +111,8 @@ class Segmenter:
                 raise FoBInputError(f"Generator weights {weights} not found. Check the --weights path.")
             self.generator, self.generator_meta = load_generator(weights, device=self.backbone.device)
             self.generator.eval()
-            if not use_spr and hasattr(self.generator, "use_spr"):
-                self.generator.use_spr = False
+            if not use_spr:  # ablation: coarse (soft-argmax) ring points, no refinement
+                self.generator.refiner = None
             trained_for = self.generator_meta.get("backbone")
             if trained_for and trained_for != self.backbone.name:
                 raise FoBInputError(
@@ -227,7 +230,57 @@ class Segmenter:
 
     # ---------------------------------------------------------------- volume
     def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
-                slice_range=None, query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:
+                slice_range=None, query_slices=None, progress=None, is_cancelled=None,
+                holes: str = "auto") -> SegmentationResult:
+        """Segment the structure annotated in ``support_mask`` through ``query``.
+
+        A ring-shaped structure (the myocardium around the blood pool) cannot be described by
+        one box or one outer ring of background points.  With ``holes='auto'``, when the
+        support mask encloses holes, the filled structure and the hole are segmented as two
+        structures (the hole's own annotation is the support for the inner one; embeddings are
+        shared, so it costs decoding only) and the inner result is subtracted.
+        """
+        m = np.asarray(support_mask) > 0
+        sup_vol = query if support is None else support
+        if holes != "off" and m.shape == sup_vol.array.shape and m.any():
+            s_view = SliceView.for_volume(sup_vol)
+            ms = s_view.to_stack(m)
+            filled = np.stack([ndimage.binary_fill_holes(x) for x in ms])
+            hole = filled & ~ms
+            if hole.sum() > HOLE_RATIO * filled.sum():
+                return self._segment_ring(query, support, s_view, ms, filled, hole, support_slices, slice_range,
+                                          query_slices, progress, is_cancelled)
+        return self._segment_once(query, support, support_mask, support_slices, slice_range, query_slices,
+                                  progress, is_cancelled)
+
+    def _segment_ring(self, query, support, s_view, ms, filled, hole, support_slices, slice_range, query_slices,
+                      progress, is_cancelled):
+        t0 = time.perf_counter()
+        enc0 = self.encoded_count
+        outer = self._segment_once(query, support, s_view.from_stack(filled), support_slices, slice_range,
+                                   query_slices, progress, is_cancelled)
+        view = SliceView.for_volume(query)
+        kept = [i for i, v in outer.slice_info.items() if v.get("kept")]
+        chosen = support_slices or [int(i) for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]]
+        hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
+        if kept and hole_sup:
+            inner = self._segment_once(query, support, s_view.from_stack(hole), hole_sup, slice_range,
+                                       kept, None, is_cancelled)
+            out = view.to_stack(outer.mask).copy()
+            out[view.to_stack(inner.mask) > 0] = 0
+            same = support is None or support is query
+            if same:  # the user's own annotation stays exactly as drawn
+                for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]:
+                    out[i] = ms[i]
+            outer.mask = np.ascontiguousarray(view.from_stack(out))
+            outer.prompts += inner.prompts
+        outer.prompt_strategy += "+hole"
+        outer.slices_encoded = self.encoded_count - enc0
+        outer.seconds = time.perf_counter() - t0
+        return outer
+
+    def _segment_once(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
+                      slice_range=None, query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:
         t0 = time.perf_counter()
         enc0 = self.encoded_count
         validate_volume(query, "query image")
@@ -384,16 +437,20 @@ class Segmenter:
     def _prompt_record(self, view, stack_shape, i, prompt: SlicePrompt, rows, cols) -> SlicePrompts:
         L = max(rows, cols)
 
-        def to_ijk(xy):
+        def to_rc(xy):
             xy = np.asarray(xy, dtype=float).reshape(-1, 2)
-            src = np.stack([np.full(len(xy), i, float), xy[:, 1] * L - 0.5, xy[:, 0] * L - 0.5], 1)
-            return view.stack_coords_to_ijk(src, stack_shape)
+            return np.stack([xy[:, 1] * L - 0.5, xy[:, 0] * L - 0.5], 1)
+
+        def to_ijk(xy):
+            rc = to_rc(xy)
+            return view.stack_coords_to_ijk(np.concatenate([np.full((len(rc), 1), i, float), rc], 1), stack_shape)
 
         pts = [prompt.fg_points, prompt.bg_points]
         labels = np.concatenate([np.ones(len(prompt.fg_points), int), np.zeros(len(prompt.bg_points), int)])
         allpts = np.concatenate([np.asarray(p, float).reshape(-1, 2) for p in pts])
         box = None if prompt.box is None else to_ijk(np.asarray(prompt.box).reshape(2, 2))
-        return SlicePrompts(i, to_ijk(allpts), labels, box)
+        box_rc = None if prompt.box is None else to_rc(np.asarray(prompt.box).reshape(2, 2))
+        return SlicePrompts(i, to_ijk(allpts), labels, box, to_rc(allpts), box_rc)
 
 
 def _decide(m, prev_sq, iou, fg_conf, has_generator):

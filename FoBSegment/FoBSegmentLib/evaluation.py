@@ -1,0 +1,216 @@
+"""Evaluation on labelled volumes: the field's standard protocol and the real-use one.
+
+``ep1`` (SSL-ALPNet, as FoB reports; method.md section 4): per class, the support slices are
+the support volume's labelled slices at 1/6, 1/2 and 5/6; only the query slices whose ground
+truth contains the class are segmented (an oracle), each from the support at the same
+relative position (3 chunks); 3D Dice per query volume.
+
+``full``: the same three support slices, but the whole query volume is processed and the
+pipeline decides where the structure is; 3D Dice over the whole volume.
+
+Methods (side by side on the same runs): ``fob`` (the generator + SAM), ``coarse`` (the
+generator's coarse prototype mask alone, no SAM), ``support_box`` (the support slice's own
+box reused on every query slice: the naive baseline) and ``gt_box`` (the ground-truth box on
+every slice: the ceiling).  Baselines are EP1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backbones.base import slice_to_square, square_to_slice
+from .errors import FoBInputError
+from .geometry import SliceView
+from .io import read_volume
+from .prompts import box_from_mask, choose_mask
+
+METHODS = ("fob", "coarse", "support_box", "gt_box")
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def ep1_support_slices(label_stack: np.ndarray) -> list[int]:
+    """Labelled slices at 1/6, 1/2 and 5/6 of the support's extent (SSL-ALPNet EP1)."""
+    idx = np.nonzero(label_stack.reshape(label_stack.shape[0], -1).any(1))[0]
+    if idx.size == 0:
+        return []
+    picks = [idx[min(len(idx) - 1, int(len(idx) * f))] for f in (1 / 6, 1 / 2, 5 / 6)]
+    return sorted({int(p) for p in picks})
+
+
+def parse_classes(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            name, value = part.split("=")
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise FoBInputError(f"--classes must look like liver=1,spleen=4 (got {part!r}).") from None
+    if not out:
+        raise FoBInputError("--classes is empty: give name=value pairs such as liver=1,spleen=4.")
+    return out
+
+
+def _load_case(data: Path, case: str):
+    img, lab = data / f"image_{case}.nii.gz", data / f"label_{case}.nii.gz"
+    if not img.is_file() or not lab.is_file():
+        raise FoBInputError(f"Case {case!r}: expected {img.name} and {lab.name} in {data}.")
+    vol = read_volume(img, f"image of case {case}")
+    labels = np.rint(read_volume(lab, f"label of case {case}").array).astype(np.int64)
+    return vol, labels
+
+
+def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1", segmenter=None,
+             method: str = "fob", progress=None, **segmenter_kw) -> dict:
+    from .volume_segmenter import Segmenter
+
+    if protocol not in ("ep1", "full"):
+        raise FoBInputError(f"Unknown protocol {protocol!r}: use ep1 or full.")
+    if method not in METHODS:
+        raise FoBInputError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    if method != "fob" and protocol != "ep1":
+        raise FoBInputError(f"The {method} baseline is defined for protocol ep1 only.")
+    data = Path(data)
+    seg = segmenter or Segmenter(**segmenter_kw)
+    if method == "coarse" and seg.generator is None:
+        raise FoBInputError("The coarse-mask baseline needs FoB generator weights.")
+    t0 = time.perf_counter()
+    enc0 = seg.encoded_count
+    s_vol, s_lab = _load_case(data, support_case)
+    s_view = SliceView.for_volume(s_vol)
+    per_class = {}
+    queries = [(c, *_load_case(data, c)) for c in cases if str(c) != str(support_case)]
+    for name, value in classes.items():
+        s_mask = s_lab == value
+        sup_slices = ep1_support_slices(s_view.to_stack(s_mask))
+        if not sup_slices:
+            raise FoBInputError(f"Class {name}={value} is absent from the support case {support_case}.")
+        scores = {}
+        for case, q_vol, q_lab in queries:
+            gt = q_lab == value
+            if not gt.any():
+                continue
+            q_view = SliceView.for_volume(q_vol)
+            gt_idx = [int(i) for i in np.nonzero(q_view.to_stack(gt).reshape(gt.shape[q_view.perm[0]], -1).any(1))[0]]
+            if method == "fob":
+                res = seg.segment(q_vol, s_vol, s_mask, support_slices=sup_slices,
+                                  query_slices=gt_idx if protocol == "ep1" else None)
+                pred = res.mask > 0
+            else:
+                pred = _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
+            scores[str(case)] = round(dice(pred, gt), 4)
+            if progress:
+                progress(name, case, scores[str(case)])
+        per_class[name] = {"mean_dice": round(float(np.mean(list(scores.values()))), 4) if scores else None,
+                           "cases": scores, "support_slices": sup_slices}
+    means = [v["mean_dice"] for v in per_class.values() if v["mean_dice"] is not None]
+    return {
+        "protocol": protocol, "method": method, "backbone": seg.backbone.name,
+        "prompt": seg.prompt if method == "fob" else ("box" if "box" in method else None),
+        "prompt_source": seg.prompt_source, "use_spr": bool(getattr(seg.generator, "refiner", None) is not None),
+        "support_case": str(support_case), "cases": [str(c) for c, *_ in queries],
+        "mean_dice": round(float(np.mean(means)), 4) if means else None,
+        "classes": per_class,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "slices_encoded": seg.encoded_count - enc0,
+        "device": str(seg.backbone.device),
+    }
+
+
+def _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices):
+    """EP1 baselines on the oracle slices, sharing the Segmenter's backbone and cache."""
+    from .preprocessing import fit_normalisation
+
+    supports, _, _ = seg.prepare_support(s_vol, s_mask, sup_slices)
+    stack = q_view.to_stack(q_vol.array)
+    g = q_view.to_stack(gt)
+    norm = fit_normalisation(q_vol.array)
+    out = np.zeros(stack.shape, np.uint8)
+    q0, q1 = gt_idx[0], gt_idx[-1]
+    shape = stack.shape[1:]
+    for i in gt_idx:
+        rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
+        sup = min(supports, key=lambda s: abs(s.rel - rel))
+        emb = seg.embed(stack, norm, [i])[i]
+        if method == "coarse":
+            import torch
+
+            with torch.inference_mode():
+                dev = seg.backbone.device
+                o = seg.generator(sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
+                                  torch.as_tensor(sup.ring, dtype=torch.float32)[None].to(dev), emb[None].to(dev))
+            m_sq = o.fg_prob[0].float().cpu().numpy() > 0.5
+        else:
+            ref = sup.mask_sq if method == "support_box" else slice_to_square(g[i]) > 0.5
+            box = box_from_mask(ref)
+            if box is None:
+                continue
+            dec = seg.backbone.decode(emb, box=box)
+            logits, _ = choose_mask(dec.logits, dec.iou)
+            m_sq = logits > 0
+        out[i] = square_to_slice(m_sq.astype(np.float32), shape) > 0.5
+    return q_view.from_stack(out) > 0
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    if not path.parent.exists():
+        raise FoBInputError(f"The folder of --json {path.parent} does not exist.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def cmd_evaluate(args) -> int:
+    classes = parse_classes(args.classes)
+    cases = [c for c in args.cases.split(",") if c]
+    if args.json and not Path(args.json).parent.exists():
+        raise FoBInputError(f"The folder of --json {Path(args.json).parent} does not exist.")
+
+    def show(name, case, d):
+        print(f"  {name:<14} case {case:<4} Dice {d:.4f}", flush=True)
+
+    res = evaluate(args.data, classes, args.support_case, cases, args.protocol, method=args.method, progress=show,
+                   backbone=args.backbone, device=args.device, checkpoint=args.checkpoint, weights=args.weights,
+                   prompt=args.prompt, cache_dir=args.cache_dir, use_spr=not args.no_spr,
+                   prompt_source=args.prompt_source)
+    for name, v in res["classes"].items():
+        print(f"{name:<14} mean Dice {v['mean_dice']}")
+    print(f"mean Dice {res['mean_dice']} ({res['protocol']}, {res['method']}, {res['backbone']}, "
+          f"{res['seconds']} s, {res['slices_encoded']} slices encoded)")
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+def add_parser(sub):
+    e = sub.add_parser("evaluate", help="Dice on labelled volumes (protocols ep1 and full)")
+    e.add_argument("--data", required=True, help="folder with image_<case>.nii.gz and label_<case>.nii.gz")
+    e.add_argument("--classes", required=True, help="name=value pairs, e.g. liver=1,right_kidney=2")
+    e.add_argument("--support-case", required=True)
+    e.add_argument("--cases", required=True, help="comma-separated query case ids")
+    e.add_argument("--protocol", default="ep1", choices=["ep1", "full"])
+    e.add_argument("--method", default="fob", choices=list(METHODS))
+    e.add_argument("--json", help="write the results here")
+    e.add_argument("--backbone", default="litemedsam")
+    e.add_argument("--checkpoint")
+    e.add_argument("--weights")
+    e.add_argument("--prompt", default="auto")
+    e.add_argument("--prompt-source", default="auto")
+    e.add_argument("--no-spr", action="store_true")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--cache-dir")
+    e.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,109 @@
+"""Self-supervised training (supervoxels, episodes, resumable loop) and the evaluation protocols."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TEST_DATA, dice
+from FoBSegmentLib.evaluation import ep1_support_slices, evaluate, parse_classes
+from FoBSegmentLib.errors import FoBInputError
+from FoBSegmentLib.training_data import PreparedVolume, body_mask, supervoxels
+
+
+def _ct_crop(tmp_path, z0=90, z1=96, name="image_7.nii.gz", shrink=2):
+    """A small real CT crop (liver/spleen region) with its labels, in the evaluation layout."""
+    ct = sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))[::shrink, ::shrink, z0:z1]
+    lab = sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))[::shrink, ::shrink, z0:z1]
+    sitk.WriteImage(ct, str(tmp_path / name))
+    sitk.WriteImage(lab, str(tmp_path / name.replace("image_", "label_")))
+    return tmp_path / name
+
+
+def test_ep1_support_slices_are_at_one_sixth_half_five_sixths():
+    lab = np.zeros((40, 4, 4), bool)
+    lab[10:22, 1, 1] = True  # 12 labelled slices: 10..21
+    assert ep1_support_slices(lab) == [12, 16, 20]
+    assert ep1_support_slices(np.zeros((5, 2, 2), bool)) == []
+
+
+def test_parse_classes_reports_bad_input():
+    assert parse_classes("liver=1,spleen=4") == {"liver": 1, "spleen": 4}
+    with pytest.raises(FoBInputError):
+        parse_classes("liver:1")
+
+
+def test_supervoxels_cover_the_body_and_follow_spacing():
+    img = TEST_DATA / "example_ct.nii.gz"
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(img)))[60:80].astype(np.float32)
+    x = np.clip((arr + 160) / 400, 0, 1)
+    body = body_mask(x)
+    assert 0.2 < body.mean() < 0.9
+    lab = supervoxels(x, (3.0, 3.0, 3.0), "slic", 30.0)
+    assert (lab[~body] == 0).all() and (lab[body] > 0).mean() > 0.95
+    n = len(np.unique(lab[lab > 0]))
+    expected = body.sum() * 27 / 30.0**3
+    assert 0.3 * expected < n < 3 * expected
+    # Episodes need a supervoxel on two adjacent slices with >= 200 px; a 256-grid stack has them.
+    sq = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=(256, 256))[0].numpy()
+    pv = PreparedVolume("t", np.zeros((20, 1)), sq, supervoxels(sq, (3.0, 122 * 3 / 256, 122 * 3 / 256)), np.arange(20))
+    cands = pv.episodes_candidates()
+    assert cands and all(b == a + 1 for a, b, _ in cands)
+
+
+def test_training_runs_resumes_and_writes_loadable_weights(tmp_path):
+    from FoBSegmentLib.prompt_generator import load_generator
+    from FoBSegmentLib.training import train
+
+    _ct_crop(tmp_path, 88, 92, "image_1.nii.gz", shrink=1)
+    out = tmp_path / "w.pt"
+    kw = dict(images=[str(tmp_path / "image_*.nii.gz")], output=out, device="cpu", batch=2, seed=3,
+              cache_dir=tmp_path / "cache", save_every=2, channels=32)
+    train(iterations=2, **kw)
+    ck = torch.load(str(out) + ".ckpt", weights_only=False)
+    assert ck["iteration"] == 2
+    model, meta = load_generator(out)
+    assert meta["iterations"] == 2 and meta["backbone"] == "litemedsam" and meta["seed"] == 3
+    train(iterations=4, **kw)  # resumes from iteration 2, does not start over
+    assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 4
+    assert load_generator(out)[1]["iterations"] == 4
+    assert out.stat().st_size < 20 * 2**20
+
+
+def test_setting_two_excludes_slices_with_the_test_labels(tmp_path, litemedsam):
+    from FoBSegmentLib.training_data import load_prepared, prepare_volume
+
+    img = _ct_crop(tmp_path, 66, 72, "image_1.nii.gz")
+    p = prepare_volume(img, litemedsam, tmp_path / "prep", label_path=tmp_path / "label_1.nii.gz",
+                       exclude_labels=[1])  # spleen starts at slice 82: none of these slices excluded
+    pv, ex = load_prepared(p)
+    assert not ex.any()
+    p2 = prepare_volume(img, litemedsam, tmp_path / "prep", label_path=tmp_path / "label_1.nii.gz",
+                        exclude_labels=[5])  # liver is on every slice from 69 on
+    _, ex2 = load_prepared(p2)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label_1.nii.gz")))
+    assert np.array_equal(ex2, (lab == 5).reshape(lab.shape[0], -1).any(1))
+
+
+def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
+    from FoBSegmentLib.cli import main
+    from FoBSegmentLib.volume_segmenter import Segmenter
+
+    _ct_crop(tmp_path, 95, 101, "image_7.nii.gz")
+    _ct_crop(tmp_path, 94, 100, "image_8.nii.gz")
+    seg = Segmenter(litemedsam)
+    r = evaluate(tmp_path, {"liver": 5}, "7", ["8"], "ep1", segmenter=seg, method="gt_box")
+    assert r["protocol"] == "ep1" and r["backbone"] == "litemedsam"
+    assert r["classes"]["liver"]["cases"]["8"] > 0.85  # LiteMedSAM with the true box
+    naive = evaluate(tmp_path, {"liver": 5}, "7", ["8"], "ep1", segmenter=seg, method="support_box")
+    assert naive["slices_encoded"] == 0  # everything came from the cache
+    assert 0.0 < naive["mean_dice"] <= r["mean_dice"] + 0.05
+    out = tmp_path / "r.json"
+    code = main(["evaluate", "--data", str(tmp_path), "--classes", "liver=5", "--support-case", "7", "--cases", "8",
+                 "--protocol", "full", "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    j = json.loads(out.read_text())
+    assert j["protocol"] == "full" and 0.0 <= j["mean_dice"] <= 1.0
+    assert set(j["classes"]["liver"]["cases"]) == {"8"} and "seconds" in j and "slices_encoded" in j
