@@ -28,17 +28,24 @@ DATASETS = {
 
 # (row label, method, protocol, segmenter options)
 RUNS = [
-    ("FoB box (default)", "fob", "ep1", dict(prompt="box")),
-    ("FoB box, no SPR", "fob", "ep1", dict(prompt="box", use_spr=False)),
-    ("FoB points", "fob", "ep1", dict(prompt="points")),
-    ("FoB points, no SPR", "fob", "ep1", dict(prompt="points", use_spr=False)),
-    ("FoB box+points", "fob", "ep1", dict(prompt="box+points")),
-    ("FoB box+points, no SPR", "fob", "ep1", dict(prompt="box+points", use_spr=False)),
-    ("coarse prototype mask (no SAM)", "coarse", "ep1", dict(prompt="box")),
-    ("support box reused (naive)", "support_box", "ep1", dict(prompt="box")),
-    ("ground-truth box (ceiling)", "gt_box", "ep1", dict(prompt="box")),
-    ("FoB box (default), full volume", "fob", "full", dict(prompt="box")),
-    ("propagation only, full volume", "fob", "full", dict(prompt="box", prompt_source="propagate")),
+    ("default: contrast seed + propagation", "fob", "ep1", dict()),
+    ("contrast seed, every slice independent", "fob", "ep1", dict(walk_prompt="independent")),
+    ("FoB generator box + propagation", "fob", "ep1", dict(prompt_source="fob", prompt="box")),
+    ("FoB generator box", "fob", "ep1", dict(prompt_source="fob", prompt="box", walk_prompt="independent")),
+    ("FoB generator box, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="box", use_spr=False,
+                                                     walk_prompt="independent")),
+    ("FoB generator points", "fob", "ep1", dict(prompt_source="fob", prompt="points", walk_prompt="independent")),
+    ("FoB generator points, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="points", use_spr=False,
+                                                        walk_prompt="independent")),
+    ("FoB generator box+points", "fob", "ep1", dict(prompt_source="fob", prompt="box+points",
+                                                    walk_prompt="independent")),
+    ("FoB generator box+points, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="box+points", use_spr=False,
+                                                            walk_prompt="independent")),
+    ("coarse prototype mask of the generator (no SAM)", "coarse", "ep1", dict(prompt_source="fob")),
+    ("support box reused (naive)", "support_box", "ep1", dict()),
+    ("ground-truth box (ceiling)", "gt_box", "ep1", dict()),
+    ("default, full volume (no oracle)", "fob", "full", dict()),
+    ("FoB generator box + propagation, full volume", "fob", "full", dict(prompt_source="fob", prompt="box")),
 ]
 
 
@@ -64,7 +71,7 @@ def main(argv=None):
         return 1
     weights = Path(args.weights) if args.weights else default_weights("litemedsam")
     backbone = create_backbone("litemedsam", "auto")
-    runs = [r for r in RUNS if not args.quick or "no SPR" not in r[0] and "points" not in r[0]]
+    runs = [r for r in RUNS if not args.quick or ("no SPR" not in r[0] and "points" not in r[0])]
     results = {}
     t_all = time.perf_counter()
     for dname, d in DATASETS.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbones import create_backbone
@@ -35,8 +36,15 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MIN_AREA_PX = 6
 MIN_OVERLAP = 0.5
 MIN_IOU = 0.45
-MIN_FG_CONF = 0.25
+# Prototype contrast below which a slice no longer shows the structure: an absolute floor and
+# a fraction of the contrast typical of this structure in this run (organs differ a lot).
+# Chosen on training-fold cases (CHAOS 1, 10; MS-CMRSeg 1) and the example CT.
+MIN_CONTRAST = 0.1
+REL_CONTRAST = 0.5
 MAX_GROWTH = 4.0
+# What `prompt_source="auto"` means for slices without a neighbour to follow; chosen by
+# measurement (docs/benchmark.md).
+AUTO_SOURCE = "contrast"
 HOLE_RATIO = 0.1  # a support whose holes exceed this fraction of its filled area is a ring
 
 
@@ -52,6 +60,8 @@ class SupportSlice:
     embedding: torch.Tensor  # (256, 64, 64)
     mask_sq: np.ndarray  # (256, 256) bool on the work grid
     ring: np.ndarray | None  # (Np, 2) normalised
+    proto_fg: torch.Tensor | None = None  # (256,) only for annotated supports
+    proto_bg: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,17 +103,24 @@ class Segmenter:
     def __init__(self, backbone: str | Backbone = "litemedsam", device: str = "auto", checkpoint=None,
                  weights=None, prompt: str = "auto", cache_dir=None, memory_cache_mb: float = 1024,
                  batch_size: int | None = None, mask_choice="best_iou", use_spr: bool = True,
-                 prompt_source: str = "auto", download_progress=None, is_cancelled=None):
+                 prompt_source: str = "auto", download_progress=None, is_cancelled=None,
+                 support_mode: str = "nearest", walk_prompt: str = "propagate"):
         self.backbone = backbone if isinstance(backbone, Backbone) else create_backbone(
             backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
         self.cache = EmbeddingCache(cache_dir, memory_cache_mb)
         self.batch_size = batch_size or (8 if self.backbone.device.type == "cuda" else 1)
         self.mask_choice = mask_choice
+        if walk_prompt not in ("propagate", "independent"):
+            raise FoBInputError(f"Unknown walk prompt {walk_prompt!r}: use propagate or independent.")
+        self.walk_prompt = walk_prompt
+        if support_mode not in ("chain", "nearest"):
+            raise FoBInputError(f"Unknown support mode {support_mode!r}: use chain or nearest.")
+        self.support_mode = support_mode
         self.generator = None
         self.generator_meta: dict = {}
         weights = Path(weights) if weights else default_weights(self.backbone.name)
-        if prompt_source not in ("auto", "fob", "propagate"):
-            raise FoBInputError(f"Unknown prompt source {prompt_source!r}: use auto, fob or propagate.")
+        if prompt_source not in ("auto", "fob", "contrast", "propagate"):
+            raise FoBInputError(f"Unknown prompt source {prompt_source!r}: use auto, fob, contrast or propagate.")
         if prompt_source in ("auto", "fob") and weights is not None:
             from .prompt_generator import load_generator
 
@@ -124,7 +141,10 @@ class Segmenter:
                 f"No FoB generator weights for backbone {self.backbone.name!r}. Train them with "
                 "`fobsegment train` and pass --weights, or use prompt source 'propagate'."
             )
-        self.prompt_source = "fob" if self.generator is not None else "propagate"
+        if prompt_source == "contrast" or (prompt_source == "auto" and AUTO_SOURCE == "contrast"):
+            self.prompt_source = "contrast"
+        else:
+            self.prompt_source = "fob" if self.generator is not None else "propagate"
         if prompt == "auto":
             prompt = self.generator_meta.get("default_prompt") or ("box" if self.backbone.box_trained else "box+points")
         self.prompt = check_strategy(prompt)
@@ -194,7 +214,7 @@ class Segmenter:
                 msq = slice_to_square(mstack[i]) > 0
             ring = ring_points(msq, outer_radius=RING_OUTER, inner_radius=RING_INNER) if self.generator else None
             rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
-            supports.append(SupportSlice(i, rel, embs[i], msq, ring))
+            supports.append(SupportSlice(i, rel, embs[i], msq, ring, *prototypes(embs[i], msq)))
         return supports, view, annotated
 
     # ---------------------------------------------------------------- one slice
@@ -202,7 +222,20 @@ class Segmenter:
     def predict_slice(self, q_emb: torch.Tensor, sup: SupportSlice, prev_sq: np.ndarray | None):
         """-> (logits (256, 256), predicted IoU, foreground confidence, SlicePrompt)."""
         fg_conf = 1.0
-        if self.generator is not None:
+        has_prev = prev_sq is not None and prev_sq.any()
+        if self.prompt_source == "contrast" and not (self.walk_prompt == "propagate" and has_prev):
+            region = contrast_region(q_emb, sup)
+            fg_prob = None
+            ring = None
+            if region is not None:
+                from .background_ring import ring_points
+
+                ring = ring_points(region, outer_radius=RING_OUTER, inner_radius=RING_INNER).astype(np.float32)
+            box = box_from_mask(region if region is not None else sup.mask_sq, pad_px=2.0)
+            prompt = SlicePrompt(np.zeros((0, 2), np.float32),
+                                 ring if ring is not None else np.zeros((0, 2), np.float32), box)
+            strategy = "box" if self.backbone.box_trained else "box+points"
+        elif self.generator is not None and not (self.walk_prompt == "propagate" and has_prev):
             dev = self.backbone.device
             out = self.generator(
                 sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
@@ -214,12 +247,15 @@ class Segmenter:
             fg_prob = out.fg_prob[0].float().cpu().numpy()
             fg = np.asarray(foreground_points(fg_prob), dtype=np.float32).reshape(-1, 2)
             prompt = SlicePrompt(fg, bg, np.asarray(ring_to_box(bg, RING_MARGIN), np.float32))
+            strategy = self.prompt
         else:
+            # The neighbouring slice just segmented is the best prior there is for a box-trained
+            # model (measured: see docs/benchmark.md); without one, the support's own box.
             fg_prob = None
-            ref = prev_sq if prev_sq is not None and prev_sq.any() else sup.mask_sq
+            ref = prev_sq if has_prev else sup.mask_sq
             prompt = SlicePrompt(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32),
                                  box_from_mask(ref, pad_px=2.0))
-        strategy = self.prompt if self.generator is not None else "box"
+            strategy = "box"
         dec = self.backbone.decode(q_emb, multimask=not self.backbone.box_trained and strategy == "points",
                                    **prompt.as_decoder_args(strategy))
         logits, iou = choose_mask(dec.logits, dec.iou, self.mask_choice)
@@ -307,6 +343,7 @@ class Segmenter:
                                     prompt_strategy=self.prompt if self.generator else "box",
                                     prompt_source=self.prompt_source, slices_total=n)
         kept_sq: dict[int, np.ndarray] = {}
+        annotated_set = set(annotated) if same else set()
         done = [0]
         total = hi - lo + 1
 
@@ -317,18 +354,40 @@ class Segmenter:
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError()
 
+        def walk_support(i, prev_i, fallback):
+            """``chain``: the neighbouring slice just segmented is the support, which is what the
+            generator was trained on (adjacent slices); ``nearest``: the annotated support."""
+            if self.support_mode == "chain" and self.generator is not None and prev_i in kept_sq \
+                    and prev_i not in annotated_set:
+                return self._chain_support(stack, norm, prev_i, kept_sq[prev_i])
+            return fallback
+
         def nearest_support(rel_or_index, by_index):
             if by_index:
                 return min(supports, key=lambda s: abs(s.index - rel_or_index))
             return min(supports, key=lambda s: abs(s.rel - rel_or_index))
 
+        def anchor_for(i, sup):
+            """The annotated support a slice is judged against (never a chained one, so a
+            drifting chain cannot vouch for itself)."""
+            if sup.proto_fg is not None:
+                return sup
+            if same:
+                return nearest_support(i, True)
+            k0, k1 = (min(kept_sq), max(kept_sq)) if kept_sq else (lo, hi)
+            return nearest_support((i - k0) / max(1, k1 - k0), False)
+
         def run(i, sup, prev_sq, decide):
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
-            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "support": sup.index}
+            contrast = prototype_contrast(emb, m, anchor_for(i, sup))
+            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
+                    "support": sup.index}
             if decide:
-                ok, reason, m = _decide(m, prev_sq, iou, fg_conf, self.generator is not None)
+                seen = [v["contrast"] for v in result.slice_info.values() if v.get("kept") and "contrast" in v]
+                floor = max(MIN_CONTRAST, REL_CONTRAST * float(np.median(seen))) if seen else MIN_CONTRAST
+                ok, reason, m = _decide(m, prev_sq, iou, contrast, floor)
                 info.update(kept=ok, reason=reason)
             else:
                 info.update(kept=True, reason="oracle")
@@ -344,9 +403,21 @@ class Segmenter:
             qs = sorted({int(s) for s in query_slices if lo <= int(s) <= hi})
             total = len(qs)
             q0, q1 = (qs[0], qs[-1]) if qs else (0, 0)
-            for i in qs:
-                rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
-                run(i, nearest_support(rel, False), None, decide=False)
+            if self.walk_prompt == "independent" or not qs:
+                for i in qs:
+                    rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
+                    run(i, nearest_support(rel, False), None, decide=False)
+            else:
+                # Start where the middle support applies, then walk to both ends, each slice
+                # prompted from its neighbour just segmented (slices given by the oracle).
+                mid = qs[len(qs) // 2]
+                run(mid, nearest_support(0.5 if q1 == q0 else (mid - q0) / (q1 - q0), False), None, decide=False)
+                for order in (qs[len(qs) // 2 - 1::-1] if len(qs) > 1 else [], qs[len(qs) // 2 + 1:]):
+                    prev = kept_sq.get(mid)
+                    for i in order:
+                        rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
+                        run(i, nearest_support(rel, False), prev, decide=False)
+                        prev = kept_sq.get(i, prev)
         elif same:
             # The user's own annotation is the answer on the annotated slices.
             for s in annotated:
@@ -362,15 +433,15 @@ class Segmenter:
             start_lo = min(hi, annotated[0]) if annotated[0] >= lo else lo
             start_hi = max(lo, annotated[-1]) if annotated[-1] <= hi else hi
             if annotated[0] >= lo:
-                self._walk(run, kept_sq, start_lo, -1, lo, lambda i: nearest_support(i, True))
+                self._walk(run, kept_sq, start_lo, -1, lo, lambda i, p: walk_support(i, p, nearest_support(i, True)))
             if annotated[-1] <= hi:
-                self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
+                self._walk(run, kept_sq, start_hi, +1, hi, lambda i, p: walk_support(i, p, nearest_support(i, True)))
         else:
             seed = self._find_seed(stack, norm, supports, s_view, support, view, query, lo, hi, run, tick)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
-                self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
-                self._walk(run, kept_sq, seed, +1, hi, lambda i: nearest_support(frac(i), False))
+                self._walk(run, kept_sq, seed, -1, lo, lambda i, p: walk_support(i, p, nearest_support(frac(i), False)))
+                self._walk(run, kept_sq, seed, +1, hi, lambda i, p: walk_support(i, p, nearest_support(frac(i), False)))
                 self._reprompt_by_extent(stack, norm, supports, kept_sq, out_stack, result, view, rows, cols)
         result.slices_segmented = int(sum(1 for v in result.slice_info.values() if v.get("kept")))
         result.mask = np.ascontiguousarray(view.from_stack(out_stack))
@@ -383,15 +454,16 @@ class Segmenter:
     def _walk(self, run, kept_sq, start, step, stop, support_for):
         """From a kept slice, walk until the structure is judged absent or the range ends."""
         prev = kept_sq.get(start)
+        prev_i = start
         i = start + step
         while (i >= stop if step < 0 else i <= stop):
             if i in kept_sq:
-                prev = kept_sq[i]
+                prev, prev_i = kept_sq[i], i
                 i += step
                 continue
-            if not run(i, support_for(i), prev, decide=True):
+            if not run(i, support_for(i, prev_i), prev, decide=True):
                 break
-            prev = kept_sq[i]
+            prev, prev_i = kept_sq[i], i
             i += step
 
     def _find_seed(self, stack, norm, supports, s_view, support, view, query, lo, hi, run, tick):
@@ -405,12 +477,13 @@ class Segmenter:
         best, best_score, best_mask = None, -1.0, None
         for i in cands:
             emb = self.embed(stack, norm, [i])[i]
-            logits, iou, fg_conf, _ = self.predict_slice(emb, central, None)
+            logits, iou, _, _ = self.predict_slice(emb, central, None)
             m = logits > 0
-            score = iou * fg_conf if m.sum() >= MIN_AREA_PX else 0.0
+            contrast = prototype_contrast(emb, m, central)
+            score = iou * contrast if m.sum() >= MIN_AREA_PX and iou >= MIN_IOU else -1.0
             if score > best_score:
                 best, best_score, best_mask = i, score, m
-        if best is None or best_score < MIN_IOU * MIN_FG_CONF:
+        if best is None or best_score < MIN_IOU * MIN_CONTRAST:
             return None
         run(best, central, None, decide=False)
         return best
@@ -419,7 +492,7 @@ class Segmenter:
         """With several support slices, re-decode each kept slice from the support at the same
         relative position within the extent now known (the 3-chunk protocol, generalised).
         Embeddings are cached, so this costs decoding only."""
-        if len(supports) < 2 or len(kept_sq) < 2:
+        if len(supports) < 2 or len(kept_sq) < 2 or self.walk_prompt == "propagate":
             return
         k0, k1 = min(kept_sq), max(kept_sq)
         for i in sorted(kept_sq):
@@ -433,6 +506,12 @@ class Segmenter:
             if m.sum() >= MIN_AREA_PX:
                 out_stack[i] = square_to_slice(m.astype(np.float32), (rows, cols)) > 0.5
                 result.slice_info[i].update(support=sup.index, iou=round(iou, 4))
+
+    def _chain_support(self, stack, norm, j, mask_sq) -> SupportSlice:
+        from .background_ring import ring_points
+
+        emb = self.embed(stack, norm, [j])[j]
+        return SupportSlice(j, 0.5, emb, mask_sq, ring_points(mask_sq, outer_radius=RING_OUTER, inner_radius=RING_INNER))
 
     def _prompt_record(self, view, stack_shape, i, prompt: SlicePrompt, rows, cols) -> SlicePrompts:
         L = max(rows, cols)
@@ -453,7 +532,59 @@ class Segmenter:
         return SlicePrompts(i, to_ijk(allpts), labels, box, to_rc(allpts), box_rc)
 
 
-def _decide(m, prev_sq, iou, fg_conf, has_generator):
+def prototypes(embedding: torch.Tensor, mask_sq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground prototype (masked mean of the embedding) and background prototype (mean
+    over a band 4-12 px outside the mask on the 256 grid): what the structure and its
+    immediate surroundings look like to the backbone."""
+    band = ndimage.binary_dilation(mask_sq, iterations=12) & ~ndimage.binary_dilation(mask_sq, iterations=4)
+    return _pool(embedding, mask_sq), _pool(embedding, band)
+
+
+def _pool(embedding, mask_sq):
+    w = F.adaptive_avg_pool2d(torch.as_tensor(mask_sq, dtype=torch.float32)[None, None], embedding.shape[-1])[0, 0]
+    return (embedding * w).sum((1, 2)) / w.sum().clamp_min(1e-6)
+
+
+def prototype_contrast(embedding, mask_sq, anchor) -> float:
+    """cos(region, structure prototype) - cos(region, surroundings prototype): positive while
+    the predicted region still looks like the annotated structure, negative once SAM has
+    settled on a neighbour.  Needs no training (the backbone embedding alone)."""
+    if anchor is None or anchor.proto_fg is None or not mask_sq.any():
+        return 0.0
+    f = _pool(embedding, mask_sq)
+    return float(F.cosine_similarity(f, anchor.proto_fg, 0) - F.cosine_similarity(f, anchor.proto_bg, 0))
+
+
+def contrast_map(embedding: torch.Tensor, anchor: SupportSlice) -> np.ndarray:
+    """Per-pixel cos(feature, structure prototype) - cos(feature, surroundings prototype) on
+    the 256 grid: FoB's background prototypes (the ring band around the support structure)
+    used as the contrast that tells the structure from what borders it."""
+    en = F.normalize(embedding, dim=0)
+    c = (en * F.normalize(anchor.proto_fg, dim=0)[:, None, None]).sum(0) \
+        - (en * F.normalize(anchor.proto_bg, dim=0)[:, None, None]).sum(0)
+    return F.interpolate(c[None, None], size=WORK_SIZE, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def contrast_region(embedding, anchor, threshold: float = 0.0, sigma_px: float = 40.0):
+    """Where the structure is on a query slice without a neighbour to follow: the connected
+    region of positive contrast with the largest total contrast, discounted by its distance
+    from where the structure sits on the support (left and right kidney look alike).
+    Returns a (256, 256) bool mask or None."""
+    if anchor.proto_fg is None:
+        return None
+    cm = contrast_map(embedding, anchor)
+    lab, n = ndimage.label(cm > threshold)
+    if n == 0:
+        return None
+    cy, cx = ndimage.center_of_mass(anchor.mask_sq)
+    idx = np.arange(1, n + 1)
+    sums = ndimage.sum(cm, lab, idx)
+    centres = np.array(ndimage.center_of_mass(cm > threshold, lab, idx)).reshape(-1, 2)
+    score = sums * np.exp(-np.hypot(centres[:, 0] - cy, centres[:, 1] - cx) / sigma_px)
+    return lab == idx[int(np.argmax(score))]
+
+
+def _decide(m, prev_sq, iou, contrast, min_contrast=MIN_CONTRAST):
     """Is the structure on this slice?  -> (kept, reason, cleaned mask)."""
     area = int(m.sum())
     if area < MIN_AREA_PX:
@@ -473,8 +604,8 @@ def _decide(m, prev_sq, iou, fg_conf, has_generator):
             return False, "leak", m
     if iou < MIN_IOU:
         return False, "low_iou", m
-    if has_generator and fg_conf < MIN_FG_CONF:
-        return False, "low_confidence", m
+    if contrast < min_contrast:
+        return False, "unlike_support", m
     return True, "present", m
 
 

@@ -1,0 +1,123 @@
+"""Speed and memory figures of the pipeline (issue D), printed as ratios where timing is involved.
+
+    .venv/bin/python benchmarks/speed_memory.py [--threads N] [--big]
+
+1. pipeline overhead: a whole `segment` run / bare encoding of the slices it encoded;
+2. work avoided: slices encoded / slices in the volume;
+3. re-run with another organ on the same volume: first run time / re-run time (cache);
+4. seconds per slice of the bare LiteMedSAM encoder on this machine;
+5. with --big: peak RSS of a run on a 512 x 512 x 300 CT synthesised from the example CT
+   (a slice range bounds the time; memory is dominated by the volume and the stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "FoBSegment"))
+
+
+def _support(view, ref):
+    g = view.to_stack(ref)
+    k = int(np.argmax(g.reshape(g.shape[0], -1).sum(1)))
+    s = np.zeros_like(g)
+    s[k] = g[k]
+    return view.from_stack(s), k
+
+
+def main(argv=None):
+    import torch
+
+    from FoBSegmentLib.backbones import create_backbone
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.io import read_volume
+    from FoBSegmentLib.preprocessing import fit_normalisation
+    from FoBSegmentLib.volume_segmenter import Segmenter
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--big", action="store_true")
+    ap.add_argument("--big-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.big_child:
+        return big_child()
+    data = REPO / "FoBSegment" / "Testing" / "Data"
+    q = read_volume(data / "example_ct.nii.gz")
+    lab = np.rint(read_volume(data / "example_seg.nii.gz").array).astype(int)
+    bb = create_backbone("litemedsam", "auto")
+    view = SliceView.for_volume(q)
+    print(f"machine: {os.cpu_count()} CPU cores, torch threads {args.threads}, device {bb.device}")
+
+    seg = Segmenter(bb)
+    sup, k = _support(view, lab == 1)  # spleen
+    t = time.perf_counter()
+    r1 = seg.segment(q, q, sup)
+    t_run = time.perf_counter() - t
+    # Bare encoder on the same number of slices (fresh inputs, no cache).
+    stack, norm = view.to_stack(q.array), fit_normalisation(q.array)
+    idx = sorted(i for i, v in r1.slice_info.items() if v.get("reason") != "annotated")[: max(1, r1.slices_encoded)]
+    t = time.perf_counter()
+    for i in idx:
+        bb.encode(bb.prepare(norm.apply(stack[i]))[None])
+    t_enc = time.perf_counter() - t
+    per_slice = t_enc / len(idx)
+    print(f"encoder: {per_slice:.2f} s per slice (LiteMedSAM, eager PyTorch, fp32)")
+    print(f"pipeline overhead: segment run / bare encoding of its {r1.slices_encoded} encoded slices = "
+          f"{t_run / (per_slice * max(1, r1.slices_encoded)):.3f}x")
+    print(f"work avoided: {r1.slices_encoded} slices encoded of {r1.slices_total} in the volume "
+          f"({r1.slices_encoded / r1.slices_total:.2f})")
+    sup2, _ = _support(view, lab == 1)
+    t = time.perf_counter()
+    r2 = seg.segment(q, q, sup2)
+    t_rerun = time.perf_counter() - t
+    print(f"re-run (same organ, cached embeddings): {r2.slices_encoded} slices encoded, "
+          f"first/re-run = {t_run / max(t_rerun, 1e-9):.1f}x faster")
+    if args.big:
+        out = subprocess.run([sys.executable, __file__, "--big-child", "--threads", str(args.threads)],
+                             capture_output=True, text=True)
+        print(out.stdout.strip() or out.stderr[-2000:])
+    return 0
+
+
+def big_child():
+    """Run in a fresh process so ru_maxrss is this run's peak only."""
+    import SimpleITK as sitk
+
+    from FoBSegmentLib.geometry import Volume
+    from FoBSegmentLib.volume_segmenter import Segmenter
+
+    data = REPO / "FoBSegment" / "Testing" / "Data"
+    ct = sitk.ReadImage(str(data / "example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(data / "example_seg.nii.gz"))
+    ref = sitk.Image([512, 512, 300], sitk.sitkInt16)
+    ref.SetSpacing([ct.GetSpacing()[0] * ct.GetSize()[0] / 512, ct.GetSpacing()[1] * ct.GetSize()[1] / 512,
+                    ct.GetSpacing()[2] * ct.GetSize()[2] / 300])
+    ref.SetOrigin(ct.GetOrigin())
+    ref.SetDirection(ct.GetDirection())
+    big = sitk.GetArrayFromImage(sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1024, sitk.sitkInt16))
+    bl = sitk.GetArrayFromImage(sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    q = Volume(big, ref.GetSpacing(), ref.GetOrigin(), np.array(ref.GetDirection()).reshape(3, 3))
+    liver = bl == 5
+    k = int(np.argmax(liver.reshape(300, -1).sum(1)))
+    sup = np.zeros_like(liver)
+    sup[k] = liver[k]
+    t = time.perf_counter()
+    r = Segmenter("litemedsam").segment(q, q, sup, slice_range=(k - 10, k + 10))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"512x512x300 CT ({big.nbytes / 2**20:.0f} MB int16): {r.slices_encoded} slices encoded in "
+          f"{time.perf_counter() - t:.0f} s, peak RSS {peak:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
