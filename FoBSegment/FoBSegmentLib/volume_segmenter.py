@@ -291,29 +291,37 @@ class Segmenter:
 
     def _segment_ring(self, query, support, s_view, ms, filled, hole, support_slices, slice_range, query_slices,
                       progress, is_cancelled):
+        """Ring structure: find the hole (e.g. the LV blood pool: a compact, bright, well
+        localised structure) first, then draw the wall around it at the thickness measured on
+        the support.  Measured: localising the filled structure directly fails because its
+        prototype mixes wall and cavity, and a box around the cavity gives the cavity again."""
         t0 = time.perf_counter()
         enc0 = self.encoded_count
-        outer = self._segment_once(query, support, s_view.from_stack(filled), support_slices, slice_range,
-                                   query_slices, progress, is_cancelled)
-        view = SliceView.for_volume(query)
-        kept = [i for i, v in outer.slice_info.items() if v.get("kept")]
         chosen = support_slices or [int(i) for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]]
         hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
-        if kept and hole_sup:
-            inner = self._segment_once(query, support, s_view.from_stack(hole), hole_sup, slice_range,
-                                       kept, None, is_cancelled)
-            out = view.to_stack(outer.mask).copy()
-            out[view.to_stack(inner.mask) > 0] = 0
-            same = support is None or support is query
-            if same:  # the user's own annotation stays exactly as drawn
-                for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]:
-                    out[i] = ms[i]
-            outer.mask = np.ascontiguousarray(view.from_stack(out))
-            outer.prompts += inner.prompts
-        outer.prompt_strategy += "+hole"
-        outer.slices_encoded = self.encoded_count - enc0
-        outer.seconds = time.perf_counter() - t0
-        return outer
+        inner = self._segment_once(query, support, s_view.from_stack(hole), hole_sup, slice_range, query_slices,
+                                   progress, is_cancelled)
+        # Wall thickness on the support: for a ring of thickness t the mean distance of its
+        # pixels from the cavity is t / 2.
+        thick = [2.0 * float(ndimage.distance_transform_edt(~hole[i])[ms[i]].mean()) for i in hole_sup]
+        t = float(np.median(thick)) if thick else 5.0
+        view = SliceView.for_volume(query)
+        inner_st = view.to_stack(inner.mask > 0)
+        out = np.zeros(inner_st.shape, np.uint8)
+        for i, info in inner.slice_info.items():
+            if info.get("kept") and inner_st[i].any():
+                # SAM's box around the cavity segments the cavity again (measured), so the wall
+                # is drawn geometrically at the support's thickness.
+                out[i] = (ndimage.distance_transform_edt(~inner_st[i]) <= t) & ~inner_st[i]
+        if support is None or support is query:  # the user's own annotation stays exactly as drawn
+            for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]:
+                out[i] = ms[i]
+        inner.mask = np.ascontiguousarray(view.from_stack(out))
+        inner.prompt_strategy += "+ring"
+        inner.slices_segmented = int(out.reshape(out.shape[0], -1).any(1).sum())
+        inner.slices_encoded = self.encoded_count - enc0
+        inner.seconds = time.perf_counter() - t0
+        return inner
 
     def _segment_once(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
                       slice_range=None, query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:

@@ -68,14 +68,8 @@ class Backbone(abc.ABC):
         Intensity normalisation (CT window, MR percentiles) happens before, in
         :mod:`FoBSegmentLib.preprocessing`, because it depends on the whole volume.
         """
-        s = self.input_size
-        t = torch.as_tensor(np.ascontiguousarray(slice2d), dtype=torch.float32)[None, None]
-        rows, cols = t.shape[-2:]
-        scale = s / max(rows, cols)
-        nr, nc = max(1, round(rows * scale)), max(1, round(cols * scale))
-        t = F.interpolate(t, size=(nr, nc), mode="bilinear", align_corners=False)
-        t = F.pad(t, (0, s - nc, 0, s - nr))
-        return self.normalise_input(t[0].expand(3, -1, -1).contiguous())
+        t = _resize_pad(slice2d, self.input_size)
+        return self.normalise_input(t[None].expand(3, -1, -1).contiguous())
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         """Model-specific pixel normalisation of a (3, S, S) tensor in [0, 1]."""
@@ -124,12 +118,17 @@ def square_to_slice(square: np.ndarray | torch.Tensor, shape: tuple, mode: str =
     return out[0] if squeeze else out
 
 
-def slice_to_square(mask: np.ndarray, n: int = WORK_SIZE) -> np.ndarray:
-    """A (rows, cols) mask -> (n, n) float array on the padded square grid (area-resized)."""
-    t = torch.as_tensor(np.ascontiguousarray(mask), dtype=torch.float32)[None, None]
+def _resize_pad(image: np.ndarray, n: int) -> torch.Tensor:
+    """(rows, cols) -> (n, n) float tensor: longer side resized to n (bilinear), zero-padded
+    bottom/right: the padded square every SAM-family model expects."""
+    t = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
     rows, cols = t.shape[-2:]
     scale = n / max(rows, cols)
     nr, nc = max(1, round(rows * scale)), max(1, round(cols * scale))
     t = F.interpolate(t, size=(nr, nc), mode="bilinear", align_corners=False)
-    t = F.pad(t, (0, n - nc, 0, n - nr))
-    return t[0, 0].numpy()
+    return F.pad(t, (0, n - nc, 0, n - nr))[0, 0]
+
+
+def slice_to_square(mask: np.ndarray, n: int = WORK_SIZE) -> np.ndarray:
+    """A (rows, cols) mask -> (n, n) float array on the padded square grid."""
+    return _resize_pad(mask, n).numpy()

@@ -168,3 +168,28 @@ def test_other_patient_support_chaos_liver(segmenter):
     support, _, _ = _one_slice_support(s, sgt)
     res = segmenter.segment(q, s, support)
     assert dice(res.mask, qgt) > 0.6
+
+
+def test_pipeline_finds_where_the_structure_ends(ct, segmenter):
+    """No oracle: from one spleen slice the walk stops near the spleen's ends, so most of the
+    112-slice CT is never encoded, and the result matches the reference."""
+    vol, labels = ct
+    gt = labels == 1
+    support, k, view = _one_slice_support(vol, gt)
+    res = segmenter.segment(vol, vol, support)
+    kept = sorted(i for i, v in res.slice_info.items() if v.get("kept"))
+    ref = np.nonzero(view.to_stack(gt).reshape(view.n_slices(vol), -1).any(1))[0]
+    assert kept[0] >= ref[0] - 3 and kept[-1] <= ref[-1] + 3
+    assert len(res.slice_info) < 0.5 * res.slices_total, "slices beyond the structure must not be processed"
+    assert any(v.get("reason") in ("unlike_support", "disconnected", "low_iou", "empty", "leak")
+               for v in res.slice_info.values()), "the stop must come from a presence decision"
+    assert dice(res.mask > 0, gt) > 0.75
+
+
+@pytest.mark.slow
+def test_demo_main_job(tmp_path):
+    from FoBSegmentLib.demo import run_demo
+
+    rep = run_demo(tmp_path, device="cpu", quiet=True)
+    assert (tmp_path / "demo_result.seg.nrrd").is_file() and (tmp_path / "demo_figure.png").is_file()
+    assert rep["organs"]["liver"]["dice"] > 0.8 and rep["organs"]["spleen"]["dice"] > 0.7
