@@ -35,8 +35,13 @@ def body_mask(img: np.ndarray) -> np.ndarray:
 
     t = threshold_otsu(img[img > 0.01]) if (img > 0.01).any() else 0.05
     m = img > 0.2 * t
-    m = ndimage.binary_closing(m, iterations=3)
-    m = ndimage.binary_opening(m, iterations=2)
+    # In-plane morphology only: a 3D element would erode thin stacks (few slices) away.
+    st = ndimage.generate_binary_structure(3, 1)
+    st[0] = st[2] = False
+    m = ndimage.binary_closing(m, structure=st, iterations=3)
+    m = ndimage.binary_opening(m, structure=st, iterations=2)
+    if not m.any():  # nothing survived: fall back to every non-dark voxel
+        m = img > 0.2 * t
     lab, n = ndimage.label(m)
     if n > 1:
         sizes = ndimage.sum(m, lab, range(1, n + 1))

@@ -91,8 +91,8 @@ def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
     from FoBSegmentLib.cli import main
     from FoBSegmentLib.volume_segmenter import Segmenter
 
-    _ct_crop(tmp_path, 95, 101, "image_7.nii.gz")
-    _ct_crop(tmp_path, 94, 100, "image_8.nii.gz")
+    _ct_crop(tmp_path, 95, 101, "image_7.nii.gz", shrink=1)
+    _ct_crop(tmp_path, 94, 100, "image_8.nii.gz", shrink=1)
     seg = Segmenter(litemedsam)
     r = evaluate(tmp_path, {"liver": 5}, "7", ["8"], "ep1", segmenter=seg, method="gt_box")
     assert r["protocol"] == "ep1" and r["backbone"] == "litemedsam"
