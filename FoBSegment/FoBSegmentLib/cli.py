@@ -7,7 +7,6 @@ never a traceback, and never leaves an output file behind.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import CancelledError, FoBError, FoBInputError
@@ -133,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -145,13 +145,7 @@ def _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
         sup = min(supports, key=lambda s: abs(s.rel - rel))
         emb = seg.embed(stack, norm, [i])[i]
         if method == "coarse":
-            import torch
-
-            with torch.inference_mode():
-                dev = seg.backbone.device
-                o = seg.generator(sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
-                                  torch.as_tensor(sup.ring, dtype=torch.float32)[None].to(dev), emb[None].to(dev))
-            m_sq = o.fg_prob[0].float().cpu().numpy() > 0.5
+            m_sq = seg.generator_output(emb, sup).fg_prob[0].float().cpu().numpy() > 0.5
         else:
             ref = sup.mask_sq if method == "support_box" else slice_to_square(g[i]) > 0.5
             box = box_from_mask(ref)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones.base import WORK_SIZE, slice_to_square
+from .backbones.base import slice_to_square
 from .geometry import SliceView
 from .preprocessing import fit_normalisation
 

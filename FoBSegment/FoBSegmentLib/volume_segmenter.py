@@ -2,7 +2,8 @@
 
 No ground-truth oracle: starting from the slices the support anchors, the pipeline walks
 outward slice by slice and decides on each slice whether the structure is still there
-(coarse-mask confidence, SAM's predicted IoU, overlap with the neighbouring kept slice). It
+(prototype contrast against the support, SAM's predicted IoU, overlap with the neighbouring
+kept slice). It
 stops where the structure ends, so slices beyond it are never encoded.  An optional
 ``query_slices`` list is the evaluation oracle (protocol EP1): exactly those slices are
 segmented and nothing is decided.
@@ -80,7 +81,7 @@ class SlicePrompts:
 class SegmentationResult:
     mask: np.ndarray  # uint8 (k, j, i) in the query geometry
     prompts: list = field(default_factory=list)
-    slice_info: dict = field(default_factory=dict)  # slice -> {iou, fg_conf, kept, reason}
+    slice_info: dict = field(default_factory=dict)  # slice -> {iou, fg_conf, contrast, kept, reason}
     backbone: str = ""
     device: str = "cpu"
     prompt_strategy: str = ""
@@ -95,9 +96,10 @@ class Segmenter:
     """One backbone, one prompt generator and one embedding cache, reused across calls.
 
     ``prompt``: ``auto`` (the measured default of the backbone) or a strategy of
-    :mod:`FoBSegmentLib.prompts`.  ``prompt_source``: ``fob`` (the trained generator),
-    ``propagate`` (the box of the neighbouring slice's mask: a baseline that needs no
-    generator) or ``auto`` (fob when weights exist).
+    :mod:`FoBSegmentLib.prompts`.  ``prompt_source`` says how a slice without a segmented
+    neighbour is prompted: ``contrast`` (background-ring prototype contrast, no training),
+    ``fob`` (the trained generator), ``propagate`` (the support's own box) or ``auto``
+    (``AUTO_SOURCE``, chosen by measurement).  The generator is loaded only when it is used.
     """
 
     def __init__(self, backbone: str | Backbone = "litemedsam", device: str = "auto", checkpoint=None,
@@ -121,7 +123,8 @@ class Segmenter:
         weights = Path(weights) if weights else default_weights(self.backbone.name)
         if prompt_source not in ("auto", "fob", "contrast", "propagate"):
             raise FoBInputError(f"Unknown prompt source {prompt_source!r}: use auto, fob, contrast or propagate.")
-        if prompt_source in ("auto", "fob") and weights is not None:
+        uses_generator = prompt_source == "fob" or (prompt_source == "auto" and AUTO_SOURCE == "fob")
+        if uses_generator and weights is not None:
             from .prompt_generator import load_generator
 
             if not Path(weights).is_file():
@@ -236,10 +239,7 @@ class Segmenter:
                                  ring if ring is not None else np.zeros((0, 2), np.float32), box)
             strategy = "box" if self.backbone.box_trained else "box+points"
         elif self.generator is not None and not (self.walk_prompt == "propagate" and has_prev):
-            dev = self.backbone.device
-            out = self.generator(
-                sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
-                torch.as_tensor(sup.ring, dtype=torch.float32)[None].to(dev), q_emb[None].to(dev))
+            out = self.generator_output(q_emb, sup)
             from .background_ring import ring_to_box
             from .prompt_generator import foreground_points
 
@@ -264,6 +264,14 @@ class Segmenter:
             fg_conf = float(fg_prob[m].mean()) if m.any() else 0.0
         return logits, iou, fg_conf, prompt
 
+    @torch.inference_mode()
+    def generator_output(self, q_emb: torch.Tensor, sup: SupportSlice):
+        """The FoB generator on one (support, query) pair -> GeneratorOutput with B = 1."""
+        dev = self.backbone.device
+        return self.generator(
+            sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
+            torch.as_tensor(sup.ring, dtype=torch.float32)[None].to(dev), q_emb[None].to(dev))
+
     # ---------------------------------------------------------------- volume
     def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
                 slice_range=None, query_slices=None, progress=None, is_cancelled=None,
@@ -272,9 +280,8 @@ class Segmenter:
 
         A ring-shaped structure (the myocardium around the blood pool) cannot be described by
         one box or one outer ring of background points.  With ``holes='auto'``, when the
-        support mask encloses holes, the filled structure and the hole are segmented as two
-        structures (the hole's own annotation is the support for the inner one; embeddings are
-        shared, so it costs decoding only) and the inner result is subtracted.
+        support mask encloses holes, the hole is segmented as its own structure and the wall
+        is drawn around it (see :meth:`_segment_ring`).
         """
         m = np.asarray(support_mask) > 0
         sup_vol = query if support is None else support
@@ -428,11 +435,11 @@ class Segmenter:
                         prev = kept_sq.get(i, prev)
         elif same:
             # The user's own annotation is the answer on the annotated slices.
+            user = s_view.to_stack(np.asarray(support_mask) > 0)
             for s in annotated:
                 if lo <= s <= hi:
-                    m = (slice_to_square(s_view.to_stack(support_mask > 0)[s].astype(np.float32)) > 0.5)
-                    kept_sq[s] = m
-                    out_stack[s] = s_view.to_stack(support_mask > 0)[s]
+                    kept_sq[s] = slice_to_square(user[s]) > 0.5
+                    out_stack[s] = user[s]
                     result.slice_info[s] = {"kept": True, "reason": "annotated"}
             inside = [i for i in range(max(lo, annotated[0]), min(hi, annotated[-1]) + 1) if i not in kept_sq]
             for i in inside:  # gaps between annotated slices: the structure is there
@@ -445,7 +452,7 @@ class Segmenter:
             if annotated[-1] <= hi:
                 self._walk(run, kept_sq, start_hi, +1, hi, lambda i, p: walk_support(i, p, nearest_support(i, True)))
         else:
-            seed = self._find_seed(stack, norm, supports, s_view, support, view, query, lo, hi, run, tick)
+            seed = self._find_seed(stack, norm, supports, s_view.n_slices(support), lo, hi, run)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
                 self._walk(run, kept_sq, seed, -1, lo, lambda i, p: walk_support(i, p, nearest_support(frac(i), False)))
@@ -474,15 +481,15 @@ class Segmenter:
             prev, prev_i = kept_sq[i], i
             i += step
 
-    def _find_seed(self, stack, norm, supports, s_view, support, view, query, lo, hi, run, tick):
+    def _find_seed(self, stack, norm, supports, n_s, lo, hi, run):
         """Another patient: look for the structure near the support's relative position in
-        the volume and keep the most confident slice as the start of the walk."""
+        the volume (``n_s`` support slices) and keep the most confident slice as the start of
+        the walk."""
         central = min(supports, key=lambda s: abs(s.rel - 0.5))
-        n_s = s_view.n_slices(support)
         guess = lo + int(round(central.index / max(1, n_s - 1) * (hi - lo)))
         radius = max(2, int(round(0.12 * (hi - lo + 1))))
         cands = list(range(max(lo, guess - radius), min(hi, guess + radius) + 1))
-        best, best_score, best_mask = None, -1.0, None
+        best, best_score = None, -1.0
         for i in cands:
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, _, _ = self.predict_slice(emb, central, None)
@@ -490,7 +497,7 @@ class Segmenter:
             contrast = prototype_contrast(emb, m, central)
             score = iou * contrast if m.sum() >= MIN_AREA_PX and iou >= MIN_IOU else -1.0
             if score > best_score:
-                best, best_score, best_mask = i, score, m
+                best, best_score = i, score
         if best is None or best_score < MIN_IOU * MIN_CONTRAST:
             return None
         run(best, central, None, decide=False)
