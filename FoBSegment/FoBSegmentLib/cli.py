@@ -82,6 +82,16 @@ def cmd_info(args) -> int:
     cached = ck.cached_status(args.cache_dir)
     print(f"device: {resolve_device('auto')} (auto)")
     print(f"cache folder: {cache}  (override with --cache-dir or FOBSEGMENT_CACHE_DIR)")
+    from .backbones import onnx_runtime
+
+    want = onnx_runtime.requested_runtime()
+    if want == "torch":
+        rt = "eager PyTorch (FOBSEGMENT_RUNTIME=torch)"
+    elif onnx_runtime.onnxruntime_available():
+        rt = "ONNX Runtime on CPU for litemedsam (FOBSEGMENT_RUNTIME=torch for eager PyTorch), PyTorch otherwise"
+    else:
+        rt = "eager PyTorch (pip install onnx onnxruntime for a ~3x faster CPU encoder)"
+    print(f"runtime: {rt}")
     print("backbones:")
     for name, (desc, _box) in BACKBONES.items():
         if name == "litemedsam":

@@ -133,6 +133,10 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     bb = create_backbone(backbone, "cpu" if dev.type == "cpu" else str(dev), checkpoint, cache_dir)
     t_prep = time.time()
     vols = []
+    if world > 1 and rank != 0:
+        # Rank 0 encodes and stores the prepared volumes; the others then read its files
+        # instead of encoding the same slices concurrently.
+        torch.distributed.barrier()
     for f in files:
         p = prepare_volume(f, bb, prep_dir, label_path=label_for(f) if exclude_labels else None,
                            exclude_labels=exclude_labels)
@@ -140,6 +144,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
         if rank == 0:
             print(f"prepared {f.name} ({vols[-1][0].embeddings.shape[0]} slices)", flush=True)
     del bb
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     sampler = EpisodeSampler(vols, rng)
     if rank == 0:
         print(f"{len(vols)} volumes, {len(sampler)} episode candidates, preparation {time.time() - t_prep:.0f} s", flush=True)
@@ -157,8 +163,12 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, elapsed_before, history = state["iteration"], state.get("elapsed", 0.0), state.get("history", [])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        if world == 1:
+            rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+        else:  # the saved state is rank 0's: give every rank its own stream again
+            rng = np.random.default_rng([seed, rank, start])
+            sampler.rng = rng
         if rank == 0:
             print(f"resumed from {ckpt_path} at iteration {start}", flush=True)
     net = model
@@ -187,6 +197,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             print(f"it {done}/{iterations} {json.dumps(avg)} {el / 60:.1f} min", flush=True)
             running = {}
         stop = max_minutes is not None and (time.time() - t0) / 60 > max_minutes
+        if world > 1 and max_minutes is not None:
+            # Every rank must stop at the same iteration or the next all-reduce hangs.
+            flag = torch.tensor([float(stop)], device=dev)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
         if rank == 0 and (done % save_every == 0 or done == iterations or stop):
             _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "iteration": done, "elapsed": elapsed_before + time.time() - t0, "history": history,
@@ -203,7 +218,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             "images": [str(f) for f in files], "exclude_labels": list(exclude_labels or []),
             "supervoxel": supervoxel, "supervoxel_mm": supervoxel_mm, "use_spr": use_spr,
             "train_seconds": round(elapsed_before + time.time() - t0, 1), "device": str(dev),
-            "history": history[-20:], "default_prompt": default_prompt,
+            "history": history[-20:], "default_prompt": default_prompt, "world_size": world,
+            "episodes_per_iteration": batch * world,
         }
         save_generator(model, output, meta, fp16=True)
         print(f"wrote {output}", flush=True)

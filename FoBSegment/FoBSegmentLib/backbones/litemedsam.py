@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .base import Backbone, Decoded
+from . import onnx_runtime
+from .base import EMBED_SHAPE, Backbone, Decoded
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,71 @@ class LiteMedSAMBackbone(Backbone):
         # bf16 embeddings differ slightly from fp32 ones: never mix them in the cache.
         return super().preprocess_id() + ("-bf16" if self.precision == "bf16" else "")
 
+    @property
+    def runtime(self) -> str:
+        """``onnxruntime`` or ``torch``: where the encoder and the mask decoder run.  ONNX
+        Runtime is used on the CPU in fp32 wherever it is installed (encoder 3x, decoder 2x
+        faster, same output; docs/speed.md) unless ``FOBSEGMENT_RUNTIME=torch``; eager
+        PyTorch is the fallback and runs GPUs and bf16."""
+        if "_runtime" not in self.__dict__:
+            self._set_runtime(onnx_runtime.requested_runtime())
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, value: str):
+        if value not in ("onnxruntime", "torch"):
+            raise ValueError(f"runtime must be 'onnxruntime' or 'torch', not {value!r}")
+        self._set_runtime(value)
+        if self._runtime != value:
+            raise RuntimeError("ONNX Runtime cannot run this backbone here (CPU and fp32 only, packages "
+                               "onnx and onnxruntime); see the log.")
+
+    def _set_runtime(self, want: str) -> None:
+        if want != "torch" and self.device.type == "cpu" and self.precision == "fp32":
+            if getattr(self, "_onnx", None) is None:
+                self._onnx = self._build_onnx()
+            if self._onnx is None and want == "onnxruntime":
+                log.warning("ONNX Runtime was requested but cannot be used; install onnx and onnxruntime. "
+                            "Using eager PyTorch.")
+        self._runtime = "onnxruntime" if want != "torch" and getattr(self, "_onnx", None) is not None else "torch"
+
+    def _build_onnx(self):
+        """(encoder, mask predictor) ONNX Runtime twins, or None (then everything stays eager)."""
+        gen = torch.Generator().manual_seed(0)
+        image = torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
+        encoder = onnx_runtime.build_onnx_model(
+            self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}", (image,),
+            ["image"], ["embedding"])
+        if encoder is None:
+            return None
+        pe = self.model.prompt_encoder
+        with torch.inference_mode():
+            # A box and three points: 5 prompt tokens; the token axis is dynamic.
+            pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
+            sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
+            probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
+            predictor = _MaskPredictor(self.model.mask_decoder, self.dense_pe(), dense.clone())
+        decoder = onnx_runtime.build_onnx_model(
+            predictor, f"{self.weights_id()}-maskdecoder-nomask", probe, ["embedding", "sparse"], ["masks", "iou"],
+            {"sparse": {1: "tokens"}})
+        # Warm-up: the first call of a session allocates its memory arena; pay it at load time.
+        encoder(image)
+        if decoder is not None:
+            decoder(*probe)
+        return encoder, decoder
+
+    def dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's fixed positional grid (1, 256, 64, 64), computed once."""
+        if "_dense_pe" not in self.__dict__:
+            with torch.inference_mode():
+                self._dense_pe = self.model.prompt_encoder.get_dense_pe().clone()
+        return self._dense_pe
+
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.precision == "fp32" and self.runtime == "onnxruntime":
+            encoder = self._onnx[0]
+            return torch.cat([encoder(batch[i:i + 1])[0] for i in range(batch.shape[0])])
         batch = batch.to(self.device)
         if self.precision == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -118,13 +182,36 @@ class LiteMedSAMBackbone(Backbone):
 
     @torch.inference_mode()
     def decode(self, embedding, points=None, labels=None, box=None, multimask=False) -> Decoded:
+        predict = None
+        if self.precision == "fp32" and self.runtime == "onnxruntime" and self._onnx[1] is not None:
+            predict = self._onnx[1]
         return sam_style_decode(self, self.model.prompt_encoder, self.model.mask_decoder,
-                                embedding, points, labels, box, multimask)
+                                embedding, points, labels, box, multimask, predict_masks=predict,
+                                dense_pe=self.dense_pe())
+
+
+class _MaskPredictor(torch.nn.Module):
+    """SAM's mask decoder as one exportable graph for prompts without a mask input (the only
+    kind FoBSegment uses): (embedding, sparse prompt tokens) -> (all 4 masks, their IoU).
+    The positional grid and the "no mask" dense embedding are constants inside the graph, so
+    only the embedding and a few tokens cross into ONNX Runtime per call."""
+
+    def __init__(self, mask_decoder, image_pe: torch.Tensor, no_mask_dense: torch.Tensor):
+        super().__init__()
+        self.mask_decoder = mask_decoder
+        self.register_buffer("image_pe", image_pe.detach().clone())
+        self.register_buffer("dense", no_mask_dense.detach().clone())
+
+    def forward(self, embedding, sparse):
+        return self.mask_decoder.predict_masks(image_embeddings=embedding, image_pe=self.image_pe,
+                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=self.dense)
 
 
 def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding, points, labels, box,
-                     multimask) -> Decoded:
-    """Shared by every backbone built from segment-anything's prompt encoder and mask decoder."""
+                     multimask, predict_masks=None, dense_pe=None) -> Decoded:
+    """Shared by every backbone built from segment-anything's prompt encoder and mask decoder.
+    ``predict_masks`` (an ONNX Runtime twin of the decoder, see :class:`_MaskPredictor`)
+    replaces the eager mask decoder when given."""
     dev = backbone.device
     emb = torch.as_tensor(embedding, dtype=torch.float32)
     if emb.ndim == 3:
@@ -139,13 +226,19 @@ def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding
     if box is not None:
         boxes = torch.as_tensor(backbone.to_model_coords(np.asarray(box).reshape(2, 2)).reshape(1, 1, 4), device=dev)
     sparse, dense = prompt_encoder(points=pts, boxes=boxes, masks=None)
-    low_res, iou = mask_decoder(
-        image_embeddings=emb,
-        image_pe=prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
+    if predict_masks is not None:
+        # The dense "no mask" embedding and the positional grid are constants of the graph.
+        masks, iou = predict_masks(emb, sparse)
+        keep = slice(1, None) if multimask else slice(0, 1)  # as SAM's MaskDecoder.forward selects
+        low_res, iou = masks[:, keep], iou[:, keep]
+    else:
+        low_res, iou = mask_decoder(
+            image_embeddings=emb,
+            image_pe=prompt_encoder.get_dense_pe() if dense_pe is None else dense_pe.to(dev),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
     # low_res covers the padded model input at 1/4 resolution: 256 x 256 for both the
     # 256-input LiteMedSAM and the 1024-input SAM, i.e. exactly the WORK_SIZE grid.
     return Decoded(logits=low_res[0].float().cpu(), iou=iou[0].float().cpu())

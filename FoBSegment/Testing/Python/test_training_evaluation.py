@@ -107,3 +107,39 @@ def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
     j = json.loads(out.read_text())
     assert j["protocol"] == "full" and 0.0 <= j["mean_dice"] <= 1.0
     assert set(j["classes"]["liver"]["cases"]) == {"8"} and "seconds" in j and "slices_encoded" in j
+
+
+def test_distributed_training_with_torchrun_on_two_cpu_processes(tmp_path):
+    """PyTorch DDP (gloo on CPU, the same code path as NCCL on GPUs): two ranks train, rank 0
+    writes resumable weights once, and a time-boxed run stops every rank together."""
+    import os
+    import subprocess
+    import sys
+
+    from FoBSegmentLib.prompt_generator import load_generator
+
+    _ct_crop(tmp_path, 88, 92, "image_1.nii.gz", shrink=2)
+    _ct_crop(tmp_path, 70, 74, "image_2.nii.gz", shrink=2)
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FOBSEGMENT_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(iterations, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "FoBSegmentLib.cli", "train", "--images", str(tmp_path / "image_*.nii.gz"),
+               "--output", str(out), "--device", "cpu", "--iterations", str(iterations), "--batch", "2",
+               "--save-every", "2", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    r = run(2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # only rank 0 writes
+    _, meta = load_generator(out)
+    assert meta["world_size"] == 2 and meta["episodes_per_iteration"] == 4 and meta["iterations"] == 2
+    # Resume under torchrun, then a time-boxed run: both ranks must stop at the same iteration.
+    r = run(4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and load_generator(out)[1]["iterations"] == 4
+    r = run(10_000, "--max-minutes", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopping after 0.0 min at iteration 5" in r.stdout
+    assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 5

@@ -1,0 +1,154 @@
+"""Run frozen parts of a backbone (image encoder, mask decoder) through ONNX Runtime on a CPU.
+
+Why: on a CPU the image encoder is almost the whole cost of a run, and once it is fast the
+mask decoder is the next thing in the profile.  ONNX Runtime fuses the convolution +
+batch-norm, GELU and attention kernels that eager PyTorch runs one by one.  Measured on
+2 cores (``benchmarks/speed_memory.py``, ``docs/speed.md``): LiteMedSAM's TinyViT encoder
+2.7-3.0x faster, its mask decoder 2x, with the same output (max |difference| ~1e-5).
+
+A model is exported once per (weights, part, torch version) into the user cache folder,
+written to a temporary name and renamed only when complete, and compared with eager
+PyTorch on a probe input right after the export; a sidecar then records the checksum of
+the verified file, so later sessions only re-hash it.  Anything that goes wrong (package
+missing, export failure, a corrupt cached file, a mismatch) returns ``None`` and the caller
+keeps the eager PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: ``FOBSEGMENT_RUNTIME``: ``auto`` (ONNX Runtime on CPU where installed), ``onnxruntime``, ``torch``
+RUNTIME_ENV = "FOBSEGMENT_RUNTIME"
+#: largest |ORT - eager| accepted on the probe input.  Embeddings and mask logits are O(1)
+#: to O(10) and embeddings are cached as fp16 (resolution ~1e-3): 1e-3 changes nothing downstream.
+MAX_ABS_DIFF = 1e-3
+_OPSET = 17
+
+
+def requested_runtime() -> str:
+    value = os.environ.get(RUNTIME_ENV, "auto").strip().lower()
+    return value if value in ("auto", "onnxruntime", "torch") else "auto"
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OnnxModel:
+    """Callable ``(*tensors) -> list of float32 CPU tensors`` backed by an ONNX Runtime session."""
+
+    def __init__(self, session, input_names: list[str], path: Path):
+        self.session = session
+        self.input_names = input_names
+        self.path = path
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        feed = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+
+
+def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    from ..checkpoints import default_cache_dir
+
+    return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "onnx"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns about Python-int shape arithmetic (TinyViT's window sizes);
+            # those values are exact for the fixed image size the graph is exported for.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(probe), tmp, input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=dynamic_axes or None,
+                              opset_version=_OPSET, dynamo=False)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # Spinning worker threads would keep both cores busy after each call and slow the
+    # PyTorch work (prompt encoding, pooling) that runs between ONNX calls.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_names: list[str],
+                     output_names: list[str], dynamic_axes: dict | None = None,
+                     cache_dir: str | Path | None = None) -> OnnxModel | None:
+    """An ONNX Runtime twin of ``module`` (eval mode, CPU), or ``None`` where it cannot be
+    built or does not reproduce the eager outputs on ``probe``.  ``key`` names the weights
+    and the part (e.g. ``litemedsam-<sha>-encoder256``)."""
+    if not onnxruntime_available():
+        log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
+        return None
+    path = onnx_cache_dir(cache_dir) / f"{key}-torch{torch.__version__.split('+')[0]}-opset{_OPSET}.onnx"
+    verified = path.with_name(path.name + ".sha256")
+    try:
+        if path.is_file() and verified.is_file() and verified.read_text().strip() == _digest(path):
+            session = _session(path, torch.get_num_threads())
+            if [i.name for i in session.get_inputs()] == list(input_names):
+                return OnnxModel(session, list(input_names), path)
+            log.warning("Cached ONNX model %s has other inputs than expected; exporting it again.", path)
+    except Exception as exc:  # noqa: BLE001 - fall through to a fresh export
+        log.warning("Cached ONNX model %s is unusable (%s); exporting it again.", path, exc)
+    verified.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    try:
+        with torch.inference_mode():
+            expected = module(*probe)
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        log.info("Exporting %s to ONNX once: %s", key, path)
+        with torch.no_grad():
+            _export(module, probe, path, input_names, output_names, dynamic_axes)
+        model = OnnxModel(_session(path, torch.get_num_threads()), list(input_names), path)
+        diff = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
+    except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
+        log.warning("ONNX Runtime unavailable for %s (%s: %s); using eager PyTorch.", key, type(exc).__name__, exc)
+        path.unlink(missing_ok=True)
+        return None
+    if diff > MAX_ABS_DIFF:
+        log.warning("ONNX %s differs from eager PyTorch by %.3g (> %.0e); using eager PyTorch.", key, diff,
+                    MAX_ABS_DIFF)
+        path.unlink(missing_ok=True)
+        return None
+    tmp = verified.with_name(verified.name + ".part")
+    tmp.write_text(_digest(path))
+    os.replace(tmp, verified)
+    return model

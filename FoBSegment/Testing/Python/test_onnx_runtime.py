@@ -1,0 +1,100 @@
+"""ONNX Runtime encoder and mask decoder: same output as eager PyTorch, safe cache, clean fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEST_DATA
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed: the eager path is the only one")
+
+
+@pytest.fixture()
+def ct_batch(litemedsam):
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.io import read_volume
+    from FoBSegmentLib.preprocessing import fit_normalisation
+
+    vol = read_volume(TEST_DATA / "example_ct.nii.gz")
+    view = SliceView.for_volume(vol)
+    stack, norm = view.to_stack(vol.array), fit_normalisation(vol.array)
+    return torch.stack([litemedsam.prepare(norm.apply(stack[k])) for k in (40, 70)])
+
+
+@pytest.fixture()
+def fresh_backbone(monkeypatch, tmp_path):
+    """A LiteMedSAM backbone whose ONNX export goes to an empty cache folder."""
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    monkeypatch.setenv("FOBSEGMENT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+    monkeypatch.delenv("FOBSEGMENT_PRECISION", raising=False)
+    return lambda: LiteMedSAMBackbone(torch.device("cpu"))
+
+
+def test_onnx_runtime_is_the_cpu_default_and_reproduces_eager_output(fresh_backbone, ct_batch, tmp_path):
+    bb = fresh_backbone()
+    assert bb.runtime == "onnxruntime"
+    fast = bb.encode(ct_batch)
+    box, pts, lab = np.array([0.2, 0.3, 0.6, 0.7]), np.array([[0.4, 0.5], [0.1, 0.1]]), np.array([1, 0])
+    fast_dec = [bb.decode(fast[0], box=box), bb.decode(fast[1], points=pts, labels=lab),
+                bb.decode(fast[0], points=pts, labels=lab, box=box, multimask=True)]
+    bb.runtime = "torch"
+    eager = bb.encode(ct_batch)
+    assert fast.shape == eager.shape == (2, 256, 64, 64)
+    assert float((fast - eager).abs().max()) < 1e-3
+    eager_dec = [bb.decode(eager[0], box=box), bb.decode(eager[1], points=pts, labels=lab),
+                 bb.decode(eager[0], points=pts, labels=lab, box=box, multimask=True)]
+    for f, e in zip(fast_dec, eager_dec):
+        assert f.logits.shape == e.logits.shape and f.iou.shape == e.iou.shape
+        assert float((f.logits - e.logits).abs().max()) < 1e-2
+        assert float((f.iou - e.iou).abs().max()) < 1e-3
+        assert int(((f.logits > 0) ^ (e.logits > 0)).sum()) <= 2  # the mask the user sees
+    assert fast_dec[2].logits.shape[0] == 3 and fast_dec[0].logits.shape[0] == 1
+    exported = sorted((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 2 and not list((tmp_path / "onnx").glob("*.part"))  # encoder, decoder
+    assert all(p.with_name(p.name + ".sha256").is_file() for p in exported)
+    # A second backbone reuses the exported files instead of exporting again.
+    mtimes = [p.stat().st_mtime_ns for p in exported]
+    assert fresh_backbone().runtime == "onnxruntime"
+    assert [p.stat().st_mtime_ns for p in exported] == mtimes
+
+
+def test_corrupt_cached_onnx_file_is_replaced(fresh_backbone, ct_batch, tmp_path):
+    bb = fresh_backbone()
+    assert bb.runtime == "onnxruntime"
+    path = next((tmp_path / "onnx").glob("*encoder256*.onnx"))
+    path.write_bytes(path.read_bytes()[:5000])  # a truncated file, e.g. a full disk
+    again = fresh_backbone()
+    assert again.runtime == "onnxruntime"
+    assert path.stat().st_size > 5000
+    again.runtime = "torch"
+    eager = again.encode(ct_batch[:1])
+    again.runtime = "onnxruntime"
+    assert float((again.encode(ct_batch[:1]) - eager).abs().max()) < 1e-3
+
+
+def test_runtime_environment_variable_and_missing_package_fall_back_to_eager(fresh_backbone, ct_batch,
+                                                                            monkeypatch, tmp_path):
+    from FoBSegmentLib.backbones import onnx_runtime
+
+    monkeypatch.setenv("FOBSEGMENT_RUNTIME", "torch")
+    bb = fresh_backbone()
+    assert bb.runtime == "torch"
+    assert not (tmp_path / "onnx").exists()  # nothing exported when not asked for
+    monkeypatch.setenv("FOBSEGMENT_RUNTIME", "auto")
+    monkeypatch.setattr(onnx_runtime, "onnxruntime_available", lambda: False)
+    bb = fresh_backbone()
+    assert bb.runtime == "torch"
+    assert bb.encode(ct_batch[:1]).shape == (1, 256, 64, 64)
+    with pytest.raises(RuntimeError, match="onnxruntime"):
+        bb.runtime = "onnxruntime"
+
+
+def test_bf16_precision_uses_the_eager_path(fresh_backbone, ct_batch, monkeypatch):
+    monkeypatch.setenv("FOBSEGMENT_PRECISION", "bf16")
+    bb = fresh_backbone()
+    assert bb.precision == "bf16"
+    assert bb.runtime == "torch"
