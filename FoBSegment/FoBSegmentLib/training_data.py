@@ -69,10 +69,14 @@ def supervoxels(img: np.ndarray, spacing_srx: tuple, method: str = "slic", size_
     elif method == "felzenszwalb":
         from skimage.segmentation import felzenszwalb
 
+        # Granularity from the supervoxel size like SLIC: regions at least a third of the
+        # size across.  scale suits [0, 1] intensities (300, tuned for 0-255 images, merged
+        # whole volumes into ~30 regions; benchmarks/supervoxel_quality.py).
+        min_size = max(20, int((size_mm / 3.0 / float(spacing_srx[1])) ** 2))
         lab = np.zeros(img.shape, np.int32)
         nxt = 1
         for i in range(img.shape[0]):
-            s = felzenszwalb(img[i], scale=300, sigma=0.8, min_size=200) + 1
+            s = felzenszwalb(img[i], scale=1.0, sigma=0.8, min_size=min_size) + 1
             s[~body[i]] = 0
             new = np.zeros_like(s)
             for v in np.unique(s[s > 0]):
