@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -10,19 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoints import sha256_file
 from ..errors import CheckpointError
 from . import onnx_runtime
 from .base import EMBED_SHAPE, Backbone, Decoded
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Verifying 39 MB costs ~0.1 s; do it once per process and file.
@@ -57,7 +49,7 @@ class LiteMedSAMBackbone(Backbone):
         if not checkpoint.is_file():
             raise CheckpointError(f"LiteMedSAM checkpoint not found: {checkpoint}.")
         key = str(checkpoint.resolve())
-        digest = _VERIFIED.get(key) or _sha256(checkpoint)
+        digest = _VERIFIED.get(key) or sha256_file(checkpoint)
         if expected_sha256 and digest != expected_sha256:
             raise CheckpointError(
                 f"The LiteMedSAM checkpoint {checkpoint} has SHA-256 {digest[:16]}..., expected "

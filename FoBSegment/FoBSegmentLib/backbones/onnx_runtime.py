@@ -16,7 +16,6 @@ keeps the eager PyTorch path.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..checkpoints import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
     from ..checkpoints import default_cache_dir
 
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "onnx"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) -> None:
@@ -121,7 +114,7 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
     path = onnx_cache_dir(cache_dir) / f"{key}-torch{torch.__version__.split('+')[0]}-opset{_OPSET}.onnx"
     verified = path.with_name(path.name + ".sha256")
     try:
-        if path.is_file() and verified.is_file() and verified.read_text().strip() == _digest(path):
+        if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
             session = _session(path, torch.get_num_threads())
             if [i.name for i in session.get_inputs()] == list(input_names):
                 return OnnxModel(session, list(input_names), path)
@@ -149,6 +142,6 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
         path.unlink(missing_ok=True)
         return None
     tmp = verified.with_name(verified.name + ".part")
-    tmp.write_text(_digest(path))
+    tmp.write_text(sha256_file(path))
     os.replace(tmp, verified)
     return model
