@@ -111,7 +111,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from datetime import timedelta
+
+        # Ranks > 0 wait at a barrier while rank 0 encodes the training volumes, which can take
+        # far longer than the default 30 min timeout on a large image set.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
