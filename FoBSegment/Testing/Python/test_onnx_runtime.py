@@ -98,3 +98,14 @@ def test_bf16_precision_uses_the_eager_path(fresh_backbone, ct_batch, monkeypatc
     bb = fresh_backbone()
     assert bb.precision == "bf16"
     assert bb.runtime == "torch"
+
+
+def test_cache_dir_argument_holds_the_onnx_exports(tmp_path, monkeypatch):
+    from FoBSegmentLib.backbones import create_backbone
+
+    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+    monkeypatch.setenv("FOBSEGMENT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    bb = create_backbone("litemedsam", "cpu", cache_dir=tmp_path / "mine")
+    assert bb.runtime == "onnxruntime"
+    assert len(list((tmp_path / "mine" / "onnx").glob("*.onnx"))) == 2
+    assert not (tmp_path / "elsewhere").exists()
