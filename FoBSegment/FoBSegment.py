@@ -586,14 +586,6 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         segmentationNode.GetSegmentation().GetSegment(segmentId).SetName("organ")
         return segmentationNode, segmentId
 
-    @staticmethod
-    def _dice(a, b):
-        import numpy as np
-
-        a, b = np.asarray(a, bool), np.asarray(b, bool)
-        s = a.sum() + b.sum()
-        return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
-
     # ---------------------------------------------------------------- tests
     def test_FoBSegment_conversion(self):
         """Node <-> FoBSegmentLib conversions (no model)."""
@@ -647,7 +639,9 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         segment = segmentationNode.GetSegmentation().GetSegment(newIds[0])
         self.assertEqual(segment.GetName(), "organ (FoB)")
         result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, newIds[0], volumeNode) > 0
-        dice = self._dice(view.to_stack(result)[first:last + 1], refStack[first:last + 1])
+        from FoBSegmentLib.evaluation import dice as dice_of
+
+        dice = dice_of(view.to_stack(result)[first:last + 1], refStack[first:last + 1])
         self.delayDisplay(f"Dice {dice:.3f} on slices {first}-{last}")
         self.assertGreater(dice, 0.6)
         self.assertTrue(ticks)

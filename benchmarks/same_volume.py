@@ -29,7 +29,7 @@ DATASETS = {
 def main(argv=None):
     import torch
 
-    from FoBSegmentLib.evaluation import dice
+    from FoBSegmentLib.evaluation import dice, one_slice_support
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.volume_segmenter import Segmenter
@@ -50,11 +50,7 @@ def main(argv=None):
             lab = np.rint(read_volume(Path(args.data) / folder / f"label_{case}.nii.gz").array).astype(int)
             view = SliceView.for_volume(q)
             for name, value in classes.items():
-                g = view.to_stack(lab == value)
-                k = int(np.argmax(g.reshape(g.shape[0], -1).sum(1)))
-                sup = np.zeros_like(g)
-                sup[k] = g[k]
-                r = seg.segment(q, q, view.from_stack(sup))
+                r = seg.segment(q, q, one_slice_support(view, lab == value)[0])
                 d = dice(r.mask > 0, lab == value)
                 scores.append(d)
                 print(f"{key} case {case:<3} {name:<13} Dice {d:.3f}  {r.slices_segmented} slices kept, "

@@ -19,14 +19,9 @@ REPO_DATA = Path(__file__).resolve().parents[1] / "Testing" / "Data"
 ORGANS = (("liver", 5, (0.87, 0.51, 0.31)), ("spleen", 1, (0.62, 0.0, 1.0)))
 
 
-def support_slice(view, ref):
-    """The reference's labelled slice of largest area: what a user would annotate."""
-    g = view.to_stack(ref)
-    return int(np.argmax(g.reshape(g.shape[0], -1).sum(1)))
-
-
 def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="litemedsam", device="auto",
              weights=None, cache_dir=None, quiet=False, figure_name="demo_figure.png", with_3d=False) -> dict:
+    from .evaluation import dice, one_slice_support
     from .geometry import SliceView
     from .io import read_volume, write_segments
     from .volume_segmenter import Segmenter
@@ -51,11 +46,9 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     t0 = time.perf_counter()
     for name, value, color in ORGANS:
         ref = lab == value
-        s = support_slice(view, ref)
-        sm = np.zeros(view.to_stack(ref).shape, bool)
-        sm[s] = view.to_stack(ref)[s]
-        res = seg.segment(q, q, view.from_stack(sm))
-        d = _dice(res.mask > 0, ref)
+        sm, s = one_slice_support(view, ref)
+        res = seg.segment(q, q, sm)
+        d = dice(res.mask > 0, ref)
         g = view.to_stack(ref)
         ref_slices = int(g.reshape(g.shape[0], -1).any(1).sum())
         say(f"  {name:<7} support slice {s}: Dice {d:.3f} vs reference, {res.slices_segmented} slices kept "
@@ -73,11 +66,6 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     total = time.perf_counter() - t0
     say(f"wrote {seg_path} and {fig} in {total:.0f} s; mean Dice {np.mean([r['dice'] for r in report.values()]):.3f}")
     return {"organs": report, "seconds": round(total, 1), "result": str(seg_path), "figure": str(fig)}
-
-
-def _dice(a, b):
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
 
 
 def cmd_demo(args) -> int:

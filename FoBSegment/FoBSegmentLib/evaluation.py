@@ -48,6 +48,16 @@ def ep1_support_slices(label_stack: np.ndarray) -> list[int]:
     return sorted({int(p) for p in picks})
 
 
+def one_slice_support(view: SliceView, ref: np.ndarray) -> tuple[np.ndarray, int]:
+    """What a user paints on one slice: the reference's labelled slice of largest area, as a
+    mask in the volume's geometry, and that slice's index in the view's stack."""
+    g = view.to_stack(ref)
+    k = int(np.argmax(g.reshape(g.shape[0], -1).sum(1)))
+    s = np.zeros_like(g)
+    s[k] = g[k]
+    return view.from_stack(s), k
+
+
 def parse_classes(text: str) -> dict[str, int]:
     out = {}
     for part in text.split(","):

@@ -197,22 +197,3 @@ if __name__ == "__main__":  # pragma: no cover - used to pre-encode the shared d
     bb = create_backbone("litemedsam", "cpu")
     for img in expand_images(sys.argv[2:]):
         print("prepared", prepare_volume(img, bb, sys.argv[1]), flush=True)
-
-
-def seed_embedding_cache(prepared_path: str | Path, image_path: str | Path, backbone, cache) -> int:
-    """Put a prepared volume's embeddings into an :class:`EmbeddingCache` under the keys the
-    pipeline computes, so evaluating on training-prepared volumes encodes nothing again."""
-    from .embedding_cache import EmbeddingCache
-
-    z = np.load(prepared_path, allow_pickle=False)
-    vol = read_volume(image_path, "image")
-    view = SliceView.for_volume(vol)
-    stack = view.to_stack(vol.array)
-    norm = fit_normalisation(vol.array)
-    if stack.shape[0] != z["embeddings"].shape[0]:
-        raise ValueError(f"{prepared_path} does not match {image_path}")
-    bid = backbone.weights_id() + backbone.preprocess_id()
-    for i in range(stack.shape[0]):
-        key = EmbeddingCache.key(backbone.prepare(norm.apply(stack[i])), bid)
-        cache.put(key, torch.from_numpy(z["embeddings"][i].astype(np.float32)))
-    return stack.shape[0]

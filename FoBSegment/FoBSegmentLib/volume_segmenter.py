@@ -61,7 +61,7 @@ class SupportSlice:
     embedding: torch.Tensor  # (256, 64, 64)
     mask_sq: np.ndarray  # (256, 256) bool on the work grid
     ring: np.ndarray | None  # (Np, 2) normalised
-    proto_fg: torch.Tensor | None = None  # (256,) only for annotated supports
+    proto_fg: torch.Tensor | None = None  # (256,) prototypes of the structure and its surroundings
     proto_bg: torch.Tensor | None = None
 
 
@@ -106,7 +106,7 @@ class Segmenter:
                  weights=None, prompt: str = "auto", cache_dir=None, memory_cache_mb: float = 1024,
                  batch_size: int | None = None, mask_choice="best_iou", use_spr: bool = True,
                  prompt_source: str = "auto", download_progress=None, is_cancelled=None,
-                 support_mode: str = "nearest", walk_prompt: str = "propagate"):
+                 walk_prompt: str = "propagate"):
         self.backbone = backbone if isinstance(backbone, Backbone) else create_backbone(
             backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
         self.cache = EmbeddingCache(cache_dir, memory_cache_mb)
@@ -115,9 +115,6 @@ class Segmenter:
         if walk_prompt not in ("propagate", "independent"):
             raise FoBInputError(f"Unknown walk prompt {walk_prompt!r}: use propagate or independent.")
         self.walk_prompt = walk_prompt
-        if support_mode not in ("chain", "nearest"):
-            raise FoBInputError(f"Unknown support mode {support_mode!r}: use chain or nearest.")
-        self.support_mode = support_mode
         self.generator = None
         self.generator_meta: dict = {}
         weights = Path(weights) if weights else default_weights(self.backbone.name)
@@ -358,7 +355,6 @@ class Segmenter:
                                     prompt_strategy=self.prompt if self.generator else "box",
                                     prompt_source=self.prompt_source, slices_total=n)
         kept_sq: dict[int, np.ndarray] = {}
-        annotated_set = set(annotated) if same else set()
         done = [0]
         total = hi - lo + 1
 
@@ -369,34 +365,16 @@ class Segmenter:
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError()
 
-        def walk_support(i, prev_i, fallback):
-            """``chain``: the neighbouring slice just segmented is the support, which is what the
-            generator was trained on (adjacent slices); ``nearest``: the annotated support."""
-            if self.support_mode == "chain" and self.generator is not None and prev_i in kept_sq \
-                    and prev_i not in annotated_set:
-                return self._chain_support(stack, norm, prev_i, kept_sq[prev_i])
-            return fallback
-
         def nearest_support(rel_or_index, by_index):
             if by_index:
                 return min(supports, key=lambda s: abs(s.index - rel_or_index))
             return min(supports, key=lambda s: abs(s.rel - rel_or_index))
 
-        def anchor_for(i, sup):
-            """The annotated support a slice is judged against (never a chained one, so a
-            drifting chain cannot vouch for itself)."""
-            if sup.proto_fg is not None:
-                return sup
-            if same:
-                return nearest_support(i, True)
-            k0, k1 = (min(kept_sq), max(kept_sq)) if kept_sq else (lo, hi)
-            return nearest_support((i - k0) / max(1, k1 - k0), False)
-
         def run(i, sup, prev_sq, decide):
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
-            contrast = prototype_contrast(emb, m, anchor_for(i, sup))
+            contrast = prototype_contrast(emb, m, sup)
             info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
                     "support": sup.index}
             if decide:
@@ -418,20 +396,22 @@ class Segmenter:
             qs = sorted({int(s) for s in query_slices if lo <= int(s) <= hi})
             total = len(qs)
             q0, q1 = (qs[0], qs[-1]) if qs else (0, 0)
+
+            def support_at(i):  # the support at the same relative position in the oracle's extent
+                return nearest_support(0.5 if q1 == q0 else (i - q0) / (q1 - q0), False)
+
             if self.walk_prompt == "independent" or not qs:
                 for i in qs:
-                    rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
-                    run(i, nearest_support(rel, False), None, decide=False)
+                    run(i, support_at(i), None, decide=False)
             else:
                 # Start where the middle support applies, then walk to both ends, each slice
                 # prompted from its neighbour just segmented (slices given by the oracle).
                 mid = qs[len(qs) // 2]
-                run(mid, nearest_support(0.5 if q1 == q0 else (mid - q0) / (q1 - q0), False), None, decide=False)
+                run(mid, support_at(mid), None, decide=False)
                 for order in (qs[len(qs) // 2 - 1::-1] if len(qs) > 1 else [], qs[len(qs) // 2 + 1:]):
                     prev = kept_sq.get(mid)
                     for i in order:
-                        rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
-                        run(i, nearest_support(rel, False), prev, decide=False)
+                        run(i, support_at(i), prev, decide=False)
                         prev = kept_sq.get(i, prev)
         elif same:
             # The user's own annotation is the answer on the annotated slices.
@@ -448,15 +428,15 @@ class Segmenter:
             start_lo = min(hi, annotated[0]) if annotated[0] >= lo else lo
             start_hi = max(lo, annotated[-1]) if annotated[-1] <= hi else hi
             if annotated[0] >= lo:
-                self._walk(run, kept_sq, start_lo, -1, lo, lambda i, p: walk_support(i, p, nearest_support(i, True)))
+                self._walk(run, kept_sq, start_lo, -1, lo, lambda i: nearest_support(i, True))
             if annotated[-1] <= hi:
-                self._walk(run, kept_sq, start_hi, +1, hi, lambda i, p: walk_support(i, p, nearest_support(i, True)))
+                self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
         else:
             seed = self._find_seed(stack, norm, supports, s_view.n_slices(support), lo, hi, run)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
-                self._walk(run, kept_sq, seed, -1, lo, lambda i, p: walk_support(i, p, nearest_support(frac(i), False)))
-                self._walk(run, kept_sq, seed, +1, hi, lambda i, p: walk_support(i, p, nearest_support(frac(i), False)))
+                self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
+                self._walk(run, kept_sq, seed, +1, hi, lambda i: nearest_support(frac(i), False))
                 self._reprompt_by_extent(stack, norm, supports, kept_sq, out_stack, result, view, rows, cols)
         result.slices_segmented = int(sum(1 for v in result.slice_info.values() if v.get("kept")))
         result.mask = np.ascontiguousarray(view.from_stack(out_stack))
@@ -469,16 +449,15 @@ class Segmenter:
     def _walk(self, run, kept_sq, start, step, stop, support_for):
         """From a kept slice, walk until the structure is judged absent or the range ends."""
         prev = kept_sq.get(start)
-        prev_i = start
         i = start + step
         while (i >= stop if step < 0 else i <= stop):
             if i in kept_sq:
-                prev, prev_i = kept_sq[i], i
+                prev = kept_sq[i]
                 i += step
                 continue
-            if not run(i, support_for(i, prev_i), prev, decide=True):
+            if not run(i, support_for(i), prev, decide=True):
                 break
-            prev, prev_i = kept_sq[i], i
+            prev = kept_sq[i]
             i += step
 
     def _find_seed(self, stack, norm, supports, n_s, lo, hi, run):
@@ -521,12 +500,6 @@ class Segmenter:
             if m.sum() >= MIN_AREA_PX:
                 out_stack[i] = square_to_slice(m.astype(np.float32), (rows, cols)) > 0.5
                 result.slice_info[i].update(support=sup.index, iou=round(iou, 4))
-
-    def _chain_support(self, stack, norm, j, mask_sq) -> SupportSlice:
-        from .background_ring import ring_points
-
-        emb = self.embed(stack, norm, [j])[j]
-        return SupportSlice(j, 0.5, emb, mask_sq, ring_points(mask_sq, outer_radius=RING_OUTER, inner_radius=RING_INNER))
 
     def _prompt_record(self, view, stack_shape, i, prompt: SlicePrompt, rows, cols) -> SlicePrompts:
         L = max(rows, cols)

