@@ -52,6 +52,9 @@ CONTRAST_LEVELS = (0.0, 0.1, 0.2)
 # Weight of the surroundings' likeness in that choice: exp(w * cosine).  Chosen on the seed
 # slices: w in 4-12 is best on fold 1, 10-20 on fold 2 (docs/benchmark.md).
 CONTEXT_WEIGHT = 10.0
+# The seed search of another patient's volume visits about this many slices, then the
+# neighbours of the best (every slice of a volume up to twice as long).
+SEED_SCAN_SLICES = 40
 # Margin of the box copied from the neighbouring slice: an organ grows from one slice to the
 # next, and a tight box clips it (measured on both folds' ep1: pad 0 / 2 / 4 / 6 / 8 px give
 # CHAOS 0.72 / 0.81 / 0.82 / 0.82 / 0.78, see docs/benchmark.md).
@@ -380,15 +383,23 @@ class Segmenter:
                 return min(supports, key=lambda s: abs(s.index - rel_or_index))
             return min(supports, key=lambda s: abs(s.rel - rel_or_index))
 
-        def run(i, sup, prev_sq, decide):
+        def run(i, sup, prev_sq, decide, prev_i=None):
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
             contrast = prototype_contrast(emb, m, sup)
+            if decide and prev_i in kept_sq:
+                # An organ changes along the walk (the liver's tip looks little like its middle):
+                # a slice also counts as like the structure when it is like the neighbour just kept.
+                p_emb = self.embed(stack, norm, [prev_i])[prev_i]
+                contrast = max(contrast, prototype_contrast(emb, m, prototypes(p_emb, kept_sq[prev_i])))
             info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
                     "support": sup.index}
             if decide:
-                seen = [v["contrast"] for v in result.slice_info.values() if v.get("kept") and "contrast" in v]
+                # Typical contrast of this structure, from walked slices only: the seed was
+                # chosen for its high contrast and would set the bar too high.
+                seen = [v["contrast"] for v in result.slice_info.values()
+                        if v.get("kept") and v.get("reason") == "present"]
                 floor = max(MIN_CONTRAST, REL_CONTRAST * float(np.median(seen))) if seen else MIN_CONTRAST
                 ok, reason, m = _decide(m, prev_sq, iou, contrast, floor)
                 info.update(kept=ok, reason=reason)
@@ -458,36 +469,43 @@ class Segmenter:
 
     def _walk(self, run, kept_sq, start, step, stop, support_for):
         """From a kept slice, walk until the structure is judged absent or the range ends."""
-        prev = kept_sq.get(start)
+        prev_i = start
         i = start + step
         while (i >= stop if step < 0 else i <= stop):
-            if i in kept_sq:
-                prev = kept_sq[i]
-                i += step
-                continue
-            if not run(i, support_for(i), prev, decide=True):
+            if i not in kept_sq and not run(i, support_for(i), kept_sq.get(prev_i), decide=True, prev_i=prev_i):
                 break
-            prev = kept_sq[i]
+            prev_i = i
             i += step
 
     def _find_seed(self, stack, norm, supports, n_s, lo, hi, run):
-        """Another patient: look for the structure near the support's relative position in
-        the volume (``n_s`` support slices) and keep the most confident slice as the start of
-        the walk."""
+        """Another patient: find the slice where the structure shows most clearly and start
+        the walk there.
+
+        The whole slice range is searched (every ``SEED_STRIDE``-th slice of a long volume,
+        then the neighbours of the best): fields of view differ between patients, so the
+        support's relative position says little (CHAOS case 13's kidneys lie 10 slices off
+        it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
+        the region's surroundings to the support's (:func:`seed_score`), so the spleen and the
+        left kidney, alike in texture, are told apart by their neighbours."""
         central = min(supports, key=lambda s: abs(s.rel - 0.5))
-        guess = lo + int(round(central.index / max(1, n_s - 1) * (hi - lo)))
-        radius = max(2, int(round(0.12 * (hi - lo + 1))))
-        cands = list(range(max(lo, guess - radius), min(hi, guess + radius) + 1))
-        best, best_score = None, -1.0
-        for i in cands:
-            emb = self.embed(stack, norm, [i])[i]
-            logits, iou, _, _ = self.predict_slice(emb, central, None)
-            m = logits > 0
-            contrast = prototype_contrast(emb, m, central)
-            score = iou * contrast if m.sum() >= MIN_AREA_PX and iou >= MIN_IOU else -1.0
-            if score > best_score:
-                best, best_score = i, score
-        if best is None or best_score < MIN_IOU * MIN_CONTRAST:
+        stride = max(1, (hi - lo + 1) // SEED_SCAN_SLICES)
+        scores: dict[int, float] = {}
+
+        def score(i):
+            if i not in scores:
+                emb = self.embed(stack, norm, [i])[i]
+                logits, iou, _, _ = self.predict_slice(emb, central, None)
+                scores[i] = seed_score(emb, logits > 0, iou, central)
+            return scores[i]
+
+        for i in range(lo, hi + 1, stride):
+            score(i)
+        if stride > 1:
+            top = max(scores, key=scores.get)
+            for i in range(max(lo, top - stride + 1), min(hi, top + stride - 1) + 1):
+                score(i)
+        best = max(scores, key=scores.get)
+        if scores[best] <= 0:
             return None
         run(best, central, None, decide=False)
         return best
@@ -546,11 +564,14 @@ def _pool(embedding, mask_sq):
 def prototype_contrast(embedding, mask_sq, anchor) -> float:
     """cos(region, structure prototype) - cos(region, surroundings prototype): positive while
     the predicted region still looks like the annotated structure, negative once SAM has
-    settled on a neighbour.  Needs no training (the backbone embedding alone)."""
-    if anchor is None or anchor.proto_fg is None or not mask_sq.any():
+    settled on a neighbour.  ``anchor`` is a :class:`SupportSlice` or a (structure,
+    surroundings) pair of :func:`prototypes`.  Needs no training (the backbone embedding
+    alone)."""
+    fg, bg = anchor if isinstance(anchor, tuple) else (getattr(anchor, "proto_fg", None), getattr(anchor, "proto_bg", None))
+    if fg is None or not mask_sq.any():
         return 0.0
     f = _pool(embedding, mask_sq)
-    return float(F.cosine_similarity(f, anchor.proto_fg, 0) - F.cosine_similarity(f, anchor.proto_bg, 0))
+    return float(F.cosine_similarity(f, fg, 0) - F.cosine_similarity(f, bg, 0))
 
 
 def contrast_map(embedding: torch.Tensor, anchor: SupportSlice) -> np.ndarray:
@@ -598,6 +619,17 @@ def contrast_region(embedding, anchor, levels=CONTRAST_LEVELS, sigma_px: float =
             if total > best_score:
                 best, best_score = region, total
     return best
+
+
+def seed_score(embedding, mask_sq, iou: float, anchor: SupportSlice) -> float:
+    """How clearly a slice shows the support's structure: SAM's predicted IoU x prototype
+    contrast x exp(CONTEXT_WEIGHT * (cos(surroundings, support surroundings) - 1)); 0 where
+    the mask is too small or SAM is unsure."""
+    if mask_sq.sum() < MIN_AREA_PX or iou < MIN_IOU:
+        return 0.0
+    contrast = prototype_contrast(embedding, mask_sq, anchor)
+    context = float(F.cosine_similarity(prototypes(embedding, mask_sq)[1], anchor.proto_bg, 0))
+    return max(0.0, iou * contrast) * float(np.exp(CONTEXT_WEIGHT * (context - 1.0)))
 
 
 def _decide(m, prev_sq, iou, contrast, min_contrast=MIN_CONTRAST):
