@@ -387,13 +387,13 @@ class Segmenter:
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
-            contrast = prototype_contrast(emb, m, sup)
+            contrast = own = prototype_contrast(emb, m, sup)
             if decide and prev_i in kept_sq:
                 # An organ changes along the walk (the liver's tip looks little like its middle):
                 # a slice also counts as like the structure when it is like the neighbour just kept.
                 p_emb = self.embed(stack, norm, [prev_i])[prev_i]
                 contrast = max(contrast, prototype_contrast(emb, m, prototypes(p_emb, kept_sq[prev_i])))
-            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
+            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4), "support_contrast": round(own, 4),
                     "support": sup.index}
             if decide:
                 # Typical contrast of this structure, from walked slices only: the seed was
