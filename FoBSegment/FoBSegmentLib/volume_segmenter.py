@@ -552,7 +552,10 @@ def prototypes(embedding: torch.Tensor, mask_sq: np.ndarray) -> tuple[torch.Tens
     """Foreground prototype (masked mean of the embedding) and background prototype (mean
     over a band 4-12 px outside the mask on the 256 grid): what the structure and its
     immediate surroundings look like to the backbone."""
-    band = ndimage.binary_dilation(mask_sq, iterations=12) & ~ndimage.binary_dilation(mask_sq, iterations=4)
+    # City-block distance = what 4 and 12 dilations with the 3x3 cross reach; 100x cheaper,
+    # which matters since every seed candidate needs its surroundings.
+    d = ndimage.distance_transform_cdt(~np.asarray(mask_sq, bool), metric="taxicab")
+    band = (d > 4) & (d <= 12)
     return _pool(embedding, mask_sq), _pool(embedding, band)
 
 
