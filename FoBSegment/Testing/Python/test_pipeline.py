@@ -201,3 +201,35 @@ def test_demo_main_job(tmp_path):
     rep = run_demo(tmp_path, device="cpu", quiet=True)
     assert (tmp_path / "demo_result.seg.nrrd").is_file() and (tmp_path / "demo_figure.png").is_file()
     assert rep["organs"]["liver"]["dice"] > 0.8 and rep["organs"]["spleen"]["dice"] > 0.7
+
+
+def test_contrast_seed_tells_the_spleen_from_the_left_kidney(segmenter):
+    """The failure that held CHAOS back: on patient 8 the spleen's background contrast also
+    lights up the left kidney, and the nearest bright region won.  Cutting candidates at
+    several contrast levels and weighing their surroundings against the support's must pick the
+    spleen; the old rule (one level, no surroundings) picks the kidney on this very slice."""
+    from FoBSegmentLib.backbones.base import slice_to_square
+    from FoBSegmentLib.evaluation import ep1_support_slices
+    from FoBSegmentLib.volume_segmenter import contrast_region
+
+    si, sl = shared_case("chaos_t2spir_mri", 2)
+    qi, ql = shared_case("chaos_t2spir_mri", 8)
+    s, q = read_volume(si), read_volume(qi)
+    s_lab, q_lab = np.rint(read_volume(sl).array), np.rint(read_volume(ql).array)
+    s_view, q_view = SliceView.for_volume(s), SliceView.for_volume(q)
+    spleen = s_lab == 4
+    supports, _, _ = segmenter.prepare_support(s, spleen, ep1_support_slices(s_view.to_stack(spleen)))
+    central = min(supports, key=lambda x: abs(x.rel - 0.5))
+    q_spleen, q_kidney = q_view.to_stack(q_lab == 4), q_view.to_stack(q_lab == 3)
+    idx = np.nonzero(q_spleen.reshape(q_spleen.shape[0], -1).any(1))[0]
+    mid = int(idx[len(idx) // 2])
+    assert q_kidney[mid].any(), "the test slice must show both organs"
+    emb = segmenter.embed(q_view.to_stack(q.array), fit_normalisation(q.array), [mid])[mid]
+    on_spleen = slice_to_square(q_spleen[mid]) > 0.5
+    on_kidney = slice_to_square(q_kidney[mid]) > 0.5
+
+    region = contrast_region(emb, central)
+    assert (region & on_spleen).sum() > 0.5 * region.sum()
+    assert not (region & on_kidney).any()
+    old = contrast_region(emb, central, levels=(0.0,), context_weight=0.0)
+    assert (old & on_kidney).sum() > 0.5 * old.sum()
