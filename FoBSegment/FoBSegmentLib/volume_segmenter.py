@@ -94,7 +94,7 @@ class SlicePrompts:
 class SegmentationResult:
     mask: np.ndarray  # uint8 (k, j, i) in the query geometry
     prompts: list = field(default_factory=list)
-    slice_info: dict = field(default_factory=dict)  # slice -> {iou, fg_conf, contrast, kept, reason}
+    slice_info: dict = field(default_factory=dict)  # slice -> {iou, fg_conf, contrast, support_contrast, kept, reason}
     backbone: str = ""
     device: str = "cpu"
     prompt_strategy: str = ""
@@ -383,7 +383,7 @@ class Segmenter:
                 return min(supports, key=lambda s: abs(s.index - rel_or_index))
             return min(supports, key=lambda s: abs(s.rel - rel_or_index))
 
-        def run(i, sup, prev_sq, decide, prev_i=None):
+        def run(i, sup, prev_sq, decide, prev_i=None, given="oracle"):
             emb = self.embed(stack, norm, [i])[i]
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
@@ -404,7 +404,7 @@ class Segmenter:
                 ok, reason, m = _decide(m, prev_sq, iou, contrast, floor)
                 info.update(kept=ok, reason=reason)
             else:
-                info.update(kept=True, reason="oracle")
+                info.update(kept=True, reason=given)  # not decided here: oracle, seed or a gap
             result.slice_info[i] = info
             if info["kept"]:
                 kept_sq[i] = m
@@ -445,7 +445,7 @@ class Segmenter:
             inside = [i for i in range(max(lo, annotated[0]), min(hi, annotated[-1]) + 1) if i not in kept_sq]
             for i in inside:  # gaps between annotated slices: the structure is there
                 prev = kept_sq.get(max(k for k in kept_sq if k < i)) if any(k < i for k in kept_sq) else None
-                run(i, nearest_support(i, True), prev, decide=False)
+                run(i, nearest_support(i, True), prev, decide=False, given="between_annotations")
             start_lo = min(hi, annotated[0]) if annotated[0] >= lo else lo
             start_hi = max(lo, annotated[-1]) if annotated[-1] <= hi else hi
             if annotated[0] >= lo:
@@ -453,7 +453,7 @@ class Segmenter:
             if annotated[-1] <= hi:
                 self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
         else:
-            seed = self._find_seed(stack, norm, supports, s_view.n_slices(support), lo, hi, run)
+            seed = self._find_seed(stack, norm, supports, lo, hi, run)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
                 self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
@@ -477,12 +477,12 @@ class Segmenter:
             prev_i = i
             i += step
 
-    def _find_seed(self, stack, norm, supports, n_s, lo, hi, run):
+    def _find_seed(self, stack, norm, supports, lo, hi, run):
         """Another patient: find the slice where the structure shows most clearly and start
         the walk there.
 
-        The whole slice range is searched (every ``SEED_STRIDE``-th slice of a long volume,
-        then the neighbours of the best): fields of view differ between patients, so the
+        The whole slice range is searched (in a long volume, ``SEED_SCAN_SLICES`` evenly
+        spaced slices, then the neighbours of the best): fields of view differ between patients, so the
         support's relative position says little (CHAOS case 13's kidneys lie 10 slices off
         it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
         the region's surroundings to the support's (:func:`seed_score`), so the spleen and the
@@ -507,7 +507,7 @@ class Segmenter:
         best = max(scores, key=scores.get)
         if scores[best] <= 0:
             return None
-        run(best, central, None, decide=False)
+        run(best, central, None, decide=False, given="seed")
         return best
 
     def _reprompt_by_extent(self, stack, norm, supports, kept_sq, out_stack, result, view, rows, cols):
