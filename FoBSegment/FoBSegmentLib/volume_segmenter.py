@@ -55,6 +55,8 @@ CONTEXT_WEIGHT = 10.0
 # The seed search of another patient's volume visits about this many slices, then the
 # neighbours of the best (every slice of a volume up to twice as long).
 SEED_SCAN_SLICES = 40
+# The walk also accepts a slice like the neighbour just kept (see Segmenter.segment).
+WALK_NEIGHBOUR_CONTRAST = True
 # Margin of the box copied from the neighbouring slice: an organ grows from one slice to the
 # next, and a tight box clips it (measured on both folds' ep1: pad 0 / 2 / 4 / 6 / 8 px give
 # CHAOS 0.72 / 0.81 / 0.82 / 0.82 / 0.78, see docs/benchmark.md).
@@ -388,7 +390,7 @@ class Segmenter:
             logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
             m = logits > 0
             contrast = own = prototype_contrast(emb, m, sup)
-            if decide and prev_i in kept_sq:
+            if decide and prev_i in kept_sq and WALK_NEIGHBOUR_CONTRAST:
                 # An organ changes along the walk (the liver's tip looks little like its middle):
                 # a slice also counts as like the structure when it is like the neighbour just kept.
                 p_emb = self.embed(stack, norm, [prev_i])[prev_i]
@@ -587,8 +589,8 @@ def contrast_map(embedding: torch.Tensor, anchor: SupportSlice) -> np.ndarray:
     return F.interpolate(c[None, None], size=WORK_SIZE, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def contrast_region(embedding, anchor, levels=CONTRAST_LEVELS, sigma_px: float = 40.0,
-                    context_weight: float = CONTEXT_WEIGHT, per_level: int = 5):
+def contrast_region(embedding, anchor, levels=None, sigma_px: float = 40.0,
+                    context_weight: float | None = None, per_level: int = 5):
     """Where the structure is on a query slice without a neighbour to follow.
 
     Candidates are the connected regions of positive contrast (:func:`contrast_map`), cut at
@@ -601,6 +603,8 @@ def contrast_region(embedding, anchor, levels=CONTRAST_LEVELS, sigma_px: float =
     but not the same neighbours.  Returns a (256, 256) bool mask or None."""
     if anchor.proto_fg is None:
         return None
+    levels = CONTRAST_LEVELS if levels is None else levels
+    context_weight = CONTEXT_WEIGHT if context_weight is None else context_weight
     cm = contrast_map(embedding, anchor)
     cy, cx = ndimage.center_of_mass(anchor.mask_sq)
     best, best_score = None, -np.inf
