@@ -6,7 +6,9 @@ The default (background-contrast seed + propagation) learns nothing from the dat
 cross-validation is over the choice of support patient: which patient the clinician happens
 to have annotated.  This runs the standard protocol (ep1) and the real-use one (full) for each
 support case against all the others and reports the mean over queries per support, and the
-mean and spread over supports.  Writes docs/benchmark_all_supports.md and .json.
+mean and spread over supports.  Writes docs/benchmark_all_supports.md and .json; the results
+of earlier runs in that .json are kept unless this run redoes them, so datasets and protocols
+can be run separately.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def main(argv=None):
         return 1
     backbone = create_backbone("litemedsam", "auto")
     seg = Segmenter(backbone, cache_dir=args.cache_dir)
-    results: dict = {}
+    out = Path(args.out)
+    results: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     t_all = time.perf_counter()
     for key in args.datasets:
         title, folder, classes = DATASETS[key]
@@ -66,11 +69,10 @@ def main(argv=None):
                 t = time.perf_counter()
                 r = evaluate(data / folder, classes, support, [c for c in cases if c != support], protocol, segmenter=seg)
                 results.setdefault(key, {}).setdefault(protocol, {})[support] = r
+                out.with_suffix(".json").write_text(json.dumps(results, indent=1))
                 per = " ".join(f"{k}={v['mean_dice']}" for k, v in r["classes"].items())
                 print(f"{key:<6} {protocol:<5} support {support:<3} mean {r['mean_dice']}  {per}  "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.write_text(render(results, time.perf_counter() - t_all))
     print(f"wrote {out}")
     return 0
@@ -105,8 +107,11 @@ def render(results: dict, seconds: float) -> str:
                          + " | ".join(f"**{v:.3f}**" for v in m.mean(0)) + " |")
             lines.append(f"| {protocol} | sd / min | "
                          + " | ".join(f"{s:.3f} / {lo:.3f}" for s, lo in zip(m.std(0), m.min(0))) + " |")
+        missing = [p for p in ("ep1", "full") if p not in per_protocol]
+        if missing:
+            lines += ["", f"Not run yet: {', '.join(missing)} (`--datasets {key} --protocols {' '.join(missing)}`)."]
         lines.append("")
-    lines += [f"Total time {seconds / 60:.1f} min (embeddings cached after the first run).", ""]
+    lines += [f"Time of the last run {seconds / 60:.1f} min (embeddings cached after the first run).", ""]
     return "\n".join(lines)
 
 
