@@ -200,7 +200,8 @@ def test_demo_main_job(tmp_path):
 
     rep = run_demo(tmp_path, device="cpu", quiet=True)
     assert (tmp_path / "demo_result.seg.nrrd").is_file() and (tmp_path / "demo_figure.png").is_file()
-    assert rep["organs"]["liver"]["dice"] > 0.8 and rep["organs"]["spleen"]["dice"] > 0.7
+    # measured 0.897 / 0.961 (0.893 / 0.775 before the neighbour contrast and the 4 px box margin)
+    assert rep["organs"]["liver"]["dice"] > 0.85 and rep["organs"]["spleen"]["dice"] > 0.9
 
 
 def test_contrast_seed_tells_the_spleen_from_the_left_kidney(segmenter):
