@@ -396,8 +396,8 @@ class Segmenter:
                 # a slice also counts as like the structure when it is like the neighbour just kept.
                 p_emb = self.embed(stack, norm, [prev_i])[prev_i]
                 contrast = max(contrast, prototype_contrast(emb, m, prototypes(p_emb, kept_sq[prev_i])))
-            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4), "support_contrast": round(own, 4),
-                    "support": sup.index}
+            info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
+                    "support_contrast": round(own, 4), "support": sup.index}
             if decide:
                 # Typical contrast of this structure, from walked slices only: the seed was
                 # chosen for its high contrast and would set the bar too high.
@@ -485,9 +485,9 @@ class Segmenter:
         the walk there.
 
         The whole slice range is searched (in a long volume, ``SEED_SCAN_SLICES`` evenly
-        spaced slices, then the neighbours of the best): fields of view differ between patients, so the
-        support's relative position says little (CHAOS case 13's kidneys lie 10 slices off
-        it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
+        spaced slices, then the neighbours of the best): fields of view differ between
+        patients, so the support's relative position says little (CHAOS case 13's kidneys
+        lie 10 slices off it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
         the region's surroundings to the support's (:func:`seed_score`), so the spleen and the
         left kidney, alike in texture, are told apart by their neighbours."""
         central = min(supports, key=lambda s: abs(s.rel - 0.5))
@@ -573,7 +573,7 @@ def prototype_contrast(embedding, mask_sq, anchor) -> float:
     settled on a neighbour.  ``anchor`` is a :class:`SupportSlice` or a (structure,
     surroundings) pair of :func:`prototypes`.  Needs no training (the backbone embedding
     alone)."""
-    fg, bg = anchor if isinstance(anchor, tuple) else (getattr(anchor, "proto_fg", None), getattr(anchor, "proto_bg", None))
+    fg, bg = anchor if isinstance(anchor, tuple) else (anchor.proto_fg, anchor.proto_bg)
     if fg is None or not mask_sq.any():
         return 0.0
     f = _pool(embedding, mask_sq)
@@ -622,8 +622,7 @@ def contrast_region(embedding, anchor, levels=None, sigma_px: float = 40.0,
             if score[k] <= 0:
                 break
             region = lab == idx[k]
-            context = float(F.cosine_similarity(prototypes(embedding, region)[1], anchor.proto_bg, 0))
-            total = float(score[k]) * float(np.exp(context_weight * context))
+            total = float(score[k]) * float(np.exp(context_weight * surroundings_likeness(embedding, region, anchor)))
             if total > best_score:
                 best, best_score = region, total
     return best
@@ -636,8 +635,14 @@ def seed_score(embedding, mask_sq, iou: float, anchor: SupportSlice) -> float:
     if mask_sq.sum() < MIN_AREA_PX or iou < MIN_IOU:
         return 0.0
     contrast = prototype_contrast(embedding, mask_sq, anchor)
-    context = float(F.cosine_similarity(prototypes(embedding, mask_sq)[1], anchor.proto_bg, 0))
+    context = surroundings_likeness(embedding, mask_sq, anchor)
     return max(0.0, iou * contrast) * float(np.exp(CONTEXT_WEIGHT * (context - 1.0)))
+
+
+def surroundings_likeness(embedding, mask_sq, anchor: SupportSlice) -> float:
+    """cos(band around the region, band around the support's structure): FoB's background,
+    used to tell look-alike organs apart by what borders them."""
+    return float(F.cosine_similarity(prototypes(embedding, mask_sq)[1], anchor.proto_bg, 0))
 
 
 def _decide(m, prev_sq, iou, contrast, min_contrast=MIN_CONTRAST):
