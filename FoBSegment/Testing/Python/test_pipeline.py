@@ -257,3 +257,30 @@ def test_seed_search_finds_organs_outside_the_supports_relative_position(segment
     kept = sorted(i for i, v in res.slice_info.items() if v.get("kept"))
     assert ref[0] - 1 <= kept[0] and kept[-1] <= ref[-1] + 1
     assert dice(res.mask, gt) > 0.85  # measured 0.928
+
+
+def test_ep1_starts_on_the_clearest_slice_not_the_middle_one(segmenter):
+    """Standard protocol (the organ's slices given): patient 8's spleen from patient 5's
+    annotation.  On the middle slice the contrast seed picks a look-alike and propagation then
+    follows it (Dice 0.00 when starting there); the clearest slice of the middle half starts on
+    the spleen."""
+    from FoBSegmentLib import volume_segmenter as vs
+    from FoBSegmentLib.evaluation import ep1_support_slices
+
+    si, sl = shared_case("chaos_t2spir_mri", 5)
+    qi, ql = shared_case("chaos_t2spir_mri", 8)
+    s, q = read_volume(si), read_volume(qi)
+    spleen = np.rint(read_volume(sl).array) == 4
+    gt = np.rint(read_volume(ql).array) == 4
+    view = SliceView.for_volume(q)
+    ref = [int(i) for i in np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]]
+    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(spleen))
+    res = segmenter.segment(q, s, spleen, support_slices=sup, query_slices=ref)
+    assert dice(res.mask, gt) > 0.8  # measured 0.95
+    old = vs.START_SEARCH
+    try:
+        vs.START_SEARCH = False
+        before = segmenter.segment(q, s, spleen, support_slices=sup, query_slices=ref)
+    finally:
+        vs.START_SEARCH = old
+    assert dice(before.mask, gt) < 0.3  # the middle slice's start fails here (measured 0.00)
