@@ -447,6 +447,7 @@ class Segmenter:
                 # from its neighbour just segmented (slices given by the oracle).
                 if START_SEARCH:
                     half = qs[len(qs) // 4: len(qs) - len(qs) // 4] or qs
+                    # Every slice here holds the structure: no position prior (measured without).
                     mid = self._find_seed(stack, norm, supports, half, run, given="oracle")
                 else:
                     mid = None
@@ -478,7 +479,8 @@ class Segmenter:
             if annotated[-1] <= hi:
                 self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
         else:
-            seed = self._find_seed(stack, norm, supports, list(range(lo, hi + 1)), run)
+            seed = self._find_seed(stack, norm, supports, list(range(lo, hi + 1)), run,
+                                   position_sigma_px=SEED_POSITION_SIGMA_PX)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
                 self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
@@ -502,12 +504,12 @@ class Segmenter:
             prev_i = i
             i += step
 
-    def _find_seed(self, stack, norm, supports, candidates, run, given="seed"):
-        """Another patient: find the slice where the structure shows most clearly and start
-        the walk there.
+    def _find_seed(self, stack, norm, supports, candidates, run, given="seed", position_sigma_px=0.0):
+        """Find the slice among ``candidates`` where the structure shows most clearly, segment
+        it (recorded with reason ``given``) and return its index (None: shown nowhere).
 
-        The whole slice range is searched (in a long volume, ``SEED_SCAN_SLICES`` evenly
-        spaced slices, then the neighbours of the best): fields of view differ between
+        On another patient's volume the candidates are the whole slice range (in a long volume,
+        ``SEED_SCAN_SLICES`` evenly spaced slices, then the neighbours of the best): fields of view differ between
         patients, so the support's relative position says little (CHAOS case 13's kidneys
         lie 10 slices off it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
         the region's surroundings to the support's (:func:`seed_score`), so the spleen and the
@@ -520,10 +522,7 @@ class Segmenter:
             if i not in scores:
                 emb = self.embed(stack, norm, [i])[i]
                 logits, iou, _, _ = self.predict_slice(emb, central, None)
-                # Within the given extent (ep1) every slice holds the structure: no position prior
-                # there (measured without it).
-                sigma = SEED_POSITION_SIGMA_PX if given == "seed" else 0.0
-                scores[i] = seed_score(emb, logits > 0, iou, central, sigma)
+                scores[i] = seed_score(emb, logits > 0, iou, central, position_sigma_px)
             return scores[i]
 
         for i in candidates[::stride]:
