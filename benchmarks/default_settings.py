@@ -31,7 +31,12 @@ VARIANTS = [
     ("surroundings weight 14", "", {"CONTEXT_WEIGHT": 14.0}),
     ("box margin 2 px", "propagated box 2 px around the neighbour (before)", {"PROPAGATE_PAD_PX": 2.0}),
     ("box margin 6 px", "", {"PROPAGATE_PAD_PX": 6.0}),
+    ("no box settling", "the propagated box is the neighbour's, not re-fitted to SAM's mask (before)",
+     {"PROPAGATE_SETTLE": 0}),
     ("support contrast only", "the walk compares with the support only", {"WALK_NEIGHBOUR_CONTRAST": False}),
+    ("middle start", "ep1 walk starts on the middle slice of the extent (before)", {"START_SEARCH": False}),
+    ("seed position prior 40 px", "whole-volume seed search discounts regions far from the support's position",
+     {"SEED_POSITION_SIGMA_PX": 40.0}),
     ("previous rules", "all four of the above as before (the seed search still scans the whole volume)",
      {"CONTRAST_LEVELS": (0.0,), "CONTEXT_WEIGHT": 0.0, "PROPAGATE_PAD_PX": 2.0, "WALK_NEIGHBOUR_CONTRAST": False}),
 ]
