@@ -64,12 +64,17 @@ WALK_NEIGHBOUR_CONTRAST = True
 PROPAGATE_PAD_PX = 4.0
 # Re-prompts of a propagated slice with the box of SAM's own mask, until the box settles
 # (Segmenter._settle_box); 0 = the neighbour's box only.  CHAOS ep1, supports 1, 5, 13 x 9
-# queries (runs/exp/settle.py): liver 0.795 -> 0.817, spleen 0.696 -> 0.716, left kidney
+# queries (benchmarks/settle_box.py): liver 0.795 -> 0.817, spleen 0.696 -> 0.716, left kidney
 # 0.908 -> 0.923, right kidney 0.932 -> 0.934.  A box that may only grow gave nothing (liver,
 # 12 pairs: 0.805 -> 0.805); keeping the first mask when the dropped part looks like the
 # support gave liver 0.822 but spleen 0.700.  Known failure: where SAM keeps one of two lobes,
 # the box shrinks onto it and the next slices follow (CHAOS 1 -> 13 liver 0.83 -> 0.71).
 PROPAGATE_SETTLE = 3
+# A box that moved less than this (work-grid px, any side) has settled.  Each re-prompt is one
+# more decoder call (~25 ms on the CPU).  Supports 1, 13, liver / spleen, with the decoder calls
+# added per call of the neighbour's box alone: 1 px 0.824 / 0.725 (+1.4), 3 px 0.823 / 0.725
+# (+0.8), 5 px 0.809 / 0.717, 8 px 0.804 / 0.705, no settling 0.804 / 0.702.
+SETTLE_TOLERANCE_PX = 3.0
 # With the structure's slices given (the ep1 protocol), start from the clearest slice of the
 # middle half rather than the middle slice.  CHAOS, all 90 support/query pairs, Dice of the
 # start slice: spleen 0.597 -> 0.666, liver 0.859 -> 0.869, right kidney 0.898 -> 0.945;
@@ -311,7 +316,7 @@ class Segmenter:
             if m.sum() < MIN_AREA_PX:
                 break
             box = box_from_mask(m, pad_px=PROPAGATE_PAD_PX)
-            if np.abs(box - prompt.box).max() * WORK_SIZE < 1.0:
+            if np.abs(box - prompt.box).max() * WORK_SIZE < SETTLE_TOLERANCE_PX:
                 break
             prompt = SlicePrompt(prompt.fg_points, prompt.bg_points, box)
             dec = self.backbone.decode(q_emb, multimask=False, **prompt.as_decoder_args("box"))
