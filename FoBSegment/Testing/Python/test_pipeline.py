@@ -259,22 +259,31 @@ def test_seed_search_finds_organs_outside_the_supports_relative_position(segment
     assert dice(res.mask, gt) > 0.85  # measured 0.928
 
 
+def _chaos_ep1_pair(support_case, query_case, label):
+    """A CHAOS support/query pair as the standard protocol sees it -> (support image, query
+    image, support mask, query ground truth, the three support slices, the query's slices of
+    the structure)."""
+    from FoBSegmentLib.evaluation import ep1_support_slices
+
+    si, sl = shared_case("chaos_t2spir_mri", support_case)
+    qi, ql = shared_case("chaos_t2spir_mri", query_case)
+    s, q = read_volume(si), read_volume(qi)
+    mask = np.rint(read_volume(sl).array) == label
+    gt = np.rint(read_volume(ql).array) == label
+    view = SliceView.for_volume(q)
+    ref = [int(i) for i in np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]]
+    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(mask))
+    return s, q, mask, gt, sup, ref
+
+
 def test_ep1_starts_on_the_clearest_slice_not_the_middle_one(segmenter, monkeypatch):
     """Standard protocol (the organ's slices given): patient 8's spleen from patient 5's
     annotation.  On the middle slice the contrast seed picks a look-alike and propagation then
     follows it (Dice 0.00 when starting there); the clearest slice of the middle half starts on
     the spleen."""
     from FoBSegmentLib import volume_segmenter as vs
-    from FoBSegmentLib.evaluation import ep1_support_slices
 
-    si, sl = shared_case("chaos_t2spir_mri", 5)
-    qi, ql = shared_case("chaos_t2spir_mri", 8)
-    s, q = read_volume(si), read_volume(qi)
-    spleen = np.rint(read_volume(sl).array) == 4
-    gt = np.rint(read_volume(ql).array) == 4
-    view = SliceView.for_volume(q)
-    ref = [int(i) for i in np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]]
-    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(spleen))
+    s, q, spleen, gt, sup, ref = _chaos_ep1_pair(5, 8, label=4)
     res = segmenter.segment(q, s, spleen, support_slices=sup, query_slices=ref)
     assert dice(res.mask, gt) > 0.8  # measured 0.95
     monkeypatch.setattr(vs, "START_SEARCH", False)
@@ -288,16 +297,8 @@ def test_propagated_box_settles_on_this_slices_organ(segmenter, monkeypatch):
     the liver spreads into what borders it (1.8x its volume, Dice 0.69, with the neighbour's
     box alone).  Re-fitting the box to SAM's own mask keeps it on this slice's organ."""
     from FoBSegmentLib import volume_segmenter as vs
-    from FoBSegmentLib.evaluation import ep1_support_slices
 
-    si, sl = shared_case("chaos_t2spir_mri", 13)
-    qi, ql = shared_case("chaos_t2spir_mri", 8)
-    s, q = read_volume(si), read_volume(qi)
-    liver = np.rint(read_volume(sl).array) == 1
-    gt = np.rint(read_volume(ql).array) == 1
-    view = SliceView.for_volume(q)
-    ref = [int(i) for i in np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]]
-    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(liver))
+    s, q, liver, gt, sup, ref = _chaos_ep1_pair(13, 8, label=1)
     res = segmenter.segment(q, s, liver, support_slices=sup, query_slices=ref)
     assert dice(res.mask, gt) > 0.8  # measured 0.853
     assert (res.mask > 0).sum() < 1.4 * gt.sum()  # measured 1.26
