@@ -64,8 +64,8 @@ WALK_NEIGHBOUR_CONTRAST = True
 PROPAGATE_PAD_PX = 4.0
 # Re-prompts of a propagated slice with the box of SAM's own mask, until the box settles
 # (Segmenter._settle_box); 0 = the neighbour's box only.  CHAOS ep1, supports 1, 5, 13 x 9
-# queries (benchmarks/settle_box.py): liver 0.795 -> 0.817, spleen 0.696 -> 0.716, left kidney
-# 0.908 -> 0.923, right kidney 0.932 -> 0.934.  A box that may only grow gave nothing (liver,
+# queries, 1 px tolerance (benchmarks/settle_box.py): liver 0.795 -> 0.817, spleen 0.696 ->
+# 0.716, left kidney 0.908 -> 0.923, right kidney 0.932 -> 0.934.  A box that may only grow gave nothing (liver,
 # 12 pairs: 0.805 -> 0.805); keeping the first mask when the dropped part looks like the
 # support gave liver 0.822 but spleen 0.700.  Known failure: where SAM keeps one of two lobes,
 # the box shrinks onto it and the next slices follow (CHAOS 1 -> 13 liver 0.83 -> 0.71).
