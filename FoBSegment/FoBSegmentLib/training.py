@@ -230,6 +230,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     if world > 1:
         import torch.distributed as dist
 
+        # Leave together: a rank that tears its process group (and DDP's gloo threads) down
+        # while rank 0 is still writing the weights was seen to abort ("terminate called
+        # without an active exception"), and torchrun then kills rank 0 too.
+        dist.barrier()
+        del net
         dist.destroy_process_group()
     return output
 
