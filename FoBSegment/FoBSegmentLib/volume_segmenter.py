@@ -65,8 +65,8 @@ PROPAGATE_PAD_PX = 4.0
 # Re-prompts of a propagated slice with the box of SAM's own mask, until the box settles
 # (Segmenter._settle_box); 0 = the neighbour's box only.  CHAOS ep1, supports 1, 5, 13 x 9
 # queries, 1 px tolerance (benchmarks/settle_box.py): liver 0.795 -> 0.817, spleen 0.696 ->
-# 0.716, left kidney 0.908 -> 0.923, right kidney 0.932 -> 0.934.  A box that may only grow gave nothing (liver,
-# 12 pairs: 0.805 -> 0.805); keeping the first mask when the dropped part looks like the
+# 0.716, left kidney 0.908 -> 0.923, right kidney 0.932 -> 0.934.  A box that may only grow
+# gave nothing (liver, 12 pairs: 0.805 -> 0.805); keeping the first mask when the dropped part looks like the
 # support gave liver 0.822 but spleen 0.700.  Known failure: where SAM keeps one of two lobes,
 # the box shrinks onto it and the next slices follow (CHAOS 1 -> 13 liver 0.83 -> 0.71).
 PROPAGATE_SETTLE = 3
@@ -265,6 +265,7 @@ class Segmenter:
         """-> (logits (256, 256), predicted IoU, foreground confidence, SlicePrompt)."""
         fg_conf = 1.0
         has_prev = prev_sq is not None and prev_sq.any()
+        from_neighbour = False  # the box is the neighbour's: settle it on this slice (_settle_box)
         if self.prompt_source == "contrast" and not (self.walk_prompt == "propagate" and has_prev):
             region = contrast_region(q_emb, sup)
             fg_prob = None
@@ -291,6 +292,7 @@ class Segmenter:
             # The neighbouring slice just segmented is the best prior there is for a box-trained
             # model (measured: see docs/benchmark.md); without one, the support's own box.
             fg_prob = None
+            from_neighbour = has_prev and self.walk_prompt == "propagate"
             ref = prev_sq if has_prev else sup.mask_sq
             prompt = SlicePrompt(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32),
                                  box_from_mask(ref, pad_px=PROPAGATE_PAD_PX if has_prev else 2.0))
@@ -298,7 +300,7 @@ class Segmenter:
         dec = self.backbone.decode(q_emb, multimask=not self.backbone.box_trained and strategy == "points",
                                    **prompt.as_decoder_args(strategy))
         logits, iou = choose_mask(dec.logits, dec.iou, self.mask_choice)
-        if strategy == "box" and has_prev and self.walk_prompt == "propagate":
+        if from_neighbour:
             logits, iou, prompt = self._settle_box(q_emb, logits, iou, prompt)
         if fg_prob is not None:
             m = logits > 0
@@ -541,9 +543,9 @@ class Segmenter:
         """Find the slice among ``candidates`` where the structure shows most clearly, segment
         it (recorded with reason ``given``) and return its index (None: shown nowhere).
 
-        On another patient's volume the candidates are the whole slice range (in a long volume,
-        ``SEED_SCAN_SLICES`` evenly spaced slices, then the neighbours of the best): fields of view differ between
-        patients, so the support's relative position says little (CHAOS case 13's kidneys
+        On another patient's volume the candidates are the whole slice range (in a long
+        volume, ``SEED_SCAN_SLICES`` evenly spaced slices, then the neighbours of the best):
+        fields of view differ between patients, so the support's relative position says little (CHAOS case 13's kidneys
         lie 10 slices off it).  A slice's score is SAM's predicted IoU x prototype contrast x the likeness of
         the region's surroundings to the support's (:func:`seed_score`), so the spleen and the
         left kidney, alike in texture, are told apart by their neighbours."""
