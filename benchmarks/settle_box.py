@@ -31,7 +31,7 @@ def main(argv=None):
     from FoBSegmentLib import volume_segmenter as vs
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
-    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
@@ -56,8 +56,8 @@ def main(argv=None):
         return decode(*a, **k)
 
     seg.backbone.decode = counted
-    settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
-    shipped = (vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE)
+    settings = [tuple(float(x) for x in (s + ":0:0").split(":")[:4]) for s in args.settings.split(",")]
+    shipped = (vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE, vs.SETTLE_TOLERANCE_FRAC, vs.PROPAGATE_TREND)
     cases = cases_in(data)
     vols = {c: _load_case(data, c) for c in cases}
     dices: dict = {}
@@ -74,23 +74,27 @@ def main(argv=None):
                 q_vol, q_lab = vols[c]
                 view = SliceView.for_volume(q_vol)
                 g = view.to_stack(q_lab == value)
-                qs = [int(i) for i in np.nonzero(g.reshape(g.shape[0], -1).any(1))[0]]
+                qs = occupied_slices(g)
                 line = []
                 for s in settings:
-                    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE = s[0], int(s[1])
+                    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE, vs.SETTLE_TOLERANCE_FRAC, vs.PROPAGATE_TREND = s[0], int(s[1]), s[2], s[3]
                     calls[0] = 0
                     r = seg.segment(q_vol, s_vol, sm, sup, query_slices=qs)
                     n_calls[s] += calls[0]
                     d = dice(view.to_stack(r.mask > 0), g)
                     dices.setdefault(name, {}).setdefault(s, []).append(d)
-                    line.append(f"{s[0]:g}px x{int(s[1])} {d:.3f}")
+                    line.append(f"{_label(s)} {d:.3f}")
                 print(f"{name} {sc} -> {c}: " + "  ".join(line), flush=True)
-        print(f"MEAN {name}: " + "  ".join(f"{s[0]:g}px x{int(s[1])} {np.mean(v):.3f}" for s, v in dices[name].items()))
+        print(f"MEAN {name}: " + "  ".join(f"{_label(s)} {np.mean(v):.3f}" for s, v in dices[name].items()))
     base = n_calls[settings[0]]
     print("decoder calls relative to the first setting: " + "  ".join(
-        f"{s[0]:g}px x{int(s[1])} {n / max(1, base):.2f}" for s, n in n_calls.items()))
-    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE = shipped
+        f"{_label(s)} {n / max(1, base):.2f}" for s, n in n_calls.items()))
+    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE, vs.SETTLE_TOLERANCE_FRAC, vs.PROPAGATE_TREND = shipped
     return 0
+
+
+def _label(s) -> str:
+    return f"{s[0]:g}px" + (f"/{s[2]:g}" if s[2] else "") + f" x{int(s[1])}" + (f" trend {s[3]:g}" if s[3] else "")
 
 
 if __name__ == "__main__":

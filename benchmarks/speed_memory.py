@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/speed_memory.py [--threads N] [--big]
 
-1. pipeline overhead: a whole `segment` run / bare encoding of the slices it encoded;
+1. pipeline overhead: a whole `segment` run / bare encoding of the slices it encoded, two ways:
+   re-encoding them after the run (alternated three times), and the time the run itself spent
+   inside the encoder (with the run split into encoder, mask decoder and everything else);
 2. work avoided: slices encoded / slices in the volume;
 3. the same segmentation run again on the same Segmenter: first run time / re-run time (cache);
 4. seconds per slice of the bare LiteMedSAM encoder on this machine, eager PyTorch vs ONNX
@@ -61,12 +63,29 @@ def main(argv=None):
     # Overhead = whole run / bare encoding of the same slices, measured in alternation three
     # times (a fresh Segmenter, hence an empty cache, each time): on a shared 2-core machine
     # single timings drift by +-5 %, as much as the margin being measured.
-    ratios, per_slices = [], []
+    ratios, per_slices, splits = [], [], []
+    spent = {"encode": 0.0, "decode": 0.0, "calls": 0}
+    encode, decode = bb.encode, bb.decode
+
+    def timed(fn, what):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[what] += time.perf_counter() - t0
+                spent["calls"] += what == "decode"
+        return call
+
     for _ in range(3):
         seg = Segmenter(bb)
+        spent.update(encode=0.0, decode=0.0, calls=0)
+        bb.encode, bb.decode = timed(encode, "encode"), timed(decode, "decode")
         t = time.perf_counter()
         r1 = seg.segment(q, q, sup)
         t_run = time.perf_counter() - t
+        bb.encode, bb.decode = encode, decode
+        splits.append((t_run, dict(spent)))
         idx = sorted(i for i, v in r1.slice_info.items() if v.get("reason") != "annotated")[: max(1, r1.slices_encoded)]
         t = time.perf_counter()
         for i in idx:
@@ -109,6 +128,13 @@ def main(argv=None):
     bb.runtime = chosen[1]
     print(f"pipeline overhead: segment run / bare encoding of its {r1.slices_encoded} encoded slices = "
           f"{np.median(ratios):.3f}x median of 3 (" + ", ".join(f"{x:.3f}" for x in ratios) + ")")
+    for t_run, sp in splits:
+        rest = t_run - sp["encode"] - sp["decode"]
+        print(f"  in-run split: {t_run:.2f} s = encoder {sp['encode']:.2f} s + mask decoder {sp['decode']:.2f} s "
+              f"({sp['calls']} calls, {1000 * sp['decode'] / max(1, sp['calls']):.1f} ms each) + the rest {rest:.2f} s; "
+              f"run / its encoder time = {t_run / sp['encode']:.3f}x")
+    print("pipeline overhead, run / its own encoder time: "
+          f"{np.median([t / sp['encode'] for t, sp in splits]):.3f}x median of 3")
     print(f"work avoided: {r1.slices_encoded} slices encoded of {r1.slices_total} in the volume "
           f"({r1.slices_encoded / r1.slices_total:.2f})")
     t = time.perf_counter()

@@ -40,7 +40,7 @@ SETS = {"chaos_t2spir_mri": (1, 2, 3, 4), "mscmrseg19_bssfp_cmr": (500, 200, 600
 
 def label_on_grid(label_path: Path, n_slices: int) -> np.ndarray:
     """Labels in the trainer's slice stack on the 256 work grid (nearest)."""
-    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
     from FoBSegmentLib.io import read_volume
 
     vol = read_volume(label_path, "label")
@@ -75,7 +75,7 @@ def quality(sv: np.ndarray, gt: np.ndarray, classes) -> dict:
         majority[0] = False
         asa.append(float(inside[majority].sum() / organ.sum()))
         hit2d = 0
-        for k in np.nonzero(organ.reshape(organ.shape[0], -1).any(1))[0]:
+        for k in occupied_slices(organ):
             o, s = organ[k], sv[k]
             cnt = np.bincount(s[o], minlength=s.max() + 1)
             cnt[0] = 0

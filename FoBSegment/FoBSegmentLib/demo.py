@@ -22,7 +22,7 @@ ORGANS = (("liver", 5, (0.87, 0.51, 0.31)), ("spleen", 1, (0.62, 0.0, 1.0)))
 def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="litemedsam", device="auto",
              weights=None, cache_dir=None, quiet=False, figure_name="demo_figure.png", with_3d=False) -> dict:
     from .evaluation import dice, one_slice_support
-    from .geometry import SliceView
+    from .geometry import SliceView, occupied_slices
     from .io import read_volume, write_segments
     from .volume_segmenter import Segmenter
 
@@ -49,8 +49,7 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
         sm, s = one_slice_support(view, ref)
         res = seg.segment(q, q, sm)
         d = dice(res.mask > 0, ref)
-        g = view.to_stack(ref)
-        ref_slices = int(g.reshape(g.shape[0], -1).any(1).sum())
+        ref_slices = len(occupied_slices(view.to_stack(ref)))
         say(f"  {name:<7} support slice {s}: Dice {d:.3f} vs reference, {res.slices_segmented} slices kept "
             f"(reference: {ref_slices}), {res.slices_encoded} encoded, {res.seconds:.1f} s")
         report[name] = {"dice": round(d, 4), "support_slice": s, "slices_kept": res.slices_segmented,

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backbones.base import slice_to_square, square_to_slice
 from .errors import FoBInputError
-from .geometry import SliceView
+from .geometry import SliceView, occupied_slices
 from .io import read_volume
 from .prompts import box_from_mask, choose_mask
 
@@ -41,8 +41,8 @@ def dice(a, b) -> float:
 
 def ep1_support_slices(label_stack: np.ndarray) -> list[int]:
     """Labelled slices at 1/6, 1/2 and 5/6 of the support's extent (SSL-ALPNet EP1)."""
-    idx = np.nonzero(label_stack.reshape(label_stack.shape[0], -1).any(1))[0]
-    if idx.size == 0:
+    idx = occupied_slices(label_stack)
+    if not idx:
         return []
     picks = [idx[min(len(idx) - 1, int(len(idx) * f))] for f in (1 / 6, 1 / 2, 5 / 6)]
     return sorted({int(p) for p in picks})
@@ -113,7 +113,7 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
             if not gt.any():
                 continue
             q_view = SliceView.for_volume(q_vol)
-            gt_idx = [int(i) for i in np.nonzero(q_view.to_stack(gt).reshape(gt.shape[q_view.perm[0]], -1).any(1))[0]]
+            gt_idx = occupied_slices(q_view.to_stack(gt))
             if method == "fob":
                 res = seg.segment(q_vol, s_vol, s_mask, support_slices=sup_slices,
                                   query_slices=gt_idx if protocol == "ep1" else None)

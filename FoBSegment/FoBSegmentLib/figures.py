@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones.base import slice_to_square
-from .geometry import SliceView
+from .geometry import SliceView, occupied_slices
 from .preprocessing import fit_normalisation
 
 
@@ -27,7 +27,7 @@ def organ_rows(query, results: list, references: list, names: list, support_slic
     rows = []
     for res, ref, name, s in zip(results, references, names, support_slices):
         g = view.to_stack(ref)
-        idx = [int(i) for i in np.nonzero(g.reshape(g.shape[0], -1).any(1))[0] if i != s]
+        idx = [i for i in occupied_slices(g) if i != s]
         picks = [idx[int(len(idx) * f)] for f in np.linspace(0.15, 0.85, n_query)] if idx else []
         rows.append((name, s, picks))
     return rows

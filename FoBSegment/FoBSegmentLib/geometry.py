@@ -111,6 +111,11 @@ def slice_axis_ijk(volume: Volume) -> int:
     return 2
 
 
+def occupied_slices(stack: np.ndarray) -> list[int]:
+    """Indices of the slices of a (slices, rows, cols) stack with any non-zero voxel."""
+    return [int(i) for i in np.flatnonzero(stack.reshape(stack.shape[0], -1).any(1))]
+
+
 # LPS reference directions for (column, row) of the displayed slice, by the patient axis
 # that the slice normal is closest to.  Radiological convention.
 _DISPLAY_REFS = {

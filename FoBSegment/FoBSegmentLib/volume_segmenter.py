@@ -25,7 +25,7 @@ from .backbones import create_backbone
 from .backbones.base import WORK_SIZE, Backbone, slice_to_square, square_to_slice
 from .embedding_cache import EmbeddingCache
 from .errors import CancelledError, FoBInputError
-from .geometry import SliceView, Volume, validate_volume
+from .geometry import SliceView, Volume, occupied_slices, validate_volume
 from .preprocessing import fit_normalisation
 from .prompts import RING_INNER, RING_MARGIN, RING_OUTER, SlicePrompt, box_from_mask, check_strategy, choose_mask
 
@@ -75,6 +75,10 @@ PROPAGATE_SETTLE = 3
 # added per call of the neighbour's box alone: 1 px 0.824 / 0.725 (+1.4), 3 px 0.823 / 0.725
 # (+0.8), 5 px 0.809 / 0.717, 8 px 0.804 / 0.705, no settling 0.804 / 0.702.
 SETTLE_TOLERANCE_PX = 3.0
+# ... or less than this fraction of the box's mean side, whichever is larger.
+SETTLE_TOLERANCE_FRAC = 0.0
+# The propagated box also moves by this fraction of the change between the two previous slices.
+PROPAGATE_TREND = 0.0
 # With the structure's slices given (the ep1 protocol), start from the clearest slice of the
 # middle half rather than the middle slice.  CHAOS, all 90 support/query pairs, Dice of the
 # start slice: spleen 0.597 -> 0.666, liver 0.859 -> 0.869, right kidney 0.898 -> 0.945;
@@ -193,13 +197,21 @@ class Segmenter:
         self.encoded_count = 0
 
     # ---------------------------------------------------------------- embeddings
-    def embed(self, stack: np.ndarray, norm, indices) -> dict:
-        """Embeddings of the given stack slices, encoding only those not cached."""
+    def embed(self, stack: np.ndarray, norm, indices, keys: dict | None = None) -> dict:
+        """Embeddings of the given stack slices, encoding only those not cached.  ``keys``
+        (slice index -> cache key) spares a run re-hashing a slice it asks for again."""
         out, todo = {}, []
         for i in indices:
-            x = self.backbone.prepare(norm.apply(stack[i]))
-            key = EmbeddingCache.key(x, self.backbone.weights_id() + self.backbone.preprocess_id())
+            key = keys.get(i) if keys is not None else None
+            x = None
+            if key is None:
+                x = self.backbone.prepare(norm.apply(stack[i]))
+                key = EmbeddingCache.key(x, self.backbone.weights_id() + self.backbone.preprocess_id())
+                if keys is not None:
+                    keys[i] = key
             e = self.cache.get(key)
+            if e is None and x is None:  # evicted since it was hashed
+                x = self.backbone.prepare(norm.apply(stack[i]))
             if e is None:
                 todo.append((i, x, key))
             else:
@@ -224,7 +236,7 @@ class Segmenter:
             )
         view = SliceView.for_volume(support)
         stack, mstack = view.to_stack(support.array), view.to_stack(mask > 0)
-        annotated = [int(i) for i in np.nonzero(mstack.reshape(mstack.shape[0], -1).any(1))[0]]
+        annotated = occupied_slices(mstack)
         if not annotated:
             raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
         n = stack.shape[0]
@@ -261,7 +273,8 @@ class Segmenter:
 
     # ---------------------------------------------------------------- one slice
     @torch.inference_mode()
-    def predict_slice(self, q_emb: torch.Tensor, sup: SupportSlice, prev_sq: np.ndarray | None):
+    def predict_slice(self, q_emb: torch.Tensor, sup: SupportSlice, prev_sq: np.ndarray | None,
+                      prev2_sq: np.ndarray | None = None):
         """-> (logits (256, 256), predicted IoU, foreground confidence, SlicePrompt)."""
         fg_conf = 1.0
         has_prev = prev_sq is not None and prev_sq.any()
@@ -294,8 +307,13 @@ class Segmenter:
             fg_prob = None
             from_neighbour = has_prev and self.walk_prompt == "propagate"
             ref = prev_sq if has_prev else sup.mask_sq
-            prompt = SlicePrompt(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32),
-                                 box_from_mask(ref, pad_px=PROPAGATE_PAD_PX if has_prev else 2.0))
+            box = box_from_mask(ref, pad_px=PROPAGATE_PAD_PX if has_prev else 2.0)
+            if from_neighbour and PROPAGATE_TREND and prev2_sq is not None and prev2_sq.any():
+                moved = box + PROPAGATE_TREND * (box_from_mask(prev_sq) - box_from_mask(prev2_sq))
+                moved = np.clip(moved, 0.0, 1.0)
+                if moved[2] - moved[0] > 2 / WORK_SIZE and moved[3] - moved[1] > 2 / WORK_SIZE:
+                    box = moved.astype(np.float32)
+            prompt = SlicePrompt(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), box)
             strategy = "box"
         dec = self.backbone.decode(q_emb, multimask=not self.backbone.box_trained and strategy == "points",
                                    **prompt.as_decoder_args(strategy))
@@ -318,7 +336,8 @@ class Segmenter:
             if m.sum() < MIN_AREA_PX:
                 break
             box = box_from_mask(m, pad_px=PROPAGATE_PAD_PX)
-            if np.abs(box - prompt.box).max() * WORK_SIZE < SETTLE_TOLERANCE_PX:
+            side = float((prompt.box[2] - prompt.box[0]) + (prompt.box[3] - prompt.box[1])) / 2
+            if np.abs(box - prompt.box).max() < max(SETTLE_TOLERANCE_PX / WORK_SIZE, SETTLE_TOLERANCE_FRAC * side):
                 break
             prompt = SlicePrompt(prompt.fg_points, prompt.bg_points, box)
             dec = self.backbone.decode(q_emb, multimask=False, **prompt.as_decoder_args("box"))
@@ -349,7 +368,9 @@ class Segmenter:
         if holes != "off" and m.shape == sup_vol.array.shape and m.any():
             s_view = SliceView.for_volume(sup_vol)
             ms = s_view.to_stack(m)
-            filled = np.stack([ndimage.binary_fill_holes(x) for x in ms])
+            filled = ms.copy()
+            for i in occupied_slices(ms):  # the annotation covers a few slices of many
+                filled[i] = ndimage.binary_fill_holes(ms[i])
             hole = filled & ~ms
             if hole.sum() > HOLE_RATIO * filled.sum():
                 return self._segment_ring(query, support, s_view, ms, filled, hole, support_slices, slice_range,
@@ -365,7 +386,7 @@ class Segmenter:
         prototype mixes wall and cavity, and a box around the cavity gives the cavity again."""
         t0 = time.perf_counter()
         enc0 = self.encoded_count
-        chosen = support_slices or [int(i) for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]]
+        chosen = support_slices or occupied_slices(ms)
         hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
         inner = self._segment_once(query, support, s_view.from_stack(hole), hole_sup, slice_range, query_slices,
                                    progress, is_cancelled)
@@ -382,11 +403,11 @@ class Segmenter:
                 # is drawn geometrically at the support's thickness.
                 out[i] = (ndimage.distance_transform_edt(~inner_st[i]) <= t) & ~inner_st[i]
         if support is None or support is query:  # the user's own annotation stays exactly as drawn
-            for i in np.nonzero(ms.reshape(ms.shape[0], -1).any(1))[0]:
+            for i in occupied_slices(ms):
                 out[i] = ms[i]
         inner.mask = np.ascontiguousarray(view.from_stack(out))
         inner.prompt_strategy += "+ring"
-        inner.slices_segmented = int(out.reshape(out.shape[0], -1).any(1).sum())
+        inner.slices_segmented = len(occupied_slices(out))
         inner.slices_encoded = self.encoded_count - enc0
         inner.seconds = time.perf_counter() - t0
         return inner
@@ -414,6 +435,11 @@ class Segmenter:
                 )
             lo, hi = a, b
         norm = fit_normalisation(query.array)
+        keys: dict[int, str] = {}
+
+        def emb_of(i):
+            return self.embed(stack, norm, [i], keys)[i]
+
         out_stack = np.zeros((n, rows, cols), np.uint8)
         result = SegmentationResult(out_stack, backbone=self.backbone.name, device=str(self.backbone.device),
                                     prompt_strategy=self.prompt if self.generator else "box",
@@ -434,15 +460,15 @@ class Segmenter:
                 return min(supports, key=lambda s: abs(s.index - rel_or_index))
             return min(supports, key=lambda s: abs(s.rel - rel_or_index))
 
-        def run(i, sup, prev_sq, decide, prev_i=None, given="oracle"):
-            emb = self.embed(stack, norm, [i])[i]
-            logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq)
+        def run(i, sup, prev_sq, decide, prev_i=None, given="oracle", prev2_sq=None):
+            emb = emb_of(i)
+            logits, iou, fg_conf, prompt = self.predict_slice(emb, sup, prev_sq, prev2_sq)
             m = logits > 0
             contrast = own = prototype_contrast(emb, m, sup)
             if decide and prev_i in kept_sq and WALK_NEIGHBOUR_CONTRAST:
                 # An organ changes along the walk (the liver's tip looks little like its middle):
                 # a slice also counts as like the structure when it is like the neighbour just kept.
-                p_emb = self.embed(stack, norm, [prev_i])[prev_i]
+                p_emb = emb_of(prev_i)
                 contrast = max(contrast, prototype_contrast(emb, m, prototypes(p_emb, kept_sq[prev_i])))
             info = {"iou": round(iou, 4), "fg_conf": round(fg_conf, 4), "contrast": round(contrast, 4),
                     "support_contrast": round(own, 4), "support": sup.index}
@@ -483,7 +509,7 @@ class Segmenter:
                 if START_SEARCH:
                     half = qs[len(qs) // 4: len(qs) - len(qs) // 4] or qs
                     # Every slice here holds the structure: no position prior (measured without).
-                    mid = self._find_seed(stack, norm, supports, half, run, given="oracle")
+                    mid = self._find_seed(emb_of, supports, half, run, given="oracle")
                 else:
                     mid = None
                 if mid is None:
@@ -491,10 +517,10 @@ class Segmenter:
                     run(mid, support_at(mid), None, decide=False)
                 mid_pos = qs.index(mid)
                 for order in (qs[mid_pos - 1::-1] if mid_pos > 0 else [], qs[mid_pos + 1:]):
-                    prev = kept_sq.get(mid)
+                    prev, prev2 = kept_sq.get(mid), None
                     for i in order:
-                        run(i, support_at(i), prev, decide=False)
-                        prev = kept_sq.get(i, prev)
+                        run(i, support_at(i), prev, decide=False, prev2_sq=prev2)
+                        prev, prev2 = kept_sq.get(i, prev), prev
         elif same:
             # The user's own annotation is the answer on the annotated slices.
             user = s_view.to_stack(np.asarray(support_mask) > 0)
@@ -514,13 +540,13 @@ class Segmenter:
             if annotated[-1] <= hi:
                 self._walk(run, kept_sq, start_hi, +1, hi, lambda i: nearest_support(i, True))
         else:
-            seed = self._find_seed(stack, norm, supports, list(range(lo, hi + 1)), run,
+            seed = self._find_seed(emb_of, supports, list(range(lo, hi + 1)), run,
                                    position_sigma_px=SEED_POSITION_SIGMA_PX)
             if seed is not None:
                 frac = lambda i: (i - lo) / max(1, hi - lo)  # noqa: E731 - provisional, refined below
                 self._walk(run, kept_sq, seed, -1, lo, lambda i: nearest_support(frac(i), False))
                 self._walk(run, kept_sq, seed, +1, hi, lambda i: nearest_support(frac(i), False))
-                self._reprompt_by_extent(stack, norm, supports, kept_sq, out_stack, result, view, rows, cols)
+                self._reprompt_by_extent(emb_of, supports, kept_sq, out_stack, result, view, rows, cols)
         result.slices_segmented = int(sum(1 for v in result.slice_info.values() if v.get("kept")))
         result.mask = np.ascontiguousarray(view.from_stack(out_stack))
         result.slices_encoded = self.encoded_count - enc0
@@ -534,12 +560,13 @@ class Segmenter:
         prev_i = start
         i = start + step
         while (i >= stop if step < 0 else i <= stop):
-            if i not in kept_sq and not run(i, support_for(i), kept_sq.get(prev_i), decide=True, prev_i=prev_i):
+            if i not in kept_sq and not run(i, support_for(i), kept_sq.get(prev_i), decide=True, prev_i=prev_i,
+                                            prev2_sq=kept_sq.get(prev_i - step)):
                 break
             prev_i = i
             i += step
 
-    def _find_seed(self, stack, norm, supports, candidates, run, given="seed", position_sigma_px=0.0):
+    def _find_seed(self, emb_of, supports, candidates, run, given="seed", position_sigma_px=0.0):
         """Find the slice among ``candidates`` where the structure shows most clearly, segment
         it (recorded with reason ``given``) and return its index (None: shown nowhere).
 
@@ -555,7 +582,7 @@ class Segmenter:
 
         def score(i):
             if i not in scores:
-                emb = self.embed(stack, norm, [i])[i]
+                emb = emb_of(i)
                 logits, iou, _, _ = self.predict_slice(emb, central, None)
                 scores[i] = seed_score(emb, logits > 0, iou, central, position_sigma_px)
             return scores[i]
@@ -572,7 +599,7 @@ class Segmenter:
         run(best, central, None, decide=False, given=given)
         return best
 
-    def _reprompt_by_extent(self, stack, norm, supports, kept_sq, out_stack, result, view, rows, cols):
+    def _reprompt_by_extent(self, emb_of, supports, kept_sq, out_stack, result, view, rows, cols):
         """With several support slices, re-decode each kept slice from the support at the same
         relative position within the extent now known (the 3-chunk protocol, generalised).
         Embeddings are cached, so this costs decoding only."""
@@ -584,7 +611,7 @@ class Segmenter:
             sup = min(supports, key=lambda s: abs(s.rel - rel))
             if sup.index == result.slice_info[i].get("support"):
                 continue
-            emb = self.embed(stack, norm, [i])[i]
+            emb = emb_of(i)
             logits, iou, fg_conf, _ = self.predict_slice(emb, sup, kept_sq.get(i))
             m = logits > 0
             if m.sum() >= MIN_AREA_PX:
@@ -623,7 +650,7 @@ def prototypes(embedding: torch.Tensor, mask_sq: np.ndarray) -> tuple[torch.Tens
 
 def _pool(embedding, mask_sq):
     w = F.adaptive_avg_pool2d(torch.as_tensor(mask_sq, dtype=torch.float32)[None, None], embedding.shape[-1])[0, 0]
-    return (embedding * w).sum((1, 2)) / w.sum().clamp_min(1e-6)
+    return embedding.reshape(embedding.shape[0], -1) @ w.reshape(-1) / w.sum().clamp_min(1e-6)
 
 
 def prototype_contrast(embedding, mask_sq, anchor) -> float:

@@ -85,7 +85,7 @@ def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) 
             os.unlink(tmp)
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path, threads: int, disabled_optimizers=()):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -96,15 +96,17 @@ def _session(path: Path, threads: int):
     # Spinning worker threads would keep both cores busy after each call and slow the
     # PyTorch work (prompt encoding, pooling) that runs between ONNX calls.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_names: list[str],
                      output_names: list[str], dynamic_axes: dict | None = None,
-                     cache_dir: str | Path | None = None) -> OnnxModel | None:
+                     cache_dir: str | Path | None = None, disabled_optimizers=()) -> OnnxModel | None:
     """An ONNX Runtime twin of ``module`` (eval mode, CPU), or ``None`` where it cannot be
     built or does not reproduce the eager outputs on ``probe``.  ``key`` names the weights
-    and the part (e.g. ``litemedsam-<sha>-encoder256``)."""
+    and the part (e.g. ``litemedsam-<sha>-encoder256``); ``disabled_optimizers`` names ONNX
+    Runtime graph rewrites that make this graph slower."""
     if not onnxruntime_available():
         log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
         return None
@@ -112,7 +114,7 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
     verified = path.with_name(path.name + ".sha256")
     try:
         if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
-            session = _session(path, torch.get_num_threads())
+            session = _session(path, torch.get_num_threads(), disabled_optimizers)
             if [i.name for i in session.get_inputs()] == list(input_names):
                 return OnnxModel(session, list(input_names))
             log.warning("Cached ONNX model %s has other inputs than expected; exporting it again.", path)
@@ -127,7 +129,7 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
         log.info("Exporting %s to ONNX once: %s", key, path)
         with torch.no_grad():
             _export(module, probe, path, input_names, output_names, dynamic_axes)
-        model = OnnxModel(_session(path, torch.get_num_threads()), list(input_names))
+        model = OnnxModel(_session(path, torch.get_num_threads(), disabled_optimizers), list(input_names))
         diff = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
     except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
         log.warning("ONNX Runtime unavailable for %s (%s: %s); using eager PyTorch.", key, type(exc).__name__, exc)

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from conftest import shared_case
 from FoBSegmentLib.errors import FoBInputError
-from FoBSegmentLib.geometry import SliceView, Volume, slice_axis_ijk, validate_volume
+from FoBSegmentLib.geometry import SliceView, Volume, occupied_slices, slice_axis_ijk, validate_volume
 from FoBSegmentLib.io import read_volume
 
 
@@ -102,3 +102,10 @@ def test_reading_matches_simpleitk_geometry(example_ct):
     assert vol.array.shape == sitk.GetArrayFromImage(ref).shape
     assert np.allclose(vol.direction.ravel(), ref.GetDirection())
     assert np.allclose(vol.origin, ref.GetOrigin())
+
+
+def test_occupied_slices_lists_the_slices_with_any_voxel():
+    stack = np.zeros((6, 4, 5), bool)
+    stack[1, 0, 0] = stack[4, 3, 4] = True
+    assert occupied_slices(stack) == [1, 4]
+    assert occupied_slices(np.zeros((3, 2, 2))) == []

@@ -109,3 +109,25 @@ def test_cache_dir_argument_holds_the_onnx_exports(tmp_path, monkeypatch):
     assert bb.runtime == "onnxruntime"
     assert len(list((tmp_path / "mine" / "onnx").glob("*.onnx"))) == 2
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_reassociated_mask_predictor_computes_sams_mask_decoder(litemedsam, ct_batch):
+    """The graph exported for ONNX Runtime reorders SAM's products (prompt side first,
+    channel-last upscaling); its masks and IoU must be SAM's own, for any number of prompt tokens."""
+    from FoBSegmentLib.backbones.litemedsam import _MaskPredictor, dense_pe
+
+    pe, md = litemedsam.model.prompt_encoder, litemedsam.model.mask_decoder
+    with torch.inference_mode():
+        emb = litemedsam.model.image_encoder(ct_batch[:1])
+        box = torch.tensor([[[60.0, 80.0, 150.0, 170.0]]])
+        points = (torch.tensor([[[100.0, 120.0], [30.0, 40.0], [200.0, 90.0]]]), torch.tensor([[1, 0, 0]]))
+        predictor = None
+        for prompt in (dict(points=None, boxes=box), dict(points=points, boxes=box)):
+            sparse, dense = pe(masks=None, **prompt)
+            predictor = predictor or _MaskPredictor(md, dense_pe(litemedsam, pe), dense)
+            ref_masks, ref_iou = md.predict_masks(emb, dense_pe(litemedsam, pe), sparse, dense)
+            masks, iou = predictor(emb, sparse)
+            assert masks.shape == ref_masks.shape == (1, 4, 256, 256)
+            assert float((masks - ref_masks).abs().max()) < 1e-3
+            assert float((iou - ref_iou).abs().max()) < 1e-4
+            assert ref_masks.abs().max() > 1  # real logits, not a degenerate all-zero comparison

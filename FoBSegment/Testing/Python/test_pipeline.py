@@ -8,7 +8,7 @@ from conftest import SHARED_DATA, dice, shared_case
 from FoBSegmentLib.backbones.base import square_to_slice
 from FoBSegmentLib.cli import main
 from FoBSegmentLib.errors import CancelledError, FoBInputError
-from FoBSegmentLib.geometry import SliceView
+from FoBSegmentLib.geometry import SliceView, occupied_slices
 from FoBSegmentLib.io import read_volume
 from FoBSegmentLib.preprocessing import fit_normalisation
 from FoBSegmentLib.volume_segmenter import Segmenter
@@ -30,7 +30,7 @@ def segmenter(litemedsam):
 def _one_slice_support(vol, gt, which="middle"):
     view = SliceView.for_volume(vol)
     g = view.to_stack(gt)
-    idx = np.nonzero(g.reshape(g.shape[0], -1).any(1))[0]
+    idx = occupied_slices(g)
     k = int(np.argmax(g.sum((1, 2)))) if which == "largest" else int(idx[len(idx) // 2])
     s = np.zeros_like(g)
     s[k] = g[k]
@@ -173,7 +173,7 @@ def test_other_patient_support_chaos_liver(segmenter):
     # guards the cross-patient path (seed search, walk, geometry) against regressions.
     assert dice(res.mask, qgt) > 0.65
     view = SliceView.for_volume(q)
-    ref = np.nonzero(view.to_stack(qgt).reshape(view.n_slices(q), -1).any(1))[0]
+    ref = occupied_slices(view.to_stack(qgt))
     kept = sorted(i for i, v in res.slice_info.items() if v.get("kept"))
     assert kept and kept[0] <= ref[0] + 1 and kept[-1] >= ref[-1] - 1, "the walk must not stop inside the liver"
     assert kept[0] >= ref[0] - 8 and kept[-1] <= ref[-1] + 2, "the walk ran further past the liver than measured"
@@ -187,7 +187,7 @@ def test_pipeline_finds_where_the_structure_ends(ct, segmenter):
     support, k, view = _one_slice_support(vol, gt)
     res = segmenter.segment(vol, vol, support)
     kept = sorted(i for i, v in res.slice_info.items() if v.get("kept"))
-    ref = np.nonzero(view.to_stack(gt).reshape(view.n_slices(vol), -1).any(1))[0]
+    ref = occupied_slices(view.to_stack(gt))
     assert kept[0] >= ref[0] - 3 and kept[-1] <= ref[-1] + 3
     assert len(res.slice_info) < 0.5 * res.slices_total, "slices beyond the structure must not be processed"
     assert any(v.get("reason") in ("unlike_support", "disconnected", "low_iou", "empty", "leak")
@@ -223,7 +223,7 @@ def test_contrast_seed_tells_the_spleen_from_the_left_kidney(segmenter):
     supports, _, _ = segmenter.prepare_support(s, spleen, ep1_support_slices(s_view.to_stack(spleen)))
     central = min(supports, key=lambda x: abs(x.rel - 0.5))
     q_spleen, q_kidney = q_view.to_stack(q_lab == 4), q_view.to_stack(q_lab == 3)
-    idx = np.nonzero(q_spleen.reshape(q_spleen.shape[0], -1).any(1))[0]
+    idx = occupied_slices(q_spleen)
     mid = int(idx[len(idx) // 2])
     assert q_kidney[mid].any(), "the test slice must show both organs"
     emb = segmenter.embed(q_view.to_stack(q.array), fit_normalisation(q.array), [mid])[mid]
@@ -251,7 +251,7 @@ def test_seed_search_finds_organs_outside_the_supports_relative_position(segment
     gt = np.rint(read_volume(ql).array) == 3
     res = segmenter.segment(q, s, kidney, support_slices=ep1_support_slices(SliceView.for_volume(s).to_stack(kidney)))
     view = SliceView.for_volume(q)
-    ref = np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]
+    ref = occupied_slices(view.to_stack(gt))
     seed = [i for i, v in res.slice_info.items() if v.get("reason") == "seed"]
     assert len(seed) == 1 and ref[0] <= seed[0] <= ref[-1]
     kept = sorted(i for i, v in res.slice_info.items() if v.get("kept"))
@@ -271,7 +271,7 @@ def _chaos_ep1_pair(support_case, query_case, label):
     mask = np.rint(read_volume(sl).array) == label
     gt = np.rint(read_volume(ql).array) == label
     view = SliceView.for_volume(q)
-    ref = [int(i) for i in np.nonzero(view.to_stack(gt).reshape(view.n_slices(q), -1).any(1))[0]]
+    ref = occupied_slices(view.to_stack(gt))
     sup = ep1_support_slices(SliceView.for_volume(s).to_stack(mask))
     return s, q, mask, gt, sup, ref
 
