@@ -37,6 +37,8 @@ VARIANTS = [
     ("middle start", "ep1 walk starts on the middle slice of the extent (before)", {"START_SEARCH": False}),
     ("seed position prior 40 px", "whole-volume seed search discounts regions far from the support's position",
      {"SEED_POSITION_SIGMA_PX": 40.0}),
+    ("no side prior", "whole-volume seed search ignores which side of the body's midline a region lies (before)",
+     {"SEED_SIDE_PRIOR": False}),
     ("previous rules", "one contrast level, no surroundings, box margin 2 px and support contrast only, "
      "together (the seed search still scans the whole volume)",
      {"CONTRAST_LEVELS": (0.0,), "CONTEXT_WEIGHT": 0.0, "PROPAGATE_PAD_PX": 2.0, "WALK_NEIGHBOUR_CONTRAST": False}),

@@ -53,3 +53,20 @@ def fit_normalisation(array: np.ndarray, modality: str = "auto") -> Normalisatio
     if hi <= lo:
         hi = lo + 1.0
     return Normalisation("MR", float(lo), float(hi))
+
+
+#: normalised intensity above which a voxel counts as body, not air (fat is ~0.15 in the CT window)
+BODY_LEVEL = 0.05
+
+
+def body_columns(stack: np.ndarray, norm: Normalisation, samples: int = 16) -> tuple[float, float]:
+    """(centre, half-width) of the body across the columns of a (slices, rows, cols) stack in
+    display orientation, i.e. where the patient's midline is from right to left.  Columns
+    where at least 5 % of the rows are body, over up to ``samples`` evenly spaced slices."""
+    n, _, cols = stack.shape
+    idx = np.unique(np.linspace(0, n - 1, min(samples, n)).round().astype(int))
+    frac = np.mean([(norm.apply(stack[i]) > BODY_LEVEL).mean(0) for i in idx], 0)
+    body = np.flatnonzero(frac > 0.05)
+    if body.size == 0:
+        return (cols - 1) / 2.0, cols / 2.0
+    return (body[0] + body[-1]) / 2.0, max(1.0, (body[-1] - body[0]) / 2.0)

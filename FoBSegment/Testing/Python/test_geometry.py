@@ -109,3 +109,14 @@ def test_occupied_slices_lists_the_slices_with_any_voxel():
     stack[1, 0, 0] = stack[4, 3, 4] = True
     assert occupied_slices(stack) == [1, 4]
     assert occupied_slices(np.zeros((3, 2, 2))) == []
+
+
+def test_body_columns_find_the_midline_of_an_off_centre_body():
+    from FoBSegmentLib.preprocessing import Normalisation, body_columns
+
+    stack = np.zeros((5, 40, 100), np.float32)
+    stack[:, 10:30, 20:61] = 0.5  # body in columns 20..60
+    stack[2, 0, 95] = 1.0  # one bright noise voxel in the air is not body
+    centre, half = body_columns(stack, Normalisation("MR", 0.0, 1.0))
+    assert centre == pytest.approx(40.0) and half == pytest.approx(20.0)
+    assert body_columns(np.zeros((3, 8, 10)), Normalisation("MR", 0.0, 1.0)) == (4.5, 5.0)  # all air: the image centre

@@ -306,3 +306,23 @@ def test_propagated_box_settles_on_this_slices_organ(segmenter, monkeypatch):
     before = segmenter.segment(q, s, liver, support_slices=sup, query_slices=ref)
     assert dice(before.mask, gt) < 0.75  # measured 0.687
     assert (before.mask > 0).sum() > 1.6 * gt.sum()  # measured 1.82
+
+
+def test_seed_search_keeps_to_the_supports_side_of_the_body(segmenter, monkeypatch):
+    """Real use (whole volume, no oracle), patient 1's right kidney from patient 2's
+    annotation.  The seed search scores every slice by how kidney-like its best region is; on
+    the slices where patient 1's left kidney shows better, the mirror-image organ wins and the
+    walk follows it (Dice 0.00).  The side prior discounts regions across the body's midline
+    from where the support's kidney lies."""
+    from FoBSegmentLib import volume_segmenter as vs
+    from FoBSegmentLib.evaluation import ep1_support_slices
+
+    s, q, kidney, gt, _, _ = _chaos_ep1_pair(2, 1, label=2)
+    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(kidney))
+    monkeypatch.setattr(vs, "SEED_SIDE_PRIOR", True)
+    res = segmenter.segment(q, s, kidney, support_slices=sup)
+    assert dice(res.mask, gt) > 0.85  # measured 0.96
+    monkeypatch.setattr(vs, "SEED_SIDE_PRIOR", False)
+    before = segmenter.segment(q, s, kidney, support_slices=sup)
+    left = np.rint(read_volume(shared_case("chaos_t2spir_mri", 1)[1]).array) == 3
+    assert dice(before.mask, gt) < 0.1 and (before.mask.astype(bool) & left).sum() > 0.5 * left.sum()
