@@ -147,8 +147,8 @@ class LiteMedSAMBackbone(Backbone):
             probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
             predictor = _MaskPredictor(self.model.mask_decoder, dense_pe(self, pe), dense.clone())
         decoder = onnx_runtime.build_onnx_model(
-            predictor, f"{self.weights_id()}-maskdecoder-v{_MaskPredictor.GRAPH_VERSION}", probe, ["embedding", "sparse"], ["masks", "iou"],
-            {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
+            predictor, f"{self.weights_id()}-maskdecoder-v{_MaskPredictor.GRAPH_VERSION}", probe,
+            ["embedding", "sparse"], ["masks", "iou"], {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
             # Fused into SkipLayerNormalization, the residual + LayerNorm over the 4096 image
             # tokens took 2.4 ms instead of 0.3 (onnxruntime 1.32, 2 cores): 16 vs 12.5 ms a call.
             disabled_optimizers=("SkipLayerNormFusion",))
