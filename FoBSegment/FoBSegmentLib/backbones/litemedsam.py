@@ -105,7 +105,7 @@ class LiteMedSAMBackbone(Backbone):
     @property
     def runtime(self) -> str:
         """``onnxruntime`` or ``torch``: where the encoder and the mask decoder run.  ONNX
-        Runtime is used on the CPU in fp32 wherever it is installed (encoder 3x, decoder 2x
+        Runtime is used on the CPU in fp32 wherever it is installed (encoder 3x, decoder 2.8x
         faster, same output; docs/speed.md) unless ``FOBSEGMENT_RUNTIME=torch``; eager
         PyTorch is the fallback and runs GPUs and bf16."""
         if "_runtime" not in self.__dict__:
