@@ -70,3 +70,9 @@ def body_columns(stack: np.ndarray, norm: Normalisation, samples: int = 16) -> t
     if body.size == 0:
         return (cols - 1) / 2.0, cols / 2.0
     return (body[0] + body[-1]) / 2.0, max(1.0, (body[-1] - body[0]) / 2.0)
+
+
+def side_of_midline(mask: np.ndarray, body: tuple[float, float]) -> float:
+    """Where a 2D mask's centroid lies across the body: (column - midline) / half-width, with
+    ``body`` from :func:`body_columns` in the mask's column units (+ = display right)."""
+    return (float(np.nonzero(mask)[1].mean()) - body[0]) / body[1]

@@ -26,7 +26,7 @@ from .backbones.base import WORK_SIZE, Backbone, slice_to_square, square_to_slic
 from .embedding_cache import EmbeddingCache
 from .errors import CancelledError, FoBInputError
 from .geometry import SliceView, Volume, occupied_slices, validate_volume
-from .preprocessing import body_columns, fit_normalisation
+from .preprocessing import body_columns, fit_normalisation, side_of_midline
 from .prompts import RING_INNER, RING_MARGIN, RING_OUTER, SlicePrompt, box_from_mask, check_strategy, choose_mask
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class Segmenter:
             chosen = annotated
         norm = fit_normalisation(support.array)
         embs = self.embed(stack, norm, chosen)
-        centre, half = body_columns(stack, norm)
+        body = body_columns(stack, norm)
         lo, hi = annotated[0], annotated[-1]
         supports = []
         from .background_ring import ring_points
@@ -279,8 +279,8 @@ class Segmenter:
                 msq = slice_to_square(mstack[i]) > 0
             ring = ring_points(msq, outer_radius=RING_OUTER, inner_radius=RING_INNER) if self.generator else None
             rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
-            side = (float(np.nonzero(mstack[i])[1].mean()) - centre) / half
-            supports.append(SupportSlice(i, rel, embs[i], msq, ring, *prototypes(embs[i], msq), side=side))
+            supports.append(SupportSlice(i, rel, embs[i], msq, ring, *prototypes(embs[i], msq),
+                                         side=side_of_midline(mstack[i], body)))
         return supports, view, annotated
 
     # ---------------------------------------------------------------- one slice
@@ -739,7 +739,7 @@ def seed_score(embedding, mask_sq, iou: float, anchor: SupportSlice, position_si
         (y, x), (cy, cx) = ndimage.center_of_mass(mask_sq), ndimage.center_of_mass(anchor.mask_sq)
         score *= float(np.exp(-np.hypot(y - cy, x - cx) / position_sigma_px))
     if body is not None and abs(anchor.side) > SIDE_MIN:
-        side = (float(np.nonzero(mask_sq)[1].mean()) - body[0]) / body[1]
+        side = side_of_midline(mask_sq, body)
         if side * anchor.side < 0 and abs(side) > SIDE_MIN:
             score *= SIDE_PENALTY
     return score
