@@ -34,7 +34,6 @@ from slicer.util import VTKObservationMixin
 
 BACKBONE_CHOICES = ["litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-PROMPT_CHOICES = ["auto", "box", "points", "box+points"]
 
 REPOSITORY_URL = "https://github.com/fobsegment/SlicerFoBSegment"
 
@@ -78,7 +77,7 @@ class FoBSegmentParameterNode:
     supportSegmentation, supportSegmentId: the painted support segment.
     allSegments: segment every segment of the support segmentation.
     outputSegmentation: where the results go (None: support segmentation or a new one).
-    backbone, device, promptStrategy: model options.
+    backbone, device: model options.
     restrictSliceRange, firstSlice, lastSlice: optional range along the acquisition axis.
     showPrompts: show the prompts as markups.
     checkpointPath: a local checkpoint file (for offline computers).
@@ -92,7 +91,6 @@ class FoBSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     backbone: Annotated[str, Choice(BACKBONE_CHOICES)] = "litemedsam"
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
-    promptStrategy: Annotated[str, Choice(PROMPT_CHOICES)] = "auto"
     restrictSliceRange: bool = False
     firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
     lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
@@ -298,7 +296,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             newIds = self.logic.process(
                 p.inputVolume, p.supportSegmentation, self._currentSegmentId(),
                 outputSegmentationNode=p.outputSegmentation, supportVolumeNode=p.supportVolume,
-                backbone=p.backbone, device=p.device, prompt=p.promptStrategy, sliceRange=sliceRange,
+                backbone=p.backbone, device=p.device, sliceRange=sliceRange,
                 showPrompts=p.showPrompts, checkpointPath=checkpoint,
                 progressCallback=self._onProgress, isCancelled=self._isCancelled, segmentIds=segmentIds,
                 downloadProgressCallback=self._onDownloadProgress)
@@ -448,24 +446,17 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Installing {p} failed; see the Python console.").format(p=", ".join(still)))
 
     # -------------------------------------------------------------- model
-    def getSegmenter(self, backbone="litemedsam", device="auto", checkpointPath=None, prompt="auto",
+    def getSegmenter(self, backbone="litemedsam", device="auto", checkpointPath=None,
                      downloadProgressCallback=None, isCancelled=None):
         """The cached ``Segmenter`` for (backbone, device, checkpoint), created on first use."""
-        from FoBSegmentLib.volume_segmenter import Segmenter  # imports torch: only here
+        from FoBSegmentLib import Segmenter  # imports torch: only here
 
         key = (backbone, device, str(checkpointPath) if checkpointPath else None)
         segmenter = self._segmenters.get(key)
         if segmenter is None:
             segmenter = Segmenter(backbone=backbone, device=device, checkpoint=checkpointPath,
                                   download_progress=downloadProgressCallback, is_cancelled=isCancelled)
-            segmenter._fobAutoPrompt = segmenter.prompt
             self._segmenters[key] = segmenter
-        if prompt == "auto":
-            segmenter.prompt = segmenter._fobAutoPrompt
-        else:
-            from FoBSegmentLib.prompts import check_strategy
-
-            segmenter.prompt = check_strategy(prompt)
         return segmenter
 
     def clearCache(self) -> None:
@@ -474,7 +465,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------- the computation
     def process(self, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode=None,
-                supportVolumeNode=None, backbone="litemedsam", device="auto", prompt="auto", sliceRange=None,
+                supportVolumeNode=None, backbone="litemedsam", device="auto", sliceRange=None,
                 showPrompts=False, checkpointPath=None, progressCallback=None, isCancelled=None,
                 segmentIds=None, downloadProgressCallback=None) -> list:
         """Segment ``volumeNode`` from the painted segment(s) and return the new segment ids.
@@ -487,7 +478,6 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         :param supportVolumeNode: the volume the support was painted on (None: ``volumeNode``).
         :param backbone: ``litemedsam`` (offline, default), ``sam_vit_b``/``_l``/``_h``, ``medsam_vit_b``.
         :param device: ``auto``, ``cpu`` or ``cuda``.
-        :param prompt: ``auto``, ``box``, ``points`` or ``box+points``.
         :param sliceRange: (first, last) slice indices along the acquisition axis, inclusive.
         :param showPrompts: add the prompts as markups (green foreground, red background).
         :param checkpointPath: a local checkpoint file instead of the embedded/downloaded one.
@@ -498,8 +488,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         from FoBSegmentLib import slicer_adapter
 
         start = time.time()
-        segmenter = self.getSegmenter(backbone, device, checkpointPath, prompt,
-                                      downloadProgressCallback, isCancelled)
+        segmenter = self.getSegmenter(backbone, device, checkpointPath, downloadProgressCallback, isCancelled)
         run = slicer_adapter.run_on_nodes(
             slicer.mrmlScene, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode, segmenter,
             supportVolumeNode=supportVolumeNode, segmentIds=segmentIds, slice_range=sliceRange,

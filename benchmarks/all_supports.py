@@ -6,7 +6,7 @@ The default (background-contrast seed + propagation) learns nothing from the dat
 cross-validation is over the choice of support patient: which patient the clinician happens
 to have annotated.  This runs the standard protocol (ep1) and the real-use one (full) for each
 support case against all the others and reports the mean over queries per support, and the
-mean and spread over supports.  Writes docs/benchmark_all_supports.md and .json; the results
+mean and spread over supports.  Writes docs/benchmarks/benchmark_all_supports.md and .json; the results
 of earlier runs in that .json are kept unless this run redoes them, so datasets and protocols
 can be run separately.
 """
@@ -41,9 +41,9 @@ def cases_in(folder: Path) -> list[str]:
 def main(argv=None):
     import torch
 
+    from FoBSegmentLib import Segmenter
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import evaluate
-    from FoBSegmentLib.volume_segmenter import Segmenter
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
@@ -56,23 +56,20 @@ def main(argv=None):
                          "choice made on two support patients holds for the others")
     args = ap.parse_args(argv)
     from default_settings import VARIANTS
-    from FoBSegmentLib import volume_segmenter as vs
 
     changes = {name: change for name, _, change in VARIANTS}
     if args.variant not in changes:
         print(f"unknown variant {args.variant!r}: use one of {', '.join(changes)}")
         return 2
-    for k, v in changes[args.variant].items():
-        setattr(vs, k, v)
     slug = "" if args.variant == "default" else "_" + args.variant.replace(" ", "_")
-    args.out = args.out or str(REPO / "docs" / f"benchmark_all_supports{slug}.md")
+    args.out = args.out or str(REPO / "docs" / "benchmarks" / f"benchmark_all_supports{slug}.md")
     torch.set_num_threads(os.cpu_count())
     data = Path(args.data)
     if not data.is_dir():
         print(f"shared data not found at {data}: nothing to benchmark (set FOBSEGMENT_SHARED_DATA)")
         return 1
     backbone = create_backbone("litemedsam", "auto")
-    seg = Segmenter(backbone, cache_dir=args.cache_dir)
+    seg = Segmenter(backbone, cache_dir=args.cache_dir).with_settings(**changes[args.variant])
     out = Path(args.out)
     results: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     t_all = time.perf_counter()

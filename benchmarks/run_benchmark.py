@@ -1,4 +1,4 @@
-"""Regenerate docs/benchmark.md: FoB variants and baselines side by side on the same runs.
+"""Regenerate docs/benchmarks/benchmark.md: FoB variants and baselines side by side on the same runs.
 
     .venv/bin/python benchmarks/run_benchmark.py [--weights W.pt] [--cache-dir runs/cache] [--quick]
 
@@ -37,26 +37,16 @@ FOLDS = {
 }
 DATASETS = FOLDS["1"]
 
-# (row label, method, protocol, segmenter options)
+# (row label, method, protocol, start prompter options: see evaluation.build_segmenter)
 RUNS = [
-    ("default: contrast seed + propagation", "fob", "ep1", dict()),
-    ("contrast seed, every slice independent", "fob", "ep1", dict(walk_prompt="independent")),
-    ("FoB generator box + propagation", "fob", "ep1", dict(prompt_source="fob", prompt="box")),
-    ("FoB generator box", "fob", "ep1", dict(prompt_source="fob", prompt="box", walk_prompt="independent")),
-    ("FoB generator box, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="box", use_spr=False,
-                                                     walk_prompt="independent")),
-    ("FoB generator points", "fob", "ep1", dict(prompt_source="fob", prompt="points", walk_prompt="independent")),
-    ("FoB generator points, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="points", use_spr=False,
-                                                        walk_prompt="independent")),
-    ("FoB generator box+points", "fob", "ep1", dict(prompt_source="fob", prompt="box+points",
-                                                    walk_prompt="independent")),
-    ("FoB generator box+points, no SPR", "fob", "ep1", dict(prompt_source="fob", prompt="box+points", use_spr=False,
-                                                            walk_prompt="independent")),
+    ("default: contrast seed + propagation", "pipeline", "ep1", dict()),
+    ("FoB generator box + propagation", "pipeline", "ep1", dict(prompt_source="fob", prompt="box")),
+    ("FoB generator box+points + propagation", "pipeline", "ep1", dict(prompt_source="fob", prompt="box+points")),
     ("coarse prototype mask of the generator (no SAM)", "coarse", "ep1", dict(prompt_source="fob")),
     ("support box reused (naive)", "support_box", "ep1", dict()),
     ("ground-truth box (ceiling)", "gt_box", "ep1", dict()),
-    ("default, full volume (no oracle)", "fob", "full", dict()),
-    ("FoB generator box + propagation, full volume", "fob", "full", dict(prompt_source="fob", prompt="box")),
+    ("default, full volume (no oracle)", "pipeline", "full", dict()),
+    ("FoB generator box + propagation, full volume", "pipeline", "full", dict(prompt_source="fob", prompt="box")),
 ]
 
 
@@ -64,14 +54,16 @@ def main(argv=None):
     import torch
 
     from FoBSegmentLib.backbones import create_backbone
+    from FoBSegmentLib import Segmenter
     from FoBSegmentLib.evaluation import evaluate
-    from FoBSegmentLib.volume_segmenter import Segmenter, default_weights
+    from FoBSegmentLib.pipeline.segmenter import default_weights
+    from FoBSegmentLib.research.generator_prompts import GeneratorPrompter
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--weights", default=None)
     ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmark.md"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "benchmark.md"))
     ap.add_argument("--quick", action="store_true", help="default rows and baselines only")
     ap.add_argument("--fold", choices=sorted(FOLDS), default="1",
                     help="1: held-out cases of the shipped weights; 2: the reverse (give --weights)")
@@ -87,16 +79,19 @@ def main(argv=None):
     if args.fold != "1" and not args.weights:
         print("fold 2 needs --weights: a generator trained on fold 1's images (see docs/benchmark_fold2.md)")
         return 2
-    if args.fold != "1" and args.out == str(REPO / "docs" / "benchmark.md"):
-        args.out = str(REPO / "docs" / f"benchmark_fold{args.fold}.md")
+    if args.fold != "1" and args.out == str(REPO / "docs" / "benchmarks" / "benchmark.md"):
+        args.out = str(REPO / "docs" / "benchmarks" / f"benchmark_fold{args.fold}.md")
     weights = Path(args.weights) if args.weights else default_weights("litemedsam")
     backbone = create_backbone("litemedsam", "auto")
-    runs = [r for r in RUNS if not args.quick or ("no SPR" not in r[0] and "points" not in r[0])]
+    runs = [r for r in RUNS if not args.quick or "points" not in r[0]]
     results = {}
     t_all = time.perf_counter()
     for dname, d in DATASETS.items():
         for label, method, protocol, opts in runs:
-            seg = Segmenter(backbone, weights=weights, cache_dir=args.cache_dir, **opts)
+            prompter = None
+            if opts.get("prompt_source") == "fob":
+                prompter = GeneratorPrompter(backbone, weights, opts.get("prompt", "auto"))
+            seg = Segmenter(backbone, cache_dir=args.cache_dir, start_prompter=prompter)
             t = time.perf_counter()
             r = evaluate(data / d["folder"], d["classes"], d["support"], d["cases"], protocol, segmenter=seg,
                          method=method)

@@ -32,7 +32,7 @@ def main(argv=None):
     from FoBSegmentLib.evaluation import dice, one_slice_support
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
-    from FoBSegmentLib.volume_segmenter import Segmenter
+    from FoBSegmentLib import Segmenter
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))

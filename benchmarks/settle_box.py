@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/settle_box.py [--settings 1:0,3:3,1:3] [--classes liver,spleen]
         [--supports 1,13] [--dataset chaos|cmr]
 
-Each setting is TOLERANCE_PX:RE_PROMPTS (volume_segmenter.SETTLE_TOLERANCE_PX and
+Each setting is TOLERANCE_PX:RE_PROMPTS (settings walk.settle_tolerance_px and
 PROPAGATE_SETTLE; 0 re-prompts = the neighbour's box alone).  Standard protocol (ep1: the
 structure's slices given), each support case against every other case of the dataset.
 Prints the 3D Dice of every pair, the mean per class, and the mask-decoder calls each setting
@@ -28,7 +28,7 @@ def main(argv=None):
     import torch
 
     from all_supports import DATASETS, cases_in
-    from FoBSegmentLib import volume_segmenter as vs
+    from FoBSegmentLib import Segmenter
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView, occupied_slices
@@ -47,17 +47,16 @@ def main(argv=None):
     if not data.is_dir():
         print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
         return 1
-    seg = vs.Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir)
+    base = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir)
     calls = [0]
-    decode = seg.backbone.decode
+    decode = base.backbone.decode
 
     def counted(*a, **k):
         calls[0] += 1
         return decode(*a, **k)
 
-    seg.backbone.decode = counted
+    base.backbone.decode = counted
     settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
-    shipped = (vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE)
     cases = cases_in(data)
     vols = {c: _load_case(data, c) for c in cases}
     dices: dict = {}
@@ -77,7 +76,7 @@ def main(argv=None):
                 qs = occupied_slices(g)
                 line = []
                 for s in settings:
-                    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE = s[0], int(s[1])
+                    seg = base.with_settings(**{"walk.settle_tolerance_px": s[0], "walk.max_settle_prompts": int(s[1])})
                     calls[0] = 0
                     r = seg.segment(q_vol, s_vol, sm, sup, query_slices=qs)
                     n_calls[s] += calls[0]
@@ -89,7 +88,6 @@ def main(argv=None):
     base = n_calls[settings[0]]
     print("decoder calls relative to the first setting: " + "  ".join(
         f"{_label(s)} {n / max(1, base):.2f}" for s, n in n_calls.items()))
-    vs.SETTLE_TOLERANCE_PX, vs.PROPAGATE_SETTLE = shipped
     return 0
 
 

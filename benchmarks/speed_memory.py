@@ -37,7 +37,7 @@ def main(argv=None):
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.preprocessing import fit_normalisation
-    from FoBSegmentLib.volume_segmenter import Segmenter
+    from FoBSegmentLib import Segmenter
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -154,7 +154,7 @@ def big_child():
     import SimpleITK as sitk
 
     from FoBSegmentLib.geometry import Volume
-    from FoBSegmentLib.volume_segmenter import Segmenter
+    from FoBSegmentLib import Segmenter
 
     data = REPO / "FoBSegment" / "Testing" / "Data"
     ct = sitk.ReadImage(str(data / "example_ct.nii.gz"))

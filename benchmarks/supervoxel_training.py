@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import evaluate
-    from FoBSegmentLib.volume_segmenter import Segmenter
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.research.generator_prompts import GeneratorPrompter
     from run_benchmark import FOLDS
 
     images = [str(data / "chaos_t2spir_mri" / f"image_{c}.nii.gz") for c in (1, 10, 13, 15, 19)]
@@ -58,12 +59,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         bb = create_backbone("litemedsam", "cpu")
         for dname, d in FOLDS["1"].items():
-            seg = Segmenter(bb, weights=out, cache_dir=REPO / "runs" / "cache", prompt_source="fob", prompt="box",
-                            walk_prompt="independent")
+            seg = Segmenter(bb, cache_dir=REPO / "runs" / "cache", start_prompter=GeneratorPrompter(bb, out, "box"))
             r = evaluate(data / d["folder"], d["classes"], d["support"], d["cases"], "ep1", segmenter=seg)
             results[(method, dname)] = r
             per = " ".join(f"{k}={v['mean_dice']}" for k, v in r["classes"].items())
-            print(f"{method:<13} {dname:<18} ep1 generator box: mean {r['mean_dice']}  {per}", flush=True)
+            print(f"{method:<13} {dname:<18} ep1 generator box + propagation: mean {r['mean_dice']}  {per}", flush=True)
     return 0
 
 

@@ -22,8 +22,9 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-DEFAULT_OUTER = 10.0
-DEFAULT_INNER = 7.0
+from .settings import RING_INNER_PX as DEFAULT_INNER
+from .settings import RING_OUTER_PX as DEFAULT_OUTER
+
 DEFAULT_SIGMA = 4.0
 _DENSE_STEP = 0.25  # px: contour resampling step before the arc-length placement
 

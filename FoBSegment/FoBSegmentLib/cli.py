@@ -49,16 +49,18 @@ def _progress_bar(desc: str):
 
 def cmd_segment(args) -> int:
     from . import io
-    from .volume_segmenter import Segmenter
+    from .pipeline.segmenter import Segmenter
 
     out = io.check_output_path(args.output)
+    inputs = [p for p in (args.volume, args.support_volume, args.support_mask) if p]
+    io.refuse_overwriting_inputs(out, inputs)
     support_slices = _parse_int_list(args.support_slices, "--support-slices")
     slice_range = _parse_range(args.slices)
-    query = io.read_volume(args.volume, "query volume")
-    support = io.read_volume(args.support_volume, "support volume") if args.support_volume else query
+    query = io.read_volume(args.volume, "query volume", series=args.series)
+    support = io.read_volume(args.support_volume, "support volume", series=args.series) if args.support_volume else query
     sm = io.read_support_mask(args.support_mask, support, label=args.label, segment=args.segment)
-    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, weights=args.weights,
-                    prompt=args.prompt, cache_dir=args.cache_dir, prompt_source=args.prompt_source)
+    io.check_output_geometry(out, query)
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=args.cache_dir)
     update, close = _progress_bar("segmenting")
     try:
         res = seg.segment(query, support, sm.mask, support_slices=support_slices, slice_range=slice_range,
@@ -76,7 +78,7 @@ def cmd_segment(args) -> int:
 def cmd_info(args) -> int:
     from . import checkpoints as ck
     from .backbones import BACKBONES, resolve_device
-    from .volume_segmenter import default_weights
+    from .pipeline.segmenter import default_weights
 
     cache = args.cache_dir or ck.default_cache_dir()
     cached = ck.cached_status(args.cache_dir)
@@ -105,12 +107,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _lazy(target: str):
+    """A command function imported only when the command runs (``--help`` stays fast)."""
+    def run(args):
+        import importlib
+
+        module, func = target.split(":")
+        return getattr(importlib.import_module(f"FoBSegmentLib.{module}"), func)(args)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fobsegment", description="One-shot volume segmentation with FoB-prompted SAM models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment a structure through a volume from one annotated slice")
     s.add_argument("--volume", required=True, help="query volume (NIfTI, NRRD, MHA or DICOM folder)")
+    s.add_argument("--series", help="DICOM folder with several series: the SeriesInstanceUID or its number in the list")
     s.add_argument("--support-volume", help="support volume (default: the query itself)")
     s.add_argument("--support-mask", required=True, help="labelmap or .seg.nrrd annotated on the support volume")
     g = s.add_mutually_exclusive_group()
@@ -118,12 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segment", help="segment name in a .seg.nrrd support mask")
     s.add_argument("--support-slices", help="comma-separated support slice indices (default: all annotated)")
     s.add_argument("--slices", help="restrict the query to slices FIRST:LAST (acquisition axis)")
-    s.add_argument("--output", required=True, help="output .seg.nrrd, .nii.gz, .nrrd or .mha")
-    s.add_argument("--backbone", default="litemedsam")
+    s.add_argument("--output", required=True, help="output .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
+    s.add_argument("--backbone", default="litemedsam",
+                   help="litemedsam (embedded, default) | sam_vit_b | sam_vit_l | sam_vit_h | medsam_vit_b")
     s.add_argument("--checkpoint", help="local checkpoint file for the backbone (no download)")
-    s.add_argument("--weights", help="FoB generator weights (default: the shipped ones for the backbone)")
-    s.add_argument("--prompt", default="auto", help="auto | points | box | box+points")
-    s.add_argument("--prompt-source", default="auto", help="auto | fob | propagate")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--cache-dir", help="folder for downloaded checkpoints and cached embeddings")
     s.set_defaults(func=cmd_segment)
@@ -132,13 +143,67 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cache-dir")
     i.set_defaults(func=cmd_info)
 
-    for mod, name in (("training", "train"), ("evaluation", "evaluate"), ("demo", "demo")):
-        try:
-            m = __import__(f"FoBSegmentLib.{mod}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        m.add_parser(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
     return p
+
+
+def _add_train(sub):
+    t = sub.add_parser("train", help="train the FoB prompt generator self-supervised (no labels)")
+    t.add_argument("--images", nargs="+", required=True, help="glob(s) of training images, e.g. 'DIR/image_*.nii.gz'")
+    t.add_argument("--output", required=True, help="generator weights to write (.pt); <output>.ckpt resumes")
+    t.add_argument("--backbone", default="litemedsam")
+    t.add_argument("--checkpoint", help="local backbone checkpoint")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--iterations", type=int, default=2000)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--exclude-labels", help="Setting II: skip slices containing any of these label values "
+                                            "(read from label_<case> beside each image)")
+    t.add_argument("--supervoxel", default="slic", choices=["slic", "felzenszwalb"])
+    t.add_argument("--supervoxel-mm", type=float, default=30.0)
+    t.add_argument("--no-spr", action="store_true")
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--default-prompt", help="prompt strategy recorded as this generator's default")
+    t.add_argument("--cache-dir")
+    t.set_defaults(func=_lazy("research.training:cmd_train"))
+
+
+def _add_evaluate(sub):
+    e = sub.add_parser("evaluate", help="Dice on labelled volumes (protocols ep1 and full)")
+    e.add_argument("--data", required=True, help="folder with image_<case>.nii.gz and label_<case>.nii.gz")
+    e.add_argument("--classes", required=True, help="name=value pairs, e.g. liver=1,right_kidney=2")
+    e.add_argument("--support-case", required=True)
+    e.add_argument("--cases", required=True, help="comma-separated query case ids")
+    e.add_argument("--protocol", default="ep1", choices=["ep1", "full"])
+    e.add_argument("--method", default="pipeline", choices=["pipeline", "coarse", "support_box", "gt_box"])
+    e.add_argument("--json", help="write the results here")
+    e.add_argument("--backbone", default="litemedsam")
+    e.add_argument("--checkpoint")
+    e.add_argument("--prompt-source", default="contrast", choices=["contrast", "fob"],
+                   help="how a slice without a segmented neighbour is prompted: contrast (default, no training) "
+                        "or fob (research: the learned generator)")
+    e.add_argument("--weights", help="learned generator weights (with --prompt-source fob)")
+    e.add_argument("--prompt", default="auto", help="with --prompt-source fob: auto | points | box | box+points")
+    e.add_argument("--no-spr", action="store_true", help="with --prompt-source fob: no ring refinement (ablation)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--cache-dir")
+    e.set_defaults(func=_lazy("evaluation:cmd_evaluate"))
+
+
+def _add_demo(sub):
+    d = sub.add_parser("demo", help="segment liver and spleen of the shipped example CT from one slice each")
+    d.add_argument("--output-dir", default="fobsegment_demo")
+    d.add_argument("--volume", help="CT volume (default: the shipped TotalSegmentator example)")
+    d.add_argument("--labels", help="its reference label map (5 liver, 1 spleen)")
+    d.add_argument("--backbone", default="litemedsam")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--cache-dir")
+    d.set_defaults(func=_lazy("demo:cmd_demo"))
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
 One annotated slice each of the liver and the spleen of the TotalSegmentator example CT
 (Apache-2.0, shipped in the repository) is the support; the whole volume is segmented with
-LiteMedSAM and the shipped FoB weights; the result is written as a ``.seg.nrrd`` with a PNG
+LiteMedSAM and the training-free background-contrast prompts; the result is written as a ``.seg.nrrd`` with a PNG
 figure, and the Dice against the reference labels is printed.
 """
 
@@ -20,11 +20,11 @@ ORGANS = (("liver", 5, (0.87, 0.51, 0.31)), ("spleen", 1, (0.62, 0.0, 1.0)))
 
 
 def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="litemedsam", device="auto",
-             weights=None, cache_dir=None, quiet=False, figure_name="demo_figure.png", with_3d=False) -> dict:
+             cache_dir=None, quiet=False, figure_name="demo_figure.png", with_3d=False) -> dict:
     from .evaluation import dice, one_slice_support
     from .geometry import SliceView, occupied_slices
     from .io import read_volume, write_segments
-    from .volume_segmenter import Segmenter
+    from .pipeline.segmenter import Segmenter
 
     volume = Path(volume) if volume else REPO_DATA / "example_ct.nii.gz"
     labels = Path(labels) if labels else REPO_DATA / "example_seg.nii.gz"
@@ -38,9 +38,9 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     say = (lambda *a: None) if quiet else print
     q = read_volume(volume, "demo volume")
     lab = np.rint(read_volume(labels, "demo labels").array).astype(np.int64)
-    seg = Segmenter(backbone, device, weights=weights, cache_dir=cache_dir)
+    seg = Segmenter(backbone, device, cache_dir=cache_dir)
     say(f"FoBSegment demo: {volume.name} {q.shape_ijk}, backbone {seg.backbone.name} on {seg.backbone.device}, "
-        f"prompts {seg.prompt_source}/{seg.prompt}")
+        f"prompts {seg.prompt_source}/{seg.start_prompter.strategy}")
     view = SliceView.for_volume(q)
     results, refs, names, sups, colors, report = [], [], [], [], [], {}
     t0 = time.perf_counter()
@@ -61,24 +61,12 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     from .figures import result_figure
 
     fig = result_figure(out / figure_name, q, results, refs, names, sups, colors, with_3d=with_3d,
-                        title=f"FoBSegment one-shot demo ({seg.backbone.name}, {seg.prompt_source}/{seg.prompt})")
+                        title=f"FoBSegment one-shot demo ({seg.backbone.name}, {seg.prompt_source}/{seg.start_prompter.strategy})")
     total = time.perf_counter() - t0
     say(f"wrote {seg_path} and {fig} in {total:.0f} s; mean Dice {np.mean([r['dice'] for r in report.values()]):.3f}")
     return {"organs": report, "seconds": round(total, 1), "result": str(seg_path), "figure": str(fig)}
 
 
 def cmd_demo(args) -> int:
-    run_demo(args.output_dir, args.volume, args.labels, args.backbone, args.device, args.weights, args.cache_dir)
+    run_demo(args.output_dir, args.volume, args.labels, args.backbone, args.device, args.cache_dir)
     return 0
-
-
-def add_parser(sub):
-    d = sub.add_parser("demo", help="segment liver and spleen of the shipped example CT from one slice each")
-    d.add_argument("--output-dir", default="fobsegment_demo")
-    d.add_argument("--volume", help="CT volume (default: the shipped TotalSegmentator example)")
-    d.add_argument("--labels", help="its reference label map (5 liver, 1 spleen)")
-    d.add_argument("--backbone", default="litemedsam")
-    d.add_argument("--weights")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--cache-dir")
-    d.set_defaults(func=cmd_demo)

@@ -1,35 +1,51 @@
-"""Embedding cache: no slice is ever encoded twice.
+"""Embedding cache: no slice is ever encoded twice, and no damaged entry is ever used.
 
 The key is a hash of the model input itself (the normalised, resized, padded slice) plus the
-backbone's weights and preprocessing identifiers, so a re-run with another support, another
-organ or another prompt strategy on the same volume only decodes.  Entries live in memory
-(bounded, least recently used first out) and optionally on disk (one ``.npy`` per slice,
-written atomically, so a killed run never leaves a corrupt entry).
+backbone's weights and preprocessing identifiers, so a re-run with another support or another
+organ on the same volume only decodes.  Entries live in memory (bounded, least recently used
+first out) and optionally on disk: one file per slice holding a checksum of its content,
+written atomically (temporary file, fsync, rename).  An entry that fails its checksum, has the
+wrong shape or cannot be read is dropped and recomputed; a cache folder that cannot be written
+(read-only, full) makes the cache memory-only, with one warning.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import FoBError
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"FOBEMB1\n"
+_DIGEST = 32  # blake2b bytes
+
 
 class EmbeddingCache:
+    """``get(key)`` / ``put(key, embedding)``; both hand back the stored (fp16-rounded) values
+    as float32, so results never depend on whether an embedding came from the cache."""
+
     def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=torch.float16):
-        # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); measured Dice change is nil
-        # because the mask decoder's own activations dominate the rounding error.
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
+        # the mask decoder's own activations dominate the rounding error.
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.memory_bytes = int(memory_mb * 2**20)
         self.dtype = dtype
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._used = 0
         self.hits = 0
         self.misses = 0
+        self.dropped = 0  # damaged disk entries dropped
+        self._disk_ok = self.cache_dir is not None
+        self._warned_damaged = False
 
     @staticmethod
     def key(model_input: torch.Tensor, backbone_id: str) -> str:
@@ -42,9 +58,10 @@ class EmbeddingCache:
     def _path(self, key: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / "embeddings" / key[:2] / f"{key}.npy"
+        return self.cache_dir / "embeddings" / "v2" / key[:2] / f"{key}.emb"
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, shape: tuple | None = None) -> torch.Tensor | None:
+        """The cached embedding (float32) or None; ``shape``: the shape it must have."""
         t = self._mem.get(key)
         if t is not None:
             self._mem.move_to_end(key)
@@ -52,11 +69,8 @@ class EmbeddingCache:
             return t.float()
         p = self._path(key)
         if p is not None and p.is_file():
-            try:
-                arr = np.load(p, allow_pickle=False)
-            except (OSError, ValueError):
-                p.unlink(missing_ok=True)  # a damaged entry is recomputed, not trusted
-            else:
+            arr = self._read(p, shape)
+            if arr is not None:
                 t = torch.from_numpy(arr)
                 self._remember(key, t)
                 self.hits += 1
@@ -64,20 +78,59 @@ class EmbeddingCache:
         self.misses += 1
         return None
 
-    def put(self, key: str, embedding: torch.Tensor) -> None:
+    def _read(self, p: Path, shape) -> np.ndarray | None:
+        try:
+            data = p.read_bytes()
+            if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + _DIGEST:
+                raise ValueError("not a FoBSegment cache entry")
+            digest = data[len(_MAGIC):len(_MAGIC) + _DIGEST]
+            payload = data[len(_MAGIC) + _DIGEST:]
+            if hashlib.blake2b(payload, digest_size=_DIGEST).digest() != digest:
+                raise ValueError("checksum mismatch")
+            arr = np.load(io.BytesIO(payload), allow_pickle=False)
+            if arr.dtype != np.dtype(str(self.dtype).replace("torch.", "")):
+                raise ValueError(f"dtype {arr.dtype}")
+            if shape is not None and tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"shape {arr.shape}, expected {tuple(shape)}")
+            return arr
+        except (OSError, ValueError, EOFError) as exc:
+            self.dropped += 1
+            if not self._warned_damaged:
+                log.warning("FoBSegment: damaged embedding cache entry %s (%s): dropped, the slice is "
+                            "encoded again.", p.name, exc)
+                self._warned_damaged = True
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+
+    def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
+        """Store an embedding; returns it as stored (rounded to the cache's precision), float32."""
         t = embedding.detach().to("cpu", self.dtype).contiguous()
         self._remember(key, t)
         p = self._path(key)
-        if p is not None and not p.exists():
+        if p is not None and self._disk_ok and not p.exists():
+            self._write(p, t)
+        return t.float()
+
+    def _write(self, p: Path, t: torch.Tensor) -> None:
+        buf = io.BytesIO()
+        np.save(buf, t.numpy(), allow_pickle=False)
+        payload = buf.getvalue()
+        data = _MAGIC + hashlib.blake2b(payload, digest_size=_DIGEST).digest() + payload
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, t.numpy(), allow_pickle=False)
-                os.replace(tmp, p)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(p, write, suffix=".tmp", mode=0o666)
+        except (OSError, FoBError) as exc:
+            self._disk_ok = False
+            log.warning("FoBSegment: the embedding cache folder %s cannot be written (%s); embeddings are "
+                        "kept in memory only for this session.", self.cache_dir, exc)
 
     def _remember(self, key: str, t: torch.Tensor) -> None:
         if key in self._mem:

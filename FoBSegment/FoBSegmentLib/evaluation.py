@@ -8,17 +8,15 @@ relative position (3 chunks); 3D Dice per query volume.
 ``full``: the same three support slices, but the whole query volume is processed and the
 pipeline decides where the structure is; 3D Dice over the whole volume.
 
-Methods (side by side on the same runs): ``fob`` (the generator + SAM), ``coarse`` (the
-generator's coarse prototype mask alone, no SAM), ``support_box`` (the support slice's own
-box reused on every query slice: the naive baseline) and ``gt_box`` (the ground-truth box on
-every slice: the ceiling).  Baselines are EP1 only.
+Methods (side by side on the same runs): ``pipeline`` (the Segmenter as configured),
+``coarse`` (the learned generator's coarse prototype mask alone, no SAM), ``support_box`` (the
+support slice's own box reused on every query slice: the naive baseline) and ``gt_box`` (the
+ground-truth box on every slice: the ceiling).  Baselines are EP1 only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +26,10 @@ from .backbones.base import slice_to_square, square_to_slice
 from .errors import FoBInputError
 from .geometry import SliceView, occupied_slices
 from .io import read_volume
-from .prompts import box_from_mask, choose_mask
+from .files import atomic_write
+from .pipeline.slice_prompting import box_from_mask, choose_mask
 
-METHODS = ("fob", "coarse", "support_box", "gt_box")
+METHODS = ("pipeline", "coarse", "support_box", "gt_box")
 
 
 def dice(a, b) -> float:
@@ -83,18 +82,20 @@ def _load_case(data: Path, case: str):
 
 
 def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1", segmenter=None,
-             method: str = "fob", progress=None, **segmenter_kw) -> dict:
-    from .volume_segmenter import Segmenter
+             method: str = "pipeline", progress=None, **segmenter_kw) -> dict:
+    """3D Dice of ``method`` on the ``cases`` of ``data`` with ``support_case`` as the support.
+    ``segmenter``: a built Segmenter (else one is built from ``segmenter_kw``)."""
+    from .pipeline.segmenter import Segmenter
 
     if protocol not in ("ep1", "full"):
         raise FoBInputError(f"Unknown protocol {protocol!r}: use ep1 or full.")
     if method not in METHODS:
         raise FoBInputError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
-    if method != "fob" and protocol != "ep1":
+    if method != "pipeline" and protocol != "ep1":
         raise FoBInputError(f"The {method} baseline is defined for protocol ep1 only.")
     data = Path(data)
     seg = segmenter or Segmenter(**segmenter_kw)
-    if method == "coarse" and seg.generator is None:
+    if method == "coarse" and seg.prompt_source != "fob":
         raise FoBInputError("The coarse-mask baseline needs FoB generator weights.")
     t0 = time.perf_counter()
     enc0 = seg.encoded_count
@@ -114,7 +115,7 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
                 continue
             q_view = SliceView.for_volume(q_vol)
             gt_idx = occupied_slices(q_view.to_stack(gt))
-            if method == "fob":
+            if method == "pipeline":
                 res = seg.segment(q_vol, s_vol, s_mask, support_slices=sup_slices,
                                   query_slices=gt_idx if protocol == "ep1" else None)
                 pred = res.mask > 0
@@ -128,8 +129,8 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
     means = [v["mean_dice"] for v in per_class.values() if v["mean_dice"] is not None]
     return {
         "protocol": protocol, "method": method, "backbone": seg.backbone.name,
-        "prompt": seg.prompt if method == "fob" else ("box" if "box" in method else None),
-        "prompt_source": seg.prompt_source, "use_spr": bool(getattr(seg.generator, "refiner", None) is not None),
+        "prompt": seg.start_prompter.strategy if method == "pipeline" else ("box" if "box" in method else None),
+        "prompt_source": seg.prompt_source,
         "support_case": str(support_case), "cases": [str(c) for c, *_ in queries],
         "mean_dice": round(float(np.mean(means)), 4) if means else None,
         "classes": per_class,
@@ -143,7 +144,7 @@ def _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
     """EP1 baselines on the oracle slices, sharing the Segmenter's backbone and cache."""
     from .preprocessing import fit_normalisation
 
-    supports, _, _ = seg.prepare_support(s_vol, s_mask, sup_slices)
+    supports = seg.prepare_support(s_vol, s_mask, sup_slices)
     stack = q_view.to_stack(q_vol.array)
     g = q_view.to_stack(gt)
     norm = fit_normalisation(q_vol.array)
@@ -152,10 +153,10 @@ def _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
     shape = stack.shape[1:]
     for i in gt_idx:
         rel = 0.5 if q1 == q0 else (i - q0) / (q1 - q0)
-        sup = min(supports, key=lambda s: abs(s.rel - rel))
-        emb = seg.embed(stack, norm, [i])[i]
+        sup = supports.nearest_rel(rel)
+        emb = seg.embedder.embed(stack, norm, [i])[i]
         if method == "coarse":
-            m_sq = seg.generator_output(emb, sup).fg_prob[0].float().cpu().numpy() > 0.5
+            m_sq = seg.start_prompter.output(emb, sup).fg_prob[0].float().cpu().numpy() > 0.5
         else:
             ref = sup.mask_sq if method == "support_box" else slice_to_square(g[i]) > 0.5
             box = box_from_mask(ref)
@@ -172,10 +173,7 @@ def write_json(path, obj) -> None:
     path = Path(path)
     if not path.parent.exists():
         raise FoBInputError(f"The folder of --json {path.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)), suffix=".json.tmp")
 
 
 def cmd_evaluate(args) -> int:
@@ -187,10 +185,10 @@ def cmd_evaluate(args) -> int:
     def show(name, case, d):
         print(f"  {name:<14} case {case:<4} Dice {d:.4f}", flush=True)
 
-    res = evaluate(args.data, classes, args.support_case, cases, args.protocol, method=args.method, progress=show,
-                   backbone=args.backbone, device=args.device, checkpoint=args.checkpoint, weights=args.weights,
-                   prompt=args.prompt, cache_dir=args.cache_dir, use_spr=not args.no_spr,
-                   prompt_source=args.prompt_source)
+    seg = build_segmenter(args.backbone, args.device, args.checkpoint, args.cache_dir, args.prompt_source,
+                          args.weights, args.prompt, not args.no_spr)
+    res = evaluate(args.data, classes, args.support_case, cases, args.protocol, segmenter=seg, method=args.method,
+                   progress=show)
     for name, v in res["classes"].items():
         print(f"{name:<14} mean Dice {v['mean_dice']}")
     print(f"mean Dice {res['mean_dice']} ({res['protocol']}, {res['method']}, {res['backbone']}, "
@@ -200,21 +198,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def add_parser(sub):
-    e = sub.add_parser("evaluate", help="Dice on labelled volumes (protocols ep1 and full)")
-    e.add_argument("--data", required=True, help="folder with image_<case>.nii.gz and label_<case>.nii.gz")
-    e.add_argument("--classes", required=True, help="name=value pairs, e.g. liver=1,right_kidney=2")
-    e.add_argument("--support-case", required=True)
-    e.add_argument("--cases", required=True, help="comma-separated query case ids")
-    e.add_argument("--protocol", default="ep1", choices=["ep1", "full"])
-    e.add_argument("--method", default="fob", choices=list(METHODS))
-    e.add_argument("--json", help="write the results here")
-    e.add_argument("--backbone", default="litemedsam")
-    e.add_argument("--checkpoint")
-    e.add_argument("--weights")
-    e.add_argument("--prompt", default="auto")
-    e.add_argument("--prompt-source", default="auto")
-    e.add_argument("--no-spr", action="store_true")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir")
-    e.set_defaults(func=cmd_evaluate)
+def build_segmenter(backbone="litemedsam", device="auto", checkpoint=None, cache_dir=None, prompt_source="contrast",
+                    weights=None, prompt="auto", use_spr=True):
+    """A Segmenter for evaluation: the default, or (research) the learned generator as start prompter."""
+    from .backbones import create_backbone
+    from .pipeline.segmenter import Segmenter
+
+    if prompt_source not in ("contrast", "fob"):
+        raise FoBInputError(f"Unknown prompt source {prompt_source!r}: use contrast (the default) or fob.")
+    if prompt_source == "contrast" and (weights or prompt != "auto" or not use_spr):
+        raise FoBInputError("--weights, --prompt and --no-spr apply to the learned generator only: "
+                            "add --prompt-source fob.")
+    bb = create_backbone(backbone, device, checkpoint, cache_dir)
+    prompter = None
+    if prompt_source == "fob":
+        from .research.generator_prompts import GeneratorPrompter
+
+        prompter = GeneratorPrompter(bb, weights, prompt, use_spr)
+    return Segmenter(bb, cache_dir=cache_dir, start_prompter=prompter)

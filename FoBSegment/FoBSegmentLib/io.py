@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FoBInputError
+from .files import atomic_write, check_writable_folder, same_file
 from .geometry import Volume, validate_volume
 
-LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+# .mhd is refused: its voxels live in a second file that cannot be renamed atomically with it.
+LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+# Formats that store a direction matrix only as a rotation (NIfTI's qform/sform is orthonormal).
+_ORTHONORMAL_ONLY = (".nii", ".nii.gz")
 
 
 def _suffix(path: Path) -> str:
@@ -24,8 +26,11 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_volume(path: str | Path, what: str = "volume") -> Volume:
-    """NIfTI, NRRD, MHA/MHD or a DICOM series folder -> :class:`Volume` (validated, 3D)."""
+def read_volume(path: str | Path, what: str = "volume", series: str | None = None) -> Volume:
+    """NIfTI, NRRD, MHA/MHD or a DICOM series folder -> :class:`Volume` (validated, 3D).
+
+    A DICOM folder holding several series needs ``series``: a SeriesInstanceUID or its
+    number (1, 2, ...) in the list the error message gives."""
     import SimpleITK as sitk
 
     p = Path(path)
@@ -34,13 +39,14 @@ def read_volume(path: str | Path, what: str = "volume") -> Volume:
     try:
         if p.is_dir():
             reader = sitk.ImageSeriesReader()
+            series_choice = series
             series = reader.GetGDCMSeriesIDs(str(p))
             if not series:
                 raise FoBInputError(
                     f"The folder {p} given as {what} holds no DICOM series. Point to a folder of "
                     "DICOM slices or to a NIfTI/NRRD/MHA file."
                 )
-            files = reader.GetGDCMSeriesFileNames(str(p), series[0])
+            files = reader.GetGDCMSeriesFileNames(str(p), _pick_series(p, reader, list(series), series_choice, what))
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
@@ -55,6 +61,36 @@ def read_volume(path: str | Path, what: str = "volume") -> Volume:
             f"(NIfTI, NRRD, MHA or a DICOM folder) ({first[:160]}). Re-export or re-copy it."
         ) from None
     return image_to_volume(image, what=what, name=p.name)
+
+
+def _pick_series(folder: Path, reader, uids: list, choice, what: str) -> str:
+    """One series of a DICOM folder: the only one, or the one the user chose."""
+    if choice is None and len(uids) == 1:
+        return uids[0]
+    if choice is not None:
+        c = str(choice).strip()
+        if c in uids:
+            return c
+        if c.isdigit() and 1 <= int(c) <= len(uids):
+            return uids[int(c) - 1]
+    import SimpleITK as sitk
+
+    lines = []
+    for n, uid in enumerate(uids, 1):
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        desc = ""
+        try:
+            r = sitk.ImageFileReader()
+            r.SetFileName(files[0])
+            r.ReadImageInformation()
+            desc = r.GetMetaData("0008|103e").strip() if r.HasMetaDataKey("0008|103e") else ""
+        except RuntimeError:
+            pass
+        lines.append(f"  {n}: {desc or '(no description)'}, {len(files)} files, UID {uid}")
+    head = (f"--series {choice!r} matches none of the" if choice is not None
+            else f"The DICOM folder {folder} given as {what} holds {len(uids)}")
+    raise FoBInputError(f"{head} series:\n" + "\n".join(lines)
+                        + "\nChoose one with --series NUMBER or --series UID.")
 
 
 def _check_complete(p: Path) -> None:
@@ -150,13 +186,22 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
             "Save the mask on the same grid as the image it was drawn on (in Slicer: export the segmentation "
             "with the image as reference volume)."
         )
-    lab = np.rint(labvol.array).astype(np.int64)
-    values = [int(v) for v in np.unique(lab) if v != 0]
-    if not values:
+    raw = np.asarray(labvol.array)
+    if not raw.any() or not (raw > 0).any():
         raise FoBInputError(
             f"The support mask {p.name} is empty: no voxel is labelled. Paint the structure on at "
             "least one slice of the support image."
         )
+    if not np.all(np.mod(raw, 1) == 0):
+        # Not a labelmap but a soft or interpolated mask: the library's rule, value > 0 is the structure.
+        if label is not None:
+            raise FoBInputError(
+                f"The support mask {p.name} holds non-integer values, so it is not a labelmap and --label "
+                f"{label} cannot select from it. Drop --label (every voxel > 0 is the structure) or save "
+                "an integer labelmap.")
+        return SupportMask(raw > 0, "mask", _colour_for("mask", None), None)
+    lab = raw.astype(np.int64)
+    values = [int(v) for v in np.unique(lab) if v > 0]
     if label is None:
         if len(values) > 1:
             raise FoBInputError(
@@ -187,10 +232,15 @@ def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
         if chosen is None:
             raise FoBInputError(f"No segment named {segment!r} in {p.name}; it has {names}. Use --segment with one of them.")
     elif label is not None:
-        chosen = next((s for s in segments if int(s.get("labelValue", -1)) == int(label)), None)
-        if chosen is None:
+        matches = [s for s in segments if int(s.get("labelValue", -1)) == int(label)]
+        if not matches:
             vals = [s.get("labelValue") for s in segments]
             raise FoBInputError(f"No segment with label value {label} in {p.name} (values {vals}, names {names}).")
+        if len(matches) > 1:
+            raise FoBInputError(
+                f"Several segments of {p.name} carry label value {label} (on different layers): "
+                f"{[s.get('name') for s in matches]}. Choose one with --segment NAME.")
+        chosen = matches[0]
     elif len(segments) == 1:
         chosen = segments[0]
     else:
@@ -235,7 +285,30 @@ def check_output_path(path: str | Path) -> Path:
         )
     if p.is_dir():
         raise FoBInputError(f"The output path {p} is a folder; give a file name such as {p / 'result.seg.nrrd'}.")
+    check_writable_folder(p.parent)
     return p
+
+
+def refuse_overwriting_inputs(output: str | Path, inputs) -> None:
+    """The output must never replace an input (symlinks, '..', letter case all resolved)."""
+    for src in inputs:
+        src = Path(src)
+        inside = src.is_dir() and Path(output).exists() and Path(output).resolve().parent == src.resolve()
+        if same_file(output, src) or inside:
+            raise FoBInputError(
+                f"The output {output} is the input {src}: writing it would replace that input. Choose "
+                "another --output path.")
+
+
+def check_output_geometry(path: str | Path, query: Volume) -> None:
+    """Refuse a geometry the output format cannot hold, before any work."""
+    if _suffix(Path(path)) in _ORTHONORMAL_ONLY:
+        d = np.asarray(query.direction, float)
+        if np.abs(d.T @ d - np.eye(3)).max() > 1e-4:
+            raise FoBInputError(
+                f"The query's direction matrix is not a rotation (sheared or skewed axes); NIfTI cannot "
+                f"store it and the result would be misplaced. Write .nrrd, .mha or .seg.nrrd instead of "
+                f"{Path(path).name}.")
 
 
 def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = "segment",
@@ -252,30 +325,45 @@ def write_segments(path: str | Path, query: Volume, segments) -> Path:
     import SimpleITK as sitk
 
     p = check_output_path(path)
+    check_output_geometry(p, query)
     suffix = _suffix(p)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".fobsegment-", suffix=suffix)
-    os.close(fd)
-    try:
-        if suffix == ".seg.nrrd":
-            import slicerio
+    expected_shape = tuple(query.array.shape)
 
-            layers, meta = [], []
-            for n, (mask, name, color, value) in enumerate(segments):
-                layers.append(np.transpose((np.asarray(mask) > 0).astype(np.uint8) * np.uint8(value), (2, 1, 0)))
-                meta.append({"id": f"Segment_{n + 1}", "labelValue": int(value), "layer": n, "name": name,
-                             "color": [float(c) for c in color]})
-            voxels = layers[0] if len(layers) == 1 else np.stack(layers, axis=0)  # slicerio: ([layer,] i, j, k)
-            slicerio.write_segmentation(tmp, {
+    if suffix == ".seg.nrrd":
+        import slicerio
+
+        layers, meta = [], []
+        dtype = np.uint8 if max(int(v) for *_, v in segments) <= 255 else np.uint16
+        for n, (mask, name, color, value) in enumerate(segments):
+            layers.append(np.transpose((np.asarray(mask) > 0).astype(dtype) * dtype(value), (2, 1, 0)))
+            meta.append({"id": f"Segment_{n + 1}", "labelValue": int(value), "layer": n, "name": name,
+                         "color": [float(c) for c in color]})
+        voxels = layers[0] if len(layers) == 1 else np.stack(layers, axis=0)  # slicerio: ([layer,] i, j, k)
+
+        def write(tmp):
+            slicerio.write_segmentation(str(tmp), {
                 "voxels": voxels, "ijkToLPS": query.ijk_to_lps(), "encoding": "gzip",
                 "containedRepresentationNames": ["Binary labelmap"], "segments": meta,
             })
-        else:
-            labels = np.zeros(query.array.shape, np.uint16 if max(v for *_, v in segments) > 255 else np.uint8)
-            for mask, _name, _color, value in segments:
-                labels[np.asarray(mask) > 0] = value
-            sitk.WriteImage(volume_to_image(query.with_array(labels)), tmp, useCompression=True)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+
+        def verify(tmp):
+            back = slicerio.read_segmentation(str(tmp))
+            if tuple(np.asarray(back["voxels"]).shape[-3:]) != tuple(voxels.shape[-3:]):
+                raise OSError(5, "the written segmentation reads back with another shape")
+    else:
+        labels = np.zeros(expected_shape, np.uint16 if max(v for *_, v in segments) > 255 else np.uint8)
+        for mask, _name, _color, value in segments:
+            labels[np.asarray(mask) > 0] = value
+
+        def write(tmp):
+            sitk.WriteImage(volume_to_image(query.with_array(labels)), str(tmp), useCompression=True)
+
+        def verify(tmp):
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(tmp))
+            r.ReadImageInformation()
+            if tuple(reversed(r.GetSize())) != expected_shape:
+                raise OSError(5, "the written image reads back with another size")
+            _check_complete(tmp)
+
+    return atomic_write(p, write, verify, suffix=suffix)

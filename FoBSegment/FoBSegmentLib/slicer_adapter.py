@@ -487,7 +487,7 @@ def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSe
     - ``supportVolumeNode`` is the volume the support was painted on (default: the query).
     - ``outputSegmentationNode``: ``None`` writes into the support segmentation when the
       support was painted on the query itself, otherwise into a new segmentation node.
-    - ``segmenter`` is a ``FoBSegmentLib.volume_segmenter.Segmenter`` (or anything with the
+    - ``segmenter`` is a ``FoBSegmentLib.Segmenter`` (or anything with the
       same ``segment`` method).
     - Nothing is written until every segment has been computed: cancelling (``is_cancelled``
       returning True raises :class:`CancelledError`) or an error leaves the scene unchanged.

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-WORK_SIZE = 256  # side of the square grid on which masks and generator heatmaps live
+from ..settings import WORK_SIZE  # noqa: F401 - re-exported: the grid masks come back on
+
 EMBED_SHAPE = (256, 64, 64)
 
 

@@ -53,6 +53,55 @@ def litemedsam():
     return LiteMedSAMBackbone(torch.device("cpu"))
 
 
+@pytest.fixture(scope="session")
+def segmenter(litemedsam):
+    """The default Segmenter on the embedded backbone, shared by every test (memory cache)."""
+    from FoBSegmentLib import Segmenter
+
+    return Segmenter(litemedsam)
+
+
+@pytest.fixture(scope="session")
+def ct(example_ct):
+    """The example CT as a Volume and its integer labels (5 liver, 1 spleen)."""
+    from FoBSegmentLib.io import read_volume
+
+    img, lab = example_ct
+    return read_volume(img), np.rint(read_volume(lab).array).astype(np.int64)
+
+
+def one_slice_support(vol, gt, which="middle"):
+    """What a user paints: one slice of the reference (the middle or the largest) -> (mask in
+    the volume's geometry, its stack index, the volume's SliceView)."""
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
+
+    view = SliceView.for_volume(vol)
+    g = view.to_stack(gt)
+    idx = occupied_slices(g)
+    k = int(np.argmax(g.sum((1, 2)))) if which == "largest" else int(idx[len(idx) // 2])
+    s = np.zeros_like(g)
+    s[k] = g[k]
+    return view.from_stack(s), k, view
+
+
+def shared_pair(dataset, support_case, query_case, label):
+    """A support/query pair of ../shared/data as the standard protocol sees it -> (support
+    image, query image, support mask, query ground truth, the three ep1 support slices, the
+    query's slices of the structure); skips where the data is absent."""
+    from FoBSegmentLib.evaluation import ep1_support_slices
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
+    from FoBSegmentLib.io import read_volume
+
+    si, sl = shared_case(dataset, support_case)
+    qi, ql = shared_case(dataset, query_case)
+    s, q = read_volume(si), read_volume(qi)
+    mask = np.rint(read_volume(sl).array) == label
+    gt = np.rint(read_volume(ql).array) == label
+    ref = occupied_slices(SliceView.for_volume(q).to_stack(gt))
+    sup = ep1_support_slices(SliceView.for_volume(s).to_stack(mask))
+    return s, q, mask, gt, sup, ref
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     s = a.sum() + b.sum()

@@ -137,7 +137,7 @@ def test_bound_widgets_match_parameter_fields():
     _, widgets = _ui_widgets()
     fields = _parameter_fields()
     for key in ("inputVolume", "supportVolume", "supportSegmentation", "supportSegmentId", "outputSegmentation",
-                "backbone", "device", "promptStrategy", "firstSlice", "lastSlice", "showPrompts", "checkpointPath"):
+                "backbone", "device", "firstSlice", "lastSlice", "showPrompts", "checkpointPath"):
         assert key in fields, key
     bound = {}
     for name, w in widgets.items():
@@ -150,7 +150,7 @@ def test_bound_widgets_match_parameter_fields():
         if widgets[widget_name].get("class") == "QComboBox":
             assert "Choice(" in fields[param], f"{param}: a QComboBox binding needs a Choice annotation"
     for must in ("inputVolumeSelector", "supportVolumeSelector", "outputSegmentationSelector", "backboneComboBox",
-                 "deviceComboBox", "promptComboBox", "showPromptsCheckBox", "checkpointPathLineEdit"):
+                 "deviceComboBox", "showPromptsCheckBox", "checkpointPathLineEdit"):
         assert must in bound, f"{must} should be bound to the parameter node"
     adv = widgets["advancedCollapsibleButton"]
     collapsed = [p for p in adv.findall("property") if p.get("name") == "collapsed"]
@@ -291,7 +291,6 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
         calls, made = [], []
 
         class StandIn:
-            prompt = "box"
             backbone = SimpleNamespace(name="litemedsam")
             def segment(self, query, support, mask, support_slices=None, slice_range=None, progress=None,
                         is_cancelled=None):
@@ -300,19 +299,19 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
                 return SimpleNamespace(mask=mask.astype(np.uint8), prompts=[], device="cpu",
                                        slices_segmented=1, slices_encoded=1)
 
-        import FoBSegmentLib.volume_segmenter as vs
+        import FoBSegmentLib
         def fake_segmenter(**kwargs):
             made.append(kwargs)
             return StandIn()
-        vs.Segmenter = fake_segmenter
+        FoBSegmentLib.Segmenter = fake_segmenter
         logic = FoBSegment.FoBSegmentLogic()
         ticks = []
         ids1 = logic.process(vnode, seg, sid, sliceRange=(10, 20), progressCallback=lambda d, t: ticks.append(d))
-        ids2 = logic.process(vnode, seg, sid, prompt="points")
+        ids2 = logic.process(vnode, seg, sid)
         names = [seg.GetSegmentation().GetSegment(i).GetName() for i in ids1 + ids2]
         equal = bool((sa.segment_mask_on_volume(seg, ids1[0], vnode) == (lab.array == 5)).all())
         print(json.dumps({{"names": names, "calls": calls, "made": len(made), "ticks": ticks, "equal": equal,
-                          "kwargs": sorted(made[0]), "prompt": logic.getSegmenter().prompt}}))
+                          "kwargs": sorted(made[0])}}))
         '''
     )
     out = _run_python(code)
@@ -321,4 +320,3 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
     assert out["made"] == 1, "one Segmenter per (backbone, device, checkpoint): embeddings stay cached"
     assert out["ticks"] == [1] and out["equal"]
     assert {"backbone", "device", "checkpoint"} <= set(out["kwargs"])
-    assert out["prompt"] == "box"  # "auto" restores the model's default strategy

@@ -62,6 +62,7 @@ def test_onnx_runtime_is_the_cpu_default_and_reproduces_eager_output(fresh_backb
     assert [p.stat().st_mtime_ns for p in exported] == mtimes
 
 
+@pytest.mark.slow
 def test_corrupt_cached_onnx_file_is_replaced(fresh_backbone, ct_batch, tmp_path):
     bb = fresh_backbone()
     assert bb.runtime == "onnxruntime"

@@ -1,4 +1,4 @@
-"""The FoB prompt generator (FoBSegmentLib.prompt_generator) on synthetic episodes."""
+"""The FoB prompt generator (FoBSegmentLib.research.prompt_generator) on synthetic episodes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from FoBSegmentLib.background_ring import ring_points
 from FoBSegmentLib.errors import CheckpointError
-from FoBSegmentLib.prompt_generator import (
+from FoBSegmentLib.research.prompt_generator import (
     FoBPromptGenerator,
     GeneratorOutput,
     biased_attention,
@@ -127,6 +127,7 @@ def test_feature_sampling_uses_normalised_coordinates():
     assert sample_features(feats, pt).item() == pytest.approx(r * 64 + c)
 
 
+@pytest.mark.slow
 def test_overfit_one_episode(episode):
     torch.manual_seed(0)
     model = FoBPromptGenerator(**SMALL)

@@ -210,10 +210,7 @@ def test_cancel_or_failure_writes_nothing(scene, ct_nodes, monkeypatch):
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
     torch = pytest.importorskip("torch")
-    try:
-        from FoBSegmentLib.volume_segmenter import Segmenter
-    except ImportError as exc:  # the pipeline is not there yet
-        pytest.skip(f"FoBSegmentLib.volume_segmenter.Segmenter not available: {exc}")
+    from FoBSegmentLib import Segmenter
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return Segmenter(backbone="litemedsam", device="cpu", cache_dir=tmp_path_factory.mktemp("fob_cache"))
 

@@ -10,7 +10,7 @@ import torch
 from conftest import TEST_DATA, dice
 from FoBSegmentLib.evaluation import ep1_support_slices, evaluate, parse_classes
 from FoBSegmentLib.errors import FoBInputError
-from FoBSegmentLib.training_data import PreparedVolume, body_mask, supervoxels
+from FoBSegmentLib.research.training_data import PreparedVolume, body_mask, supervoxels
 
 
 def _ct_crop(tmp_path, z0=90, z1=96, name="image_7.nii.gz", shrink=2):
@@ -53,9 +53,10 @@ def test_supervoxels_cover_the_body_and_follow_spacing():
     assert cands and all(b == a + 1 for a, b, _ in cands)
 
 
+@pytest.mark.slow
 def test_training_runs_resumes_and_writes_loadable_weights(tmp_path):
-    from FoBSegmentLib.prompt_generator import load_generator
-    from FoBSegmentLib.training import train
+    from FoBSegmentLib.research.prompt_generator import load_generator
+    from FoBSegmentLib.research.training import train
 
     _ct_crop(tmp_path, 88, 92, "image_1.nii.gz", shrink=1)
     out = tmp_path / "w.pt"
@@ -73,7 +74,7 @@ def test_training_runs_resumes_and_writes_loadable_weights(tmp_path):
 
 
 def test_setting_two_excludes_slices_with_the_test_labels(tmp_path, litemedsam):
-    from FoBSegmentLib.training_data import load_prepared, prepare_volume
+    from FoBSegmentLib.research.training_data import load_prepared, prepare_volume
 
     img = _ct_crop(tmp_path, 66, 72, "image_1.nii.gz")
     p = prepare_volume(img, litemedsam, tmp_path / "prep", label_path=tmp_path / "label_1.nii.gz",
@@ -89,7 +90,7 @@ def test_setting_two_excludes_slices_with_the_test_labels(tmp_path, litemedsam):
 
 def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
     from FoBSegmentLib.cli import main
-    from FoBSegmentLib.volume_segmenter import Segmenter
+    from FoBSegmentLib import Segmenter
 
     _ct_crop(tmp_path, 95, 101, "image_7.nii.gz", shrink=1)
     _ct_crop(tmp_path, 94, 100, "image_8.nii.gz", shrink=1)
@@ -109,6 +110,7 @@ def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
     assert set(j["classes"]["liver"]["cases"]) == {"8"} and "seconds" in j and "slices_encoded" in j
 
 
+@pytest.mark.slow
 def test_distributed_training_with_torchrun_on_two_cpu_processes(tmp_path):
     """PyTorch DDP (gloo on CPU, the same code path as NCCL on GPUs): two ranks train, rank 0
     writes resumable weights once, and a time-boxed run stops every rank together."""
@@ -116,7 +118,7 @@ def test_distributed_training_with_torchrun_on_two_cpu_processes(tmp_path):
     import subprocess
     import sys
 
-    from FoBSegmentLib.prompt_generator import load_generator
+    from FoBSegmentLib.research.prompt_generator import load_generator
 
     _ct_crop(tmp_path, 88, 92, "image_1.nii.gz", shrink=2)
     _ct_crop(tmp_path, 70, 74, "image_2.nii.gz", shrink=2)

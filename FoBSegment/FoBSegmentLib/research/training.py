@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .background_ring import ring_points
-from .errors import FoBInputError
+from ..background_ring import ring_points
+from ..errors import FoBInputError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
           supervoxel: str = "slic", supervoxel_mm: float = 30.0, use_spr: bool = True, save_every: int = 100,
           checkpoint=None, threads: int | None = None, log_every: int = 20, channels: int = 128,
           max_minutes: float | None = None, default_prompt: str | None = None) -> Path:
-    from .backbones import create_backbone, resolve_device
+    from ..backbones import create_backbone, resolve_device
     from .prompt_generator import FoBPromptGenerator, fob_loss, save_generator
     from .training_data import expand_images, label_for, load_prepared, prepare_volume
 
@@ -247,27 +247,3 @@ def cmd_train(args) -> int:
           save_every=args.save_every, checkpoint=args.checkpoint, threads=args.threads,
           max_minutes=args.max_minutes, default_prompt=args.default_prompt)
     return 0
-
-
-def add_parser(sub):
-    t = sub.add_parser("train", help="train the FoB prompt generator self-supervised (no labels)")
-    t.add_argument("--images", nargs="+", required=True, help="glob(s) of training images, e.g. 'DIR/image_*.nii.gz'")
-    t.add_argument("--output", required=True, help="generator weights to write (.pt); <output>.ckpt resumes")
-    t.add_argument("--backbone", default="litemedsam")
-    t.add_argument("--checkpoint", help="local backbone checkpoint")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--iterations", type=int, default=2000)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--exclude-labels", help="Setting II: skip slices containing any of these label values "
-                                            "(read from label_<case> beside each image)")
-    t.add_argument("--supervoxel", default="slic", choices=["slic", "felzenszwalb"])
-    t.add_argument("--supervoxel-mm", type=float, default=30.0)
-    t.add_argument("--no-spr", action="store_true")
-    t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
-    t.add_argument("--threads", type=int)
-    t.add_argument("--default-prompt", help="prompt strategy recorded as this generator's default")
-    t.add_argument("--cache-dir")
-    t.set_defaults(func=cmd_train)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .backbones.base import WORK_SIZE, slice_to_square
-from .geometry import SliceView
-from .io import read_volume
-from .preprocessing import fit_normalisation
+from ..backbones.base import WORK_SIZE, slice_to_square
+from ..geometry import SliceView
+from ..io import read_volume
+from ..preprocessing import fit_normalisation
 
 MIN_PSEUDO_PX = 200  # method.md: pseudo-mask >= 200 px (at 256)
 
@@ -191,7 +191,7 @@ def label_for(image: Path) -> Path | None:
 if __name__ == "__main__":  # pragma: no cover - used to pre-encode the shared data in the background
     import sys
 
-    from .backbones import create_backbone
+    from ..backbones import create_backbone
 
     torch.set_num_threads(int(os.environ.get("FOB_THREADS", "2")))
     bb = create_backbone("litemedsam", "cpu")

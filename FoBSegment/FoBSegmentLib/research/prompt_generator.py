@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .background_ring import gaussian_heatmaps_torch
-from .errors import CheckpointError
+from ..background_ring import gaussian_heatmaps_torch
+from ..errors import CheckpointError
+from ..settings import WORK_SIZE
 
-WORK_SIZE = 256  # generator heatmap / mask grid (same as backbones.base.WORK_SIZE)
 FEAT_SIZE = 64  # embedding grid
 RING_SIGMA = 4.0  # px at 256
 CHECKPOINT_FORMAT = "FoBSegment-prompt-generator"

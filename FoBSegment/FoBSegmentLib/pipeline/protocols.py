@@ -1,0 +1,85 @@
+"""Which slices a run visits, and from where it starts.
+
+- :func:`same_volume`: the support was painted on the query itself (clinical use).
+- :func:`other_patient`: the support comes from another volume; nothing says where the
+  structure is, so a whole-volume seed search finds it first.
+- :func:`oracle_slices`: the evaluation protocol EP1, where the slices holding the structure
+  are given; nothing is decided.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..preprocessing import body_columns
+from ..settings import WORK_SIZE
+from .seed import find_seed
+from .walk import walk
+
+
+def oracle_slices(run, support, query_slices) -> None:
+    """Segment exactly ``query_slices``: start on the slice of the middle half where the
+    structure shows most clearly (the middle slice itself may show a look-alike more clearly:
+    docs/benchmarks/benchmark_all_supports_start_search.md), then walk to both ends, each slice
+    prompted from its neighbour just segmented.  Each slice uses the support at the same
+    relative position of the given extent (the 3-chunk protocol)."""
+    qs = sorted({int(s) for s in query_slices if run.lo <= int(s) <= run.hi})
+    run.total = len(qs)
+    if not qs:
+        return
+    q0, q1 = qs[0], qs[-1]
+
+    def support_at(i):
+        return support.nearest_rel(0.5 if q1 == q0 else (i - q0) / (q1 - q0))
+
+    middle = qs[len(qs) // 4: len(qs) - len(qs) // 4] or qs
+    # Every slice here holds the structure: no side prior (measured without; it changed nothing).
+    mid = find_seed(run, support.central(), middle, given="oracle")
+    if mid is None:
+        mid = qs[len(qs) // 2]
+        run.segment_slice(mid, support_at(mid), None, decide_presence=False)
+    mid_pos = qs.index(mid)
+    for order in (qs[mid_pos - 1::-1] if mid_pos > 0 else [], qs[mid_pos + 1:]):
+        prev = run.kept.get(mid)
+        for i in order:
+            run.segment_slice(i, support_at(i), prev, decide_presence=False)
+            prev = run.kept.get(i, prev)
+
+
+def same_volume(run, support, support_mask: np.ndarray) -> None:
+    """The user's annotation is the answer on the painted slices; the gaps between them are
+    segmented from their neighbours; then the walk goes outward from the first and the last
+    painted slice until the structure ends."""
+    user = support.view.to_stack(np.asarray(support_mask) > 0)
+    annotated, lo, hi = support.annotated, run.lo, run.hi
+    for s in annotated:
+        if lo <= s <= hi:
+            run.keep_user_slice(s, user[s])
+    inside = [i for i in range(max(lo, annotated[0]), min(hi, annotated[-1]) + 1) if i not in run.kept]
+    for i in inside:  # gaps between annotated slices: the structure is there
+        below = [k for k in run.kept if k < i]
+        prev = run.kept.get(max(below)) if below else None
+        run.segment_slice(i, support.nearest_index(i), prev, decide_presence=False, given="between_annotations")
+    if annotated[0] >= lo:
+        walk(run, min(hi, annotated[0]), -1, lo, support.nearest_index)
+    if annotated[-1] <= hi:
+        walk(run, max(lo, annotated[-1]), +1, hi, support.nearest_index)
+
+
+def other_patient(run, support) -> None:
+    """Find the structure anywhere in the slice range (keeping to the support's side of the
+    body), then walk both ways from there."""
+    lo, hi = run.lo, run.hi
+    body = None
+    if run.settings.seed.side_prior:
+        to_sq = WORK_SIZE / max(run.rows, run.cols)
+        body = tuple(x * to_sq for x in body_columns(run.stack, run.norm))  # (midline, half-width), work grid
+    seed = find_seed(run, support.central(), list(range(lo, hi + 1)), body=body)
+    if seed is None:
+        return
+
+    def support_for(i):  # the support at the same relative position of the slice range
+        return support.nearest_rel((i - lo) / max(1, hi - lo))
+
+    walk(run, seed, -1, lo, support_for)
+    walk(run, seed, +1, hi, support_for)

@@ -1,0 +1,160 @@
+"""The Segmenter: one backbone, one embedding cache and one settings object, reused across runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backbones.base import Backbone
+from ..embedding_cache import EmbeddingCache
+from ..errors import FoBInputError
+from ..geometry import SliceView, Volume, occupied_slices, validate_volume
+from ..settings import DEFAULT_SETTINGS, SegmenterSettings
+from . import protocols
+from .embedding import Embedder
+from .ring_structures import split_ring, wall_around, wall_thickness
+from .run import QueryRun, SegmentationResult
+from .slice_prompting import ContrastPrompter, SlicePredictor
+from .support import Support, prepare_support
+
+
+class Segmenter:
+    """Segment a structure through a volume from one or a few annotated slices.
+
+    ``backbone``: a name (``litemedsam``, the embedded default; ``sam_vit_b`` / ``_l`` / ``_h``,
+    downloaded on first use; ``medsam_vit_b``, a local checkpoint) or a built
+    :class:`~FoBSegmentLib.backbones.base.Backbone`.  ``device``: ``auto``, ``cpu`` or ``cuda``.
+    ``cache_dir``: where checkpoints and slice embeddings are kept between runs (None: memory
+    only).  ``settings``: a :class:`~FoBSegmentLib.settings.SegmenterSettings`.
+    ``start_prompter``: how a slice without a segmented neighbour is prompted (default: the
+    training-free background contrast; research code may pass the learned generator).
+    """
+
+    def __init__(self, backbone: str | Backbone = "litemedsam", device: str = "auto", checkpoint=None,
+                 cache_dir=None, settings: SegmenterSettings = DEFAULT_SETTINGS, start_prompter=None,
+                 batch_size: int | None = None, download_progress=None, is_cancelled=None):
+        if not isinstance(settings, SegmenterSettings):
+            raise FoBInputError(f"settings must be a SegmenterSettings, not {type(settings).__name__}.")
+        if not isinstance(backbone, Backbone):
+            from ..backbones import create_backbone
+
+            backbone = create_backbone(backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
+        self.backbone = backbone
+        self.settings = settings
+        self.cache = EmbeddingCache(cache_dir, settings.memory_cache_mb)
+        self.embedder = Embedder(backbone, self.cache, batch_size)
+        self.start_prompter = start_prompter or ContrastPrompter(backbone, settings)
+        self.predictor = SlicePredictor(backbone, settings, self.start_prompter)
+
+    def with_settings(self, settings: SegmenterSettings | None = None, **changes) -> "Segmenter":
+        """A Segmenter with other settings sharing this one's backbone and embedding cache (no
+        slice is encoded again).  ``changes`` by dotted name: ``with_settings(**{"walk.pad_px": 6})``."""
+        settings = (settings or self.settings).with_changes(**changes) if changes else (settings or self.settings)
+        other = object.__new__(Segmenter)
+        other.backbone, other.settings, other.cache = self.backbone, settings, self.cache
+        other.embedder = Embedder(self.backbone, self.cache, self.embedder.batch_size)
+        if isinstance(self.start_prompter, ContrastPrompter):
+            other.start_prompter = ContrastPrompter(self.backbone, settings)
+        else:
+            other.start_prompter = self.start_prompter
+        other.predictor = SlicePredictor(self.backbone, settings, other.start_prompter)
+        return other
+
+    @property
+    def encoded_count(self) -> int:
+        """Slices encoded by this Segmenter so far (the rest came from the cache)."""
+        return self.embedder.encoded_count
+
+    @property
+    def prompt_source(self) -> str:
+        return self.start_prompter.name
+
+    def prepare_support(self, support: Volume, support_mask: np.ndarray, support_slices=None) -> Support:
+        return prepare_support(self.embedder, support, support_mask, support_slices)
+
+    # ---------------------------------------------------------------- volume
+    def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
+                slice_range=None, query_slices=None, progress=None, is_cancelled=None,
+                holes: str = "auto") -> SegmentationResult:
+        """Segment the structure annotated in ``support_mask`` (on ``support``; None: the
+        query itself) through ``query``.
+
+        ``support_slices``: which annotated slices to use (default: all).  ``slice_range``:
+        (first, last) slices of the query to consider.  ``query_slices``: the evaluation
+        oracle (protocol EP1): exactly these slices are segmented and nothing is decided.
+        ``progress(done, total)`` is called after every segmented slice; ``is_cancelled()``
+        is polled after every encoded or decoded slice and raises ``CancelledError``.
+        ``holes='auto'``: a support mask enclosing holes (a wall around a cavity) is segmented
+        as a ring structure; ``'off'`` never."""
+        _check_volume(query, "query")
+        if support is not None:
+            _check_volume(support, "support")
+        sup_vol = query if support is None else support
+        m = np.asarray(support_mask) > 0
+        if holes != "off" and m.shape == sup_vol.array.shape and m.any():
+            s_view = SliceView.for_volume(sup_vol)
+            ms = s_view.to_stack(m)
+            hole = split_ring(ms, self.settings.ring.hole_ratio)
+            if hole is not None:
+                return self._segment_ring(query, support, s_view, ms, hole, support_slices, slice_range,
+                                          query_slices, progress, is_cancelled)
+        return self._segment_structure(query, support, support_mask, support_slices, slice_range, query_slices,
+                                       progress, is_cancelled)
+
+    def _segment_structure(self, query, support, support_mask, support_slices=None, slice_range=None,
+                           query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:
+        """One compact structure: prepare the support, then visit the query by its protocol."""
+        validate_volume(query, "query image")
+        same = support is None or support is query or (
+            query.same_grid(support) and np.shares_memory(query.array, support.array))
+        sup = self.prepare_support(query if support is None else support, support_mask, support_slices)
+        run = QueryRun(self, query, slice_range, progress, is_cancelled)
+        if query_slices is not None:
+            protocols.oracle_slices(run, sup, query_slices)
+        elif same:
+            protocols.same_volume(run, sup, support_mask)
+        else:
+            protocols.other_patient(run, sup)
+        return run.result_volume()
+
+    def _segment_ring(self, query, support, s_view, ms, hole, support_slices, slice_range, query_slices,
+                      progress, is_cancelled) -> SegmentationResult:
+        """A wall around a cavity: segment the cavity, then draw the wall at the support's thickness."""
+        t0 = time.perf_counter()
+        enc0 = self.encoded_count
+        chosen = support_slices or occupied_slices(ms)
+        hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
+        inner = self._segment_structure(query, support, s_view.from_stack(hole), hole_sup, slice_range,
+                                        query_slices, progress, is_cancelled)
+        t = wall_thickness(ms, hole, hole_sup, self.settings.ring.default_thickness_px)
+        view = SliceView.for_volume(query)
+        inner_st = view.to_stack(inner.mask > 0)
+        out = np.zeros(inner_st.shape, np.uint8)
+        for i, info in inner.slice_info.items():
+            if info.get("kept") and inner_st[i].any():
+                out[i] = wall_around(inner_st[i], t)
+        if support is None or support is query:  # the user's own annotation stays exactly as drawn
+            for i in occupied_slices(ms):
+                out[i] = ms[i]
+        inner.mask = np.ascontiguousarray(view.from_stack(out))
+        inner.prompt_strategy += "+ring"
+        inner.slices_segmented = len(occupied_slices(out))
+        inner.slices_encoded = self.encoded_count - enc0
+        inner.seconds = time.perf_counter() - t0
+        return inner
+
+
+def _check_volume(v, what: str) -> None:
+    if not isinstance(v, Volume):
+        raise FoBInputError(
+            f"The {what} must be a FoBSegmentLib Volume (got {type(v).__name__}): read files with "
+            "FoBSegmentLib.read_volume(path), or wrap an array with Volume(array, spacing, origin, direction)."
+        )
+
+
+def default_weights(backbone_name: str) -> Path | None:
+    """The FoB generator weights shipped for a backbone (research use), or None."""
+    p = Path(__file__).resolve().parents[1] / "weights" / f"fob_{backbone_name}.pt"
+    return p if p.is_file() else None

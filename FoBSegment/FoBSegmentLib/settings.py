@@ -1,0 +1,133 @@
+"""Every tunable of the volume pipeline, in one frozen object.
+
+``Segmenter(backbone, settings=...)`` takes a :class:`SegmenterSettings`; a variant is
+``dataclasses.replace(DEFAULT_SETTINGS, ...)`` or :func:`SegmenterSettings.with_changes`
+with dotted names (``"walk.pad_px"``).  Each field says what it does and where its default
+was measured; the figures live in the benchmark pages under ``docs/benchmarks/``, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+#: Side of the square grid on which masks, boxes and generator heatmaps live (every backbone).
+WORK_SIZE = 256
+#: Background ring radii of the FoB paper at the 256 grid (method.md section 2, BPPC).
+RING_OUTER_PX, RING_INNER_PX = 10.0, 7.0
+#: The box enclosed by a ring is shrunk by the ring's mean distance from the structure.
+RING_MARGIN_PX = 0.5 * (RING_OUTER_PX + RING_INNER_PX)
+
+
+@dataclass(frozen=True)
+class PresenceSettings:
+    """Is the structure on this slice?  Decides where the walk stops (``pipeline.walk``)."""
+
+    #: A mask smaller than this (work-grid pixels) is empty.
+    min_area_px: int = 6
+    #: Fraction of a mask that must lie within 6 px of the neighbour kept before it (3D connectivity).
+    min_overlap: float = 0.5
+    #: SAM's predicted IoU below which the mask is not trusted.
+    min_iou: float = 0.45
+    #: Absolute floor of prototype contrast: below it the region no longer looks like the support.
+    #: Chosen on training-fold cases (CHAOS 1, 10; MS-CMRSeg 1) and the example CT.
+    min_contrast: float = 0.1
+    #: Fraction of this structure's typical contrast in this run below which a slice is dropped.
+    rel_contrast: float = 0.5
+    #: A mask more than this times the neighbour's area (+ 50 px) has leaked into a neighbour organ.
+    max_growth: float = 4.0
+    #: Dilation (px) of the neighbour's mask within which a component counts as connected.
+    near_px: int = 6
+
+
+@dataclass(frozen=True)
+class ContrastSettings:
+    """Training-free localisation by FoB's background prototypes (``pipeline.contrast``)."""
+
+    #: Contrast levels at which candidate regions are cut (docs/benchmarks/default_settings.md,
+    #: row "one contrast level").
+    levels: tuple = (0.0, 0.1, 0.2)
+    #: Weight w of the surroundings' likeness exp(w * cosine) in region and seed choice
+    #: (docs/benchmarks/default_settings.md, rows "no surroundings", "surroundings weight 6 / 14").
+    context_weight: float = 10.0
+    #: Within one slice, a region is discounted by exp(-d / sigma) with d its distance (px) from
+    #: where the support has the structure (left and right kidney look alike).
+    position_sigma_px: float = 40.0
+    #: Candidate regions kept per contrast level.
+    per_level: int = 5
+    #: Margin (px) of the box drawn around the chosen region.
+    box_pad_px: float = 2.0
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    """Where to start on another patient's volume (``pipeline.seed``)."""
+
+    #: The whole-volume search visits about this many evenly spaced slices, then the neighbours
+    #: of the best (every slice of a volume up to twice as long).
+    scan_slices: int = 40
+    #: Discount regions across the body's midline from the support's structure
+    #: (docs/benchmarks/benchmark_all_supports.md; row "no side prior" of default_settings.md).
+    side_prior: bool = True
+    #: The support's structure must lie this many body half-widths off the midline for the prior.
+    side_min: float = 0.15
+    #: Score factor of a region on the other side.
+    side_penalty: float = 0.1
+
+
+@dataclass(frozen=True)
+class WalkSettings:
+    """Slice to slice from the seed, each slice prompted from its neighbour (``pipeline.walk``)."""
+
+    #: Margin (px) of the box copied from the neighbouring slice: organs grow from slice to
+    #: slice and a tight box clips them (default_settings.md, rows "box margin 2 / 6 px").
+    pad_px: float = 4.0
+    #: Maximum re-prompts of a propagated slice with the box of SAM's own mask until the box
+    #: settles; 0 = the neighbour's box only (docs/benchmarks/settle_box.md, row "no box settling").
+    max_settle_prompts: int = 3
+    #: A box that moved less than this (px, any side) has settled (docs/benchmarks/settle_box.md).
+    settle_tolerance_px: float = 3.0
+
+
+@dataclass(frozen=True)
+class RingStructureSettings:
+    """Ring-shaped structures such as the myocardium around the blood pool (``pipeline.ring_structures``)."""
+
+    #: A support whose holes exceed this fraction of its filled area is a ring.
+    hole_ratio: float = 0.1
+    #: Wall thickness (px) when the support gives none.
+    default_thickness_px: float = 5.0
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    """All tunables of :class:`FoBSegmentLib.Segmenter`, grouped by pipeline step."""
+
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
+    contrast: ContrastSettings = field(default_factory=ContrastSettings)
+    seed: SeedSettings = field(default_factory=SeedSettings)
+    walk: WalkSettings = field(default_factory=WalkSettings)
+    ring: RingStructureSettings = field(default_factory=RingStructureSettings)
+    #: Largest size (MB) of the in-memory embedding cache (fp16, 2 MB per slice).
+    memory_cache_mb: float = 1024.0
+
+    def with_changes(self, **changes) -> "SegmenterSettings":
+        """A copy with fields changed by dotted name: ``with_changes(**{"walk.pad_px": 6.0})``."""
+        groups: dict = {}
+        top = {}
+        for name, value in changes.items():
+            group, _, leaf = name.partition(".")
+            if not hasattr(self, group):
+                raise ValueError(f"Unknown setting {name!r}")
+            if leaf:
+                if not hasattr(getattr(self, group), leaf):
+                    raise ValueError(f"Unknown setting {name!r}")
+                groups.setdefault(group, {})[leaf] = value
+            else:
+                top[group] = value
+        for group, kw in groups.items():
+            top[group] = dataclasses.replace(getattr(self, group), **kw)
+        return dataclasses.replace(self, **top)
+
+
+DEFAULT_SETTINGS = SegmenterSettings()
