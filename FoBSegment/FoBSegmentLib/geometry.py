@@ -96,6 +96,15 @@ def validate_volume(volume: Volume, what: str = "image") -> None:
         raise FoBInputError(f"The {what} has a non-positive spacing {volume.spacing}; check its header.")
 
 
+def validate_image_content(volume: Volume, what: str = "image") -> None:
+    """An image with one value everywhere (all zero, a blank export) has nothing to segment."""
+    a = volume.array
+    if a.size and float(a.max()) == float(a.min()):
+        raise FoBInputError(
+            f"The {what} has the same value ({float(a.min()):g}) in every voxel: there is nothing to "
+            "segment. Check that the right file was chosen and that it was exported with its image data.")
+
+
 def slice_axis_ijk(volume: Volume) -> int:
     """The acquisition axis as an index into (i, j, k): 0, 1 or 2.
 

@@ -61,14 +61,29 @@ class LiteMedSAMBackbone(Backbone):
             )
         _VERIFIED[key] = digest
         self._sha = digest
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise CheckpointError(
+                f"Cannot read {checkpoint} as a PyTorch checkpoint ({type(exc).__name__}): the file is damaged, "
+                "truncated or not a checkpoint. LiteMedSAM expects the lite_medsam.pth state dict; pass that "
+                "file with --checkpoint, or leave --checkpoint out to use the embedded weights.") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(
+                f"{checkpoint} holds a {type(state).__name__}, not a model state dict. LiteMedSAM expects the "
+                "lite_medsam.pth state dict; leave --checkpoint out to use the embedded weights.")
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{checkpoint} is not a LiteMedSAM checkpoint: {exc}") from exc
+            from .sam import _summarise_mismatch
+
+            raise CheckpointError(
+                f"{checkpoint} is not a LiteMedSAM checkpoint ({_summarise_mismatch(exc, net, state)}). Pass "
+                "LiteMedSAM's lite_medsam.pth, choose the backbone that matches the file (--backbone), or leave "
+                "--checkpoint out to use the embedded weights.") from None
         self.model = net.to(self.device).eval()
 
     def weights_id(self) -> str:

@@ -68,8 +68,23 @@ def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "onnx"
 
 
+def _clean_stale_parts(folder: Path, max_age_s: float = 3600.0) -> None:
+    """An export killed part-way leaves a ``.part`` file; one untouched for an hour is dead."""
+    import time
+
+    for part in folder.glob("*.part"):
+        try:
+            if time.time() - part.stat().st_mtime > max_age_s:
+                part.unlink()
+        except OSError:
+            pass
+
+
 def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) -> None:
+    from ..files import current_umask
+
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_parts(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     os.close(fd)
     try:
@@ -80,6 +95,7 @@ def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) 
             torch.onnx.export(module, tuple(probe), tmp, input_names=list(input_names),
                               output_names=list(output_names), dynamic_axes=dynamic_axes or None,
                               opset_version=_OPSET, dynamo=False)
+        os.chmod(tmp, 0o666 & ~current_umask())  # a shared cache must be readable by its users
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -52,11 +52,12 @@ class SegmentationResult:
 class QueryRun:
     """The query's slices and the state of one run over them."""
 
-    def __init__(self, segmenter, query: Volume, slice_range=None, progress=None, is_cancelled=None):
+    def __init__(self, segmenter, query: Volume, slice_range=None, progress=None, is_cancelled=None,
+                 started: tuple | None = None):
         self.segmenter = segmenter
         self.settings = segmenter.settings
-        self.t0 = time.perf_counter()
-        self.enc0 = segmenter.embedder.encoded_count
+        # (time, encoded count) when the run began, support preparation included
+        self.t0, self.enc0 = started or (time.perf_counter(), segmenter.embedder.encoded_count)
         self.view = SliceView.for_volume(query)
         self.stack = self.view.to_stack(query.array)
         n, self.rows, self.cols = self.stack.shape

@@ -10,7 +10,7 @@ import numpy as np
 from ..backbones.base import Backbone
 from ..embedding_cache import EmbeddingCache
 from ..errors import FoBInputError
-from ..geometry import SliceView, Volume, occupied_slices, validate_volume
+from ..geometry import SliceView, Volume, occupied_slices, validate_image_content, validate_volume
 from ..settings import DEFAULT_SETTINGS, SegmenterSettings
 from . import protocols
 from .embedding import Embedder
@@ -106,11 +106,15 @@ class Segmenter:
     def _segment_structure(self, query, support, support_mask, support_slices=None, slice_range=None,
                            query_slices=None, progress=None, is_cancelled=None) -> SegmentationResult:
         """One compact structure: prepare the support, then visit the query by its protocol."""
+        started = (time.perf_counter(), self.encoded_count)
         validate_volume(query, "query image")
+        validate_image_content(query, "query image")
+        if support is not None and support is not query:
+            validate_image_content(support, "support image")
         same = support is None or support is query or (
             query.same_grid(support) and np.shares_memory(query.array, support.array))
         sup = self.prepare_support(query if support is None else support, support_mask, support_slices)
-        run = QueryRun(self, query, slice_range, progress, is_cancelled)
+        run = QueryRun(self, query, slice_range, progress, is_cancelled, started)
         if query_slices is not None:
             protocols.oracle_slices(run, sup, query_slices)
         elif same:

@@ -21,6 +21,7 @@ import torch
 from scipy import ndimage
 
 from ..backbones.base import WORK_SIZE, slice_to_square
+from ..files import current_umask
 from ..geometry import SliceView
 from ..io import read_volume
 from ..preprocessing import fit_normalisation
@@ -158,6 +159,7 @@ def prepare_volume(image_path: str | Path, backbone, out_dir: str | Path, label_
             np.savez(f, embeddings=np.stack(embs), image_sq=image_sq, spacing=np.array([view.slice_spacing, px, px]),
                      slice_index=np.arange(stack.shape[0]), exclude=exclude,
                      meta=json.dumps({"image": str(image_path)}))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
