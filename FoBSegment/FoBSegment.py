@@ -32,7 +32,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-BACKBONE_CHOICES = ["litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
+from FoBSegmentLib.backbones import BACKBONES  # noqa: E402 - the catalogue; imports no torch
+
+BACKBONE_CHOICES = list(BACKBONES)
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
 REPOSITORY_URL = "https://github.com/fobsegment/SlicerFoBSegment"

@@ -4,7 +4,7 @@
                                                       [--md docs/supervoxels.md]
 
 Training episodes take one supervoxel's cross-section on two adjacent slices as a
-pseudo-organ (method.md section 3).  The signal is realistic when pseudo-organs look like
+pseudo-organ (docs/method.md section 3).  The signal is realistic when pseudo-organs look like
 real organs: supervoxels that follow organ boundaries instead of cutting across them.  This
 script measures that on the labelled volumes of ../shared/data, *without* using the labels
 for training, for SLIC (3D, spacing-aware) and Felzenszwalb (2D per slice, linked by
@@ -40,7 +40,7 @@ SETS = {"chaos_t2spir_mri": (1, 2, 3, 4), "mscmrseg19_bssfp_cmr": (500, 200, 600
 
 def label_on_grid(label_path: Path, n_slices: int) -> np.ndarray:
     """Labels in the trainer's slice stack on the 256 work grid (nearest)."""
-    from FoBSegmentLib.geometry import SliceView, occupied_slices
+    from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
 
     vol = read_volume(label_path, "label")
@@ -62,6 +62,8 @@ def _nearest_square(s: np.ndarray, n: int = 256) -> np.ndarray:
 
 
 def quality(sv: np.ndarray, gt: np.ndarray, classes) -> dict:
+    from FoBSegmentLib.geometry import occupied_slices
+
     asa, asa2d, best2d = [], [], []
     for c in classes:
         organ = gt == c
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (CHAOS and MS-CMRSeg cannot ship in the repo)")
         return 0
-    from FoBSegmentLib.training_data import PreparedVolume, prepare_volume, supervoxels
+    from FoBSegmentLib.research.training_data import PreparedVolume, prepare_volume, supervoxels
 
     prepared = Path(args.prepared)
     bb = None

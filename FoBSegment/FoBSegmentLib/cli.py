@@ -143,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cache-dir")
     i.set_defaults(func=cmd_info)
 
+    b = sub.add_parser("batch", help="segment every case of a manifest (resumable, shardable)")
+    b.add_argument("--manifest", required=True, help="CSV or JSON lines: query, support_mask[, support_volume, label, "
+                                                     "segment, reference, reference_label, output, id]")
+    b.add_argument("--output-dir", required=True, help="folder for the outputs and summary.{jsonl,csv,json}")
+    b.add_argument("--shard", help="I/N: run rows I, I+N, I+2N, ... (0-based), e.g. $SLURM_ARRAY_TASK_ID/$N")
+    b.add_argument("--engine", default="local", choices=["local", "dask"],
+                   help="local: this process; dask: a Dask LocalCluster (or --scheduler) with --workers processes")
+    b.add_argument("--workers", type=int, default=1, help="worker processes for --engine dask")
+    b.add_argument("--scheduler", help="address of a running Dask scheduler (e.g. tcp://host:8786)")
+    b.add_argument("--backbone", default="litemedsam")
+    b.add_argument("--checkpoint")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--cache-dir", help="folder for checkpoints and cached embeddings")
+    b.set_defaults(func=_lazy("batch:cmd_batch"))
+
     _add_train(sub)
     _add_evaluate(sub)
     _add_demo(sub)

@@ -130,7 +130,7 @@ class EmbeddingCache:
         except (OSError, FoBError) as exc:
             self._disk_ok = False
             log.warning("FoBSegment: the embedding cache folder %s cannot be written (%s); embeddings are "
-                        "kept in memory only for this session.", self.cache_dir, exc)
+                        "kept in memory only for this process.", self.cache_dir, exc)
 
     def _remember(self, key: str, t: torch.Tensor) -> None:
         if key in self._mem:

@@ -1,6 +1,6 @@
 """Evaluation on labelled volumes: the field's standard protocol and the real-use one.
 
-``ep1`` (SSL-ALPNet, as FoB reports; method.md section 4): per class, the support slices are
+``ep1`` (SSL-ALPNet, as FoB reports; docs/method.md section 4): per class, the support slices are
 the support volume's labelled slices at 1/6, 1/2 and 5/6; only the query slices whose ground
 truth contains the class are segmented (an oracle), each from the support at the same
 relative position (3 chunks); 3D Dice per query volume.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 #: Side of the square grid on which masks, boxes and generator heatmaps live (every backbone).
 WORK_SIZE = 256
-#: Background ring radii of the FoB paper at the 256 grid (method.md section 2, BPPC).
+#: Background ring radii of the FoB paper at the 256 grid (docs/method.md section 2, BPPC).
 RING_OUTER_PX, RING_INNER_PX = 10.0, 7.0
 #: The box enclosed by a ring is shrunk by the ring's mean distance from the structure.
 RING_MARGIN_PX = 0.5 * (RING_OUTER_PX + RING_INNER_PX)

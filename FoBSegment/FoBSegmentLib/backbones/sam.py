@@ -17,7 +17,7 @@ import torch
 from ..checkpoints import file_sha256
 from ..errors import CheckpointError, FoBInputError
 from .base import Backbone, Decoded
-from .litemedsam import sam_style_decode
+from .mask_decoder import sam_style_decode
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)

@@ -606,9 +606,9 @@ def save_generator(model: FoBPromptGenerator, path, meta: dict | None = None, fp
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    from ..files import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), suffix=".tmp")
 
 
 def load_generator(path, device="cpu") -> tuple:

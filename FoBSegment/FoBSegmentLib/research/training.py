@@ -1,6 +1,6 @@
 """Self-supervised training of the FoB prompt generator on frozen backbone embeddings.
 
-Episodes (method.md section 3): a random prepared volume, a random supervoxel, two adjacent
+Episodes (docs/method.md section 3): a random prepared volume, a random supervoxel, two adjacent
 slices that both contain it (>= 200 px); one is the support, the other the query (random
 order).  Augmentation works in feature space because the encoder is frozen and embeddings
 are cached: a small random affine (rotation +-5 deg, scale 0.9-1.2, shear, shift) is applied
@@ -92,9 +92,9 @@ class EpisodeSampler:
 
 
 def _atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ..files import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".tmp")
 
 
 def train(images, output, backbone: str = "litemedsam", device: str = "auto", iterations: int = 2000,

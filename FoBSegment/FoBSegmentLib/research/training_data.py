@@ -1,4 +1,4 @@
-"""Training data for the self-supervised FoB generator (method.md section 3).
+"""Training data for the self-supervised FoB generator (docs/method.md section 3).
 
 The backbone encoder is frozen, so each training volume is encoded once and stored as a
 *prepared volume*: the slice embeddings (fp16), the normalised slices on the 256 work grid
@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import torch
 from scipy import ndimage
 
 from ..backbones.base import WORK_SIZE, slice_to_square
-from ..files import current_umask
+from ..files import atomic_write
 from ..geometry import SliceView
 from ..io import read_volume
 from ..preprocessing import fit_normalisation
 
-MIN_PSEUDO_PX = 200  # method.md: pseudo-mask >= 200 px (at 256)
+MIN_PSEUDO_PX = 200  # docs/method.md section 3: pseudo-mask >= 200 px (at 256)
 
 
 def body_mask(img: np.ndarray) -> np.ndarray:
@@ -152,18 +151,13 @@ def prepare_volume(image_path: str | Path, backbone, out_dir: str | Path, label_
     if label_path is not None and exclude_labels:
         lab = view.to_stack(np.rint(read_volume(label_path, "label").array).astype(np.int64))
         exclude = np.isin(lab, list(exclude_labels)).reshape(lab.shape[0], -1).any(1)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".npz.tmp")
-    os.close(fd)
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, embeddings=np.stack(embs), image_sq=image_sq, spacing=np.array([view.slice_spacing, px, px]),
                      slice_index=np.arange(stack.shape[0]), exclude=exclude,
                      meta=json.dumps({"image": str(image_path)}))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, write, suffix=".npz.tmp")
     return dest
 
 

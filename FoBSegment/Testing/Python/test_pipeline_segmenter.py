@@ -8,7 +8,7 @@ from conftest import SHARED_DATA, dice, one_slice_support, shared_case
 from FoBSegmentLib import CancelledError, FoBInputError, Segmenter, read_volume, write_result
 from FoBSegmentLib.backbones.base import square_to_slice
 from FoBSegmentLib.cli import main
-from FoBSegmentLib.geometry import SliceView, occupied_slices
+from FoBSegmentLib.geometry import SliceView
 from FoBSegmentLib.preprocessing import fit_normalisation
 
 

@@ -11,7 +11,7 @@ if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package named 'sli
 
 import vtk  # noqa: E402
 
-from conftest import TEST_DATA, shared_case  # noqa: E402
+from conftest import shared_case  # noqa: E402
 from FoBSegmentLib import slicer_adapter as sa  # noqa: E402
 from FoBSegmentLib.errors import FoBInputError  # noqa: E402
 from FoBSegmentLib.geometry import Volume  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TEST_DATA, dice
+from conftest import TEST_DATA
 from FoBSegmentLib.evaluation import ep1_support_slices, evaluate, parse_classes
 from FoBSegmentLib.errors import FoBInputError
 from FoBSegmentLib.research.training_data import PreparedVolume, body_mask, supervoxels

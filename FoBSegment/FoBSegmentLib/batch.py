@@ -1,0 +1,399 @@
+"""Batch segmentation of many volumes: one model per process, resumable, shardable.
+
+A manifest (CSV with a header, or JSON lines) lists one case per row:
+
+=================  ==========================================================================
+``query``          the volume to segment (required)
+``support_mask``   labelmap or ``.seg.nrrd`` annotated on the support volume (required)
+``support_volume`` the volume the support was painted on (default: the query)
+``label``          label value of the structure in the support mask
+``segment``        segment name in a ``.seg.nrrd`` support mask
+``reference``      reference labelmap of the query, for Dice (optional)
+``reference_label`` its label value (default: ``label``, else any non-zero voxel)
+``output``         output file name inside the output folder (default ``<id>.seg.nrrd``)
+``id``             case id (default: the row number)
+=================  ==========================================================================
+
+Relative paths are relative to the manifest's folder.  Every case runs by the rules of
+``fobsegment segment`` (nothing is written half-way; an output never replaces an input).  A
+case whose output is present and verified (same SHA-256 as recorded when it was written) is
+skipped, so an interrupted batch resumes where it stopped; a case that fails is recorded with
+its message and the batch goes on.  ``shard=(i, n)`` keeps rows ``i, i + n, i + 2n, ...``
+(0-based), so a Slurm array or one process per GPU splits a manifest without coordination.
+``engine="dask"`` runs the cases on a Dask ``LocalCluster`` (or a given scheduler address)
+with one Segmenter per worker process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CancelledError, FoBError, FoBInputError
+from .files import atomic_write, check_writable_folder
+
+FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
+          "output")
+SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256")
+
+
+@dataclass
+class Case:
+    id: str
+    query: Path
+    support_mask: Path
+    support_volume: Path | None = None
+    label: int | None = None
+    segment: str | None = None
+    reference: Path | None = None
+    reference_label: int | None = None
+    output: str = ""
+
+
+@dataclass
+class CaseResult:
+    id: str
+    status: str  # ok | failed | skipped | cancelled
+    message: str = ""
+    output: str = ""
+    slices_kept: int | None = None
+    slices_encoded: int | None = None
+    seconds: float | None = None
+    dice: float | None = None
+    sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ manifest
+def read_manifest(path: str | Path) -> list[Case]:
+    """CSV (header row) or JSON lines -> cases; a bad row is a clear error naming the row."""
+    p = Path(path)
+    if not p.is_file():
+        raise FoBInputError(f"The manifest {p} does not exist. Check the path.")
+    text = p.read_text(encoding="utf-8-sig")
+    rows: list[dict] = []
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise FoBInputError(f"Line {n} of the manifest {p.name} is not JSON ({exc.msg}).") from None
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        raise FoBInputError(f"The manifest {p.name} lists no case.")
+    cases, ids = [], set()
+    for n, row in enumerate(rows, 1):
+        unknown = set(row) - set(FIELDS)
+        if unknown:
+            raise FoBInputError(f"Row {n} of {p.name} has unknown column(s) {sorted(unknown)}; known: {', '.join(FIELDS)}.")
+        get = lambda k: (str(row.get(k)).strip() if row.get(k) not in (None, "") else None)  # noqa: E731
+        if not get("query") or not get("support_mask"):
+            raise FoBInputError(f"Row {n} of {p.name} needs at least 'query' and 'support_mask'.")
+        cid = get("id") or str(n)
+        if cid in ids:
+            raise FoBInputError(f"Case id {cid!r} appears twice in {p.name}; ids must be unique.")
+        ids.add(cid)
+
+        def path_of(k):
+            v = get(k)
+            return None if v is None else (Path(v) if Path(v).is_absolute() else p.parent / v)
+
+        def int_of(k):
+            v = get(k)
+            try:
+                return None if v is None else int(float(v))
+            except ValueError:
+                raise FoBInputError(f"Row {n} of {p.name}: {k} must be an integer (got {v!r}).") from None
+
+        out = get("output") or f"{cid}.seg.nrrd"
+        if Path(out).name != out:
+            raise FoBInputError(f"Row {n} of {p.name}: output must be a file name, not a path ({out!r}).")
+        cases.append(Case(cid, path_of("query"), path_of("support_mask"), path_of("support_volume"), int_of("label"),
+                          get("segment"), path_of("reference"), int_of("reference_label"), out))
+    return cases
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FoBInputError(f"--shard must look like I/N, e.g. 0/4 (got {text!r}).") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise FoBInputError(f"--shard {text}: need 0 <= I < N.")
+    return i, n
+
+
+def shard_cases(cases: list[Case], shard: tuple[int, int]) -> list[Case]:
+    i, n = shard
+    return cases[i::n]
+
+
+# ------------------------------------------------------------------------------ one case
+_SEGMENTERS: dict = {}
+
+
+def segmenter_for(options: dict):
+    """One Segmenter per process and option set: the model is built once and its cache kept."""
+    key = json.dumps(options, sort_keys=True, default=str)
+    if key not in _SEGMENTERS:
+        from .pipeline.segmenter import Segmenter
+
+        _SEGMENTERS[key] = Segmenter(**options)
+    return _SEGMENTERS[key]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancelled=None) -> CaseResult:
+    """Segment one case; input errors become a ``failed`` result with their message."""
+    from . import io
+    from .evaluation import dice
+
+    t0 = time.perf_counter()
+    out = out_dir / case.output
+    try:
+        io.check_output_path(out)
+        io.refuse_overwriting_inputs(out, [p for p in (case.query, case.support_volume, case.support_mask,
+                                                       case.reference) if p])
+        query = io.read_volume(case.query, f"query volume of case {case.id}")
+        support = io.read_volume(case.support_volume, f"support volume of case {case.id}") \
+            if case.support_volume else query
+        sm = io.read_support_mask(case.support_mask, support, label=case.label, segment=case.segment)
+        io.check_output_geometry(out, query)
+        res = segmenter_for(options).segment(query, support, sm.mask, progress=progress, is_cancelled=is_cancelled)
+        d = None
+        if case.reference is not None:
+            ref = io.read_volume(case.reference, f"reference of case {case.id}")
+            if ref.array.shape != query.array.shape:
+                raise FoBInputError(f"The reference of case {case.id} is not on the query's grid "
+                                    f"({ref.array.shape} vs {query.array.shape}).")
+            value = case.reference_label if case.reference_label is not None else case.label
+            import numpy as np
+
+            refm = (np.rint(ref.array) == value) if value is not None else ref.array > 0
+            d = round(dice(res.mask > 0, refm), 4)
+        name = f"{sm.name} (FoB)"
+        io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+        return CaseResult(case.id, "ok", "", str(out), res.slices_segmented, res.slices_encoded,
+                          round(time.perf_counter() - t0, 2), d, sha256_of(out))
+    except CancelledError:
+        return CaseResult(case.id, "cancelled", "cancelled; nothing was written for this case")
+    except FoBError as exc:
+        return CaseResult(case.id, "failed", str(exc), seconds=round(time.perf_counter() - t0, 2))
+    except MemoryError:
+        return CaseResult(case.id, "failed", "out of memory", seconds=round(time.perf_counter() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - one broken case must not stop the batch; the message says it is a bug
+        return CaseResult(case.id, "failed", f"internal error ({type(exc).__name__}: {exc}); please report it",
+                          seconds=round(time.perf_counter() - t0, 2))
+
+
+def _dask_case(case: Case, out_dir: str, options: dict, threads: int) -> dict:
+    """What a Dask worker runs: one case with the worker's own Segmenter."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return asdict(run_case(case, Path(out_dir), options))
+
+
+# ------------------------------------------------------------------------------ the batch
+class Summary:
+    """``summary.jsonl`` (appended after every case, so an interrupted batch keeps what it did)
+    plus ``summary.csv`` and ``summary.json`` rewritten at the end."""
+
+    def __init__(self, out_dir: Path, shard: tuple[int, int]):
+        tag = "" if shard == (0, 1) else f"-shard{shard[0]}of{shard[1]}"
+        self.jsonl = out_dir / f"summary{tag}.jsonl"
+        self.csv = out_dir / f"summary{tag}.csv"
+        self.json = out_dir / f"summary{tag}.json"
+        self.done: dict[str, dict] = {}
+        if self.jsonl.is_file():
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                self.done[r["id"]] = r
+
+    def finished(self, case: Case, out_dir: Path) -> dict | None:
+        """The earlier result of a case whose output is still there and unchanged."""
+        r = self.done.get(case.id)
+        out = out_dir / case.output
+        if r and r.get("status") in ("ok", "skipped") and out.is_file() and r.get("sha256") == sha256_of(out):
+            return r
+        return None
+
+    def add(self, r: CaseResult) -> None:
+        row = {k: getattr(r, k) for k in SUMMARY_FIELDS}
+        self.done[r.id] = row
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, order: list[str]) -> dict:
+        rows = [self.done[i] for i in order if i in self.done]
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, SUMMARY_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+        totals = totals_of(rows, len(order))
+        atomic_write(self.csv, write_csv, suffix=".csv")
+        atomic_write(self.json, lambda tmp: tmp.write_text(json.dumps({"totals": totals, "cases": rows}, indent=1)),
+                     suffix=".json")
+        return totals
+
+
+def totals_of(rows: list[dict], n_cases: int) -> dict:
+    ok = [r for r in rows if r["status"] in ("ok", "skipped")]
+    dices = [r["dice"] for r in ok if r.get("dice") is not None]
+    return {
+        "cases": n_cases, "ok": sum(r["status"] == "ok" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "not_run": n_cases - len(rows),
+        "seconds": round(sum(r.get("seconds") or 0 for r in rows if r["status"] == "ok"), 1),
+        "mean_dice": round(sum(dices) / len(dices), 4) if dices else None,
+    }
+
+
+def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engine: str = "local",
+              workers: int = 1, scheduler: str | None = None, progress=None, is_cancelled=None,
+              on_case=None) -> dict:
+    """Run every case of the manifest's shard; returns the totals (see :func:`totals_of`).
+
+    ``progress(done, total)`` reports slices of the current case (local engine);
+    ``on_case(result)`` is called after every case.  A cancel stops after the current slice;
+    the cases finished so far stay written and recorded."""
+    cases = shard_cases(read_manifest(manifest), shard)
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FoBInputError(f"The output folder {out_dir} does not exist. Create it first.")
+    check_writable_folder(out_dir)
+    options = dict(options or {})
+    summary = Summary(out_dir, shard)
+    todo = []
+    for case in cases:
+        earlier = summary.finished(case, out_dir)
+        if earlier is not None:
+            r = CaseResult(**{**{k: earlier.get(k) for k in SUMMARY_FIELDS}, "status": "skipped",
+                              "message": "output present and verified"})
+            summary.add(r)
+            if on_case:
+                on_case(r)
+        else:
+            todo.append(case)
+    try:
+        if engine == "local":
+            for case in todo:
+                if is_cancelled is not None and is_cancelled():
+                    raise CancelledError()
+                r = run_case(case, out_dir, options, progress, is_cancelled)
+                if r.status == "cancelled":
+                    raise CancelledError()
+                summary.add(r)
+                if on_case:
+                    on_case(r)
+        elif engine == "dask":
+            _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled)
+        else:
+            raise FoBInputError(f"Unknown engine {engine!r}: use local or dask.")
+    finally:
+        totals = summary.write([c.id for c in cases])
+    return totals
+
+
+def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled):
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise FoBInputError("The dask engine needs Dask distributed: pip install 'dask[distributed]'.") from None
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    try:
+        futures = [client.submit(_dask_case, c, str(out_dir), options, threads, key=f"fobsegment-{c.id}", pure=False)
+                   for c in todo]
+        for fut in as_completed(futures):
+            r = CaseResult(**fut.result())
+            summary.add(r)
+            if on_case:
+                on_case(r)
+            if is_cancelled is not None and is_cancelled():
+                for f in futures:
+                    f.cancel()
+                raise CancelledError()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def cmd_batch(args) -> int:
+    import signal
+    import sys
+
+    stop = {"now": False}
+
+    def interrupt(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        print("fobsegment: stopping after the current slice (Ctrl-C again to stop at once)...", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, interrupt)
+    options = {"backbone": args.backbone, "device": args.device, "checkpoint": args.checkpoint,
+               "cache_dir": args.cache_dir}
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shard_cases(read_manifest(args.manifest), parse_shard(args.shard))), unit="case",
+                   desc="cases")
+
+    def on_case(r):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{r.id}: {r.status}")
+        line = f"{r.id}: {r.status}"
+        if r.status == "ok":
+            line += f", {r.slices_kept} slices kept, {r.slices_encoded} encoded, {r.seconds} s"
+            line += f", Dice {r.dice}" if r.dice is not None else ""
+        elif r.message:
+            line += f" ({r.message})"
+        print(line, flush=True)
+
+    try:
+        totals = run_batch(args.manifest, args.output_dir, options, parse_shard(args.shard), args.engine,
+                           args.workers, args.scheduler, is_cancelled=lambda: stop["now"], on_case=on_case)
+    except CancelledError:
+        print("fobsegment: batch interrupted; finished cases are kept, run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    return 0 if totals["failed"] == 0 else 1

@@ -1,0 +1,110 @@
+"""Batch segmentation of a cohort (FoBSegmentLib.batch): resumable, isolated, shardable, on Dask."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import TEST_DATA
+from FoBSegmentLib import CancelledError, FoBInputError, read_support_mask, read_volume, write_result
+from FoBSegmentLib.batch import parse_shard, read_manifest, run_batch, shard_cases
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    """Four small real volumes (crops of the example CT around the spleen), each with one
+    painted spleen slice and its reference; the third case's support mask is empty."""
+    img = sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))
+    rows = []
+    for n, z0 in enumerate((95, 97, 99, 101)):
+        q = tmp_path / f"q{n}.nii.gz"
+        r = tmp_path / f"ref{n}.nii.gz"
+        sitk.WriteImage(img[:, :, z0:z0 + 6], str(q))
+        sitk.WriteImage(lab[:, :, z0:z0 + 6], str(r))
+        vol = read_volume(q)
+        spleen = np.rint(read_volume(r).array) == 1
+        painted = np.zeros(spleen.shape, np.uint8)
+        if n != 2:
+            painted[3] = spleen[3]
+        m = tmp_path / f"m{n}.nii.gz"
+        write_result(m, vol, painted) if painted.any() else sitk.WriteImage(
+            sitk.Cast(sitk.ReadImage(str(r)) * 0, sitk.sitkUInt8), str(m))
+        rows.append({"id": f"case{n}", "query": q.name, "support_mask": m.name, "reference": r.name,
+                     "reference_label": "1"})
+    manifest = tmp_path / "cases.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    return manifest, out, rows
+
+
+def test_manifest_rows_shards_and_errors(tmp_path, cohort):
+    manifest, _, _ = cohort
+    cases = read_manifest(manifest)
+    assert [c.id for c in cases] == ["case0", "case1", "case2", "case3"]
+    assert cases[0].query == manifest.parent / "q0.nii.gz" and cases[0].output == "case0.seg.nrrd"
+    assert [c.id for c in shard_cases(cases, parse_shard("1/2"))] == ["case1", "case3"]
+    together = sorted(c.id for i in range(3) for c in shard_cases(cases, (i, 3)))
+    assert together == sorted(c.id for c in cases), "shards cover every case exactly once"
+    with pytest.raises(FoBInputError, match="I/N"):
+        parse_shard("2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a.nii.gz"}\n')
+    with pytest.raises(FoBInputError, match="support_mask"):
+        read_manifest(bad)
+
+
+def test_batch_isolates_a_broken_case_stops_cleanly_and_resumes(cohort, litemedsam):
+    manifest, out, rows = cohort
+    options = {"backbone": litemedsam}
+    # Interrupt during the second case: the first stays written, nothing of the second.
+    slices = []
+
+    def cancel_in_case1():
+        return len(slices) >= 1 and (out / "case0.seg.nrrd").is_file()
+
+    with pytest.raises(CancelledError):
+        run_batch(manifest, out, options, progress=lambda d, t: slices.append(d), is_cancelled=cancel_in_case1)
+    assert (out / "case0.seg.nrrd").is_file() and not (out / "case1.seg.nrrd").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".fobsegment-")], "no partial output"
+    first_bytes = (out / "case0.seg.nrrd").read_bytes()
+
+    seen = []
+    totals = run_batch(manifest, out, options, on_case=seen.append)
+    status = {r.id: r.status for r in seen}
+    assert status == {"case0": "skipped", "case1": "ok", "case2": "failed", "case3": "ok"}
+    assert (out / "case0.seg.nrrd").read_bytes() == first_bytes, "a finished case is not redone"
+    assert totals["ok"] == 2 and totals["skipped"] == 1 and totals["failed"] == 1 and totals["not_run"] == 0
+    # The broken case's message is the input error's own message.
+    with pytest.raises(FoBInputError) as err:
+        read_support_mask(manifest.parent / "m2.nii.gz", read_volume(manifest.parent / "q2.nii.gz"))
+    summary = json.loads((out / "summary.json").read_text())
+    by_id = {r["id"]: r for r in summary["cases"]}
+    assert by_id["case2"]["message"] == str(err.value)
+    assert by_id["case1"]["dice"] > 0.8 and by_id["case3"]["slices_kept"] >= 1
+    assert list(csv.DictReader(open(out / "summary.csv")))[1]["status"] == "ok"
+    # A changed output is not trusted: it is segmented again.
+    (out / "case3.seg.nrrd").write_bytes(b"damaged")
+    again = []
+    run_batch(manifest, out, options, on_case=again.append)
+    assert {r.id: r.status for r in again}["case3"] == "ok"
+    assert read_support_mask(out / "case3.seg.nrrd", read_volume(manifest.parent / "q3.nii.gz")).mask.any()
+
+
+def test_dask_engine_on_two_local_workers(cohort, tmp_path):
+    pytest.importorskip("dask.distributed")
+    manifest, out, _ = cohort
+    seen = []
+    totals = run_batch(manifest, out, {"backbone": "litemedsam", "device": "cpu", "cache_dir": str(tmp_path / "c")},
+                       engine="dask", workers=2, on_case=seen.append)
+    assert totals["ok"] == 3 and totals["failed"] == 1
+    assert sorted(r.id for r in seen if r.status == "ok") == ["case0", "case1", "case3"]
+    assert all((out / f"case{n}.seg.nrrd").is_file() for n in (0, 1, 3))
