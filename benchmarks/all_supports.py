@@ -50,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     ap.add_argument("--protocols", nargs="+", choices=["ep1", "full"], default=["ep1", "full"])
     ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
-    ap.add_argument("--out", default=None, help="default docs/benchmark_all_supports[_VARIANT].md")
+    ap.add_argument("--out", default=None, help="default docs/benchmarks/benchmark_all_supports[_VARIANT].md")
     ap.add_argument("--variant", default="default",
                     help="settings of benchmarks/default_settings.py, e.g. 'previous rules', to see whether a "
                          "choice made on two support patients holds for the others")

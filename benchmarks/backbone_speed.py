@@ -1,4 +1,4 @@
-"""Seconds per slice and peak memory of every backbone's image encoder on this machine (issue D).
+"""Seconds per slice and peak memory of every backbone's image encoder on this machine.
 
     .venv/bin/python benchmarks/backbone_speed.py [--variants litemedsam,sam_vit_b,sam_vit_h] [--device cpu|cuda]
                                                   [--batches 1,2,4,8]

@@ -77,7 +77,7 @@ def main(argv=None):
     global DATASETS
     DATASETS = FOLDS[args.fold]
     if args.fold != "1" and not args.weights:
-        print("fold 2 needs --weights: a generator trained on fold 1's images (see docs/benchmark_fold2.md)")
+        print("fold 2 needs --weights: a generator trained on fold 1's images (see docs/benchmarks/benchmark_fold2.md)")
         return 2
     if args.fold != "1" and args.out == str(REPO / "docs" / "benchmarks" / "benchmark.md"):
         args.out = str(REPO / "docs" / "benchmarks" / f"benchmark_fold{args.fold}.md")
@@ -120,7 +120,7 @@ def _trained_on(meta) -> str:
 
 
 def render(results, runs, weights, seconds, backbone, json_name="benchmark.json") -> str:
-    from FoBSegmentLib.prompt_generator import load_generator
+    from FoBSegmentLib.research.prompt_generator import load_generator
 
     meta = load_generator(weights)[1] if weights else {}
     lines = [

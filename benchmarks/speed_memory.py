@@ -1,4 +1,4 @@
-"""Speed and memory figures of the pipeline (issue D), printed as ratios where timing is involved.
+"""Speed and memory figures of the pipeline, printed as ratios where timing is involved.
 
     .venv/bin/python benchmarks/speed_memory.py [--threads N] [--big]
 

@@ -1,4 +1,4 @@
-"""Training signal of SLIC vs Felzenszwalb pseudo-labels, measured by training (issue B).
+"""Training signal of SLIC vs Felzenszwalb pseudo-labels, measured by training.
 
     .venv/bin/python benchmarks/supervoxel_training.py [--iterations 400] [--threads 2]
 

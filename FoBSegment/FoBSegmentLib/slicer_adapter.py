@@ -301,8 +301,9 @@ def write_mask_as_segment(mask, volumeNode, segmentationNode, name, color, sourc
     ref_role = segmentationNode.GetReferenceImageGeometryReferenceRole()
     old_ref_id = segmentationNode.GetNodeReferenceID(ref_role)
     old_params = segmentation.SerializeAllConversionParameters() or ""
-    has_geometry = bool(old_ref_id) or f"{_GEOMETRY_PARAMETER}|&" not in old_params and \
-        f"{_GEOMETRY_PARAMETER}|" in old_params
+    # A real Slicer's conversion rules always list the parameter (with a description): only
+    # its value says whether the segmentation has a geometry.
+    has_geometry = bool(old_ref_id) or bool((segmentation.GetConversionParameter(_GEOMETRY_PARAMETER) or "").strip())
     old_labelmap = None
     try:
         if not has_geometry:

@@ -91,7 +91,7 @@ class LiteMedSAMBackbone(Backbone):
     @staticmethod
     def default_precision() -> str:
         """fp32 unless ``FOBSEGMENT_PRECISION`` says ``bf16`` or ``auto`` (bf16 where the CPU
-        has native bf16, AVX512-BF16/AMX).  Measured (docs/speed.md): bf16 encodes 2.0x faster
+        has native bf16, AVX512-BF16/AMX).  Measured (docs/benchmarks/speed.md): bf16 encodes 2.0x faster
         on 2 cores but moves whole-volume Dice by up to 0.014 (the stop decision flips on a
         slice), above the 0.002 we accept for an unchanged output, so it is opt-in."""
         env = os.environ.get("FOBSEGMENT_PRECISION", "fp32").lower()
@@ -120,7 +120,7 @@ class LiteMedSAMBackbone(Backbone):
     def runtime(self) -> str:
         """``onnxruntime`` or ``torch``: where the encoder and the mask decoder run.  ONNX
         Runtime is used on the CPU in fp32 wherever it is installed (encoder 3x, decoder 2.8x
-        faster, same output; docs/speed.md) unless ``FOBSEGMENT_RUNTIME=torch``; eager
+        faster, same output; docs/benchmarks/speed.md) unless ``FOBSEGMENT_RUNTIME=torch``; eager
         PyTorch is the fallback and runs GPUs and bf16."""
         if "_runtime" not in self.__dict__:
             self._set_runtime(onnx_runtime.requested_runtime())

@@ -32,7 +32,7 @@ class MaskPredictor(torch.nn.Module):
       the transposes between them; the masks are put back in pixel order once, at the end.
 
     The positional grid and the "no mask" dense embedding are constants inside the graph, so
-    only the embedding and a few tokens cross into ONNX Runtime per call.  Speed: docs/speed.md."""
+    only the embedding and a few tokens cross into ONNX Runtime per call.  Speed: docs/benchmarks/speed.md."""
 
     #: part of the exported file's name: bump it whenever the graph changes, so that a cached
     #: export of an older graph is never loaded (its inputs may be the same).

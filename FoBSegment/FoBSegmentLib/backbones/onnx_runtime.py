@@ -3,7 +3,7 @@
 Why: on a CPU the image encoder is almost the whole cost of a run, and once it is fast the
 mask decoder is the next thing in the profile.  ONNX Runtime fuses the convolution +
 batch-norm, GELU and attention kernels that eager PyTorch runs one by one.  Measured on
-2 cores (``benchmarks/speed_memory.py``, ``docs/speed.md``): LiteMedSAM's TinyViT encoder
+2 cores (``benchmarks/speed_memory.py``, ``docs/benchmarks/speed.md``): LiteMedSAM's TinyViT encoder
 2.7-3.0x faster, its mask decoder 2.8x (with the graph of ``mask_decoder.MaskPredictor``),
 with the same output (max |difference| ~1e-5).
 

@@ -73,16 +73,25 @@ class QueryRun:
         self.progress = progress
         self.is_cancelled = is_cancelled
         self.done = 0
+        self.heartbeats = 0
         self.total = self.hi - self.lo + 1
 
     # ---------------------------------------------------------------- slices -> embeddings
     def embedding(self, i: int):
         return self.segmenter.embedder.embed(self.stack, self.norm, [i], self.keys,
-                                             on_encoded=lambda _n: self.check_cancelled())[i]
+                                             on_encoded=lambda _n: self.heartbeat())[i]
 
     def check_cancelled(self) -> None:
         if self.is_cancelled is not None and self.is_cancelled():
             raise CancelledError()
+
+    def heartbeat(self) -> None:
+        """After every encoded or decoded slice of any phase: report (the caller's GUI gets a
+        turn) and honour a cancel, so a cancel costs at most one slice of work."""
+        self.heartbeats += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+        self.check_cancelled()
 
     def _tick(self) -> None:
         self.done += 1

@@ -25,7 +25,7 @@ def find_seed(run, anchor, candidates: list, given: str = "seed", body=None) -> 
             emb = run.embedding(i)
             pred = run.segmenter.predictor.predict(emb, anchor, None)
             scores[i] = seed_score(emb, pred.mask, pred.iou, anchor, s.presence, s.contrast, s.seed, body)
-            run.check_cancelled()
+            run.heartbeat()
         return scores[i]
 
     for i in candidates[::stride]:

@@ -71,8 +71,34 @@ class Segmenter:
     def prompt_source(self) -> str:
         return self.start_prompter.name
 
-    def prepare_support(self, support: Volume, support_mask: np.ndarray, support_slices=None) -> Support:
-        return prepare_support(self.embedder, support, support_mask, support_slices)
+    def prepare_support(self, support: Volume, support_mask: np.ndarray, support_slices=None,
+                        on_encoded=None) -> Support:
+        return prepare_support(self.embedder, support, support_mask, support_slices, on_encoded)
+
+    def prepare(self, volume: Volume, progress=None, is_cancelled=None, slice_range=None) -> int:
+        """Encode every slice of ``volume`` (or of ``slice_range``) into the cache, so that a
+        later :meth:`segment` on it only decodes.  ``progress(done, total)`` after every slice;
+        ``is_cancelled()`` polled after every slice.  Returns the number of slices encoded
+        (0 when everything was cached already)."""
+        from ..errors import CancelledError
+        from ..preprocessing import fit_normalisation
+
+        _check_volume(volume, "volume")
+        validate_volume(volume, "volume")
+        stack = SliceView.for_volume(volume).to_stack(volume.array)
+        from .run import _slice_range
+
+        lo, hi = _slice_range(slice_range, stack.shape[0])
+        norm = fit_normalisation(volume.array)
+        before = self.encoded_count
+        total = hi - lo + 1
+        for n, i in enumerate(range(lo, hi + 1), 1):
+            if is_cancelled is not None and is_cancelled():
+                raise CancelledError("Preparation cancelled; the slices encoded so far stay cached.")
+            self.embedder.embed(stack, norm, [i])
+            if progress is not None:
+                progress(n, total)
+        return self.encoded_count - before
 
     # ---------------------------------------------------------------- volume
     def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
@@ -113,8 +139,9 @@ class Segmenter:
             validate_image_content(support, "support image")
         same = support is None or support is query or (
             query.same_grid(support) and np.shares_memory(query.array, support.array))
-        sup = self.prepare_support(query if support is None else support, support_mask, support_slices)
         run = QueryRun(self, query, slice_range, progress, is_cancelled, started)
+        sup = self.prepare_support(query if support is None else support, support_mask, support_slices,
+                                   on_encoded=lambda _n: run.heartbeat())
         if query_slices is not None:
             protocols.oracle_slices(run, sup, query_slices)
         elif same:
@@ -122,6 +149,37 @@ class Segmenter:
         else:
             protocols.other_patient(run, sup)
         return run.result_volume()
+
+    def refine(self, query: Volume, previous_mask: np.ndarray, corrected_mask: np.ndarray, support: Volume | None = None,
+               support_mask: np.ndarray | None = None, slice_range=None, progress=None, is_cancelled=None,
+               agree: float = 0.9) -> SegmentationResult:
+        """Redo the walk from the slices where ``corrected_mask`` (the user's edit of a result)
+        differs from ``previous_mask`` (that result), keeping every edited slice exactly as the
+        user left it (see :mod:`.refine`).  ``support`` / ``support_mask``: the original
+        support (default: the corrected slices on the query).  A slice's walk stops where its
+        mask agrees with the previous one to Dice ``agree``.  Costs decoding only when the
+        query's embeddings are cached.  ``result.slice_info`` lists the recomputed slices."""
+        from . import refine as rf
+
+        started = (time.perf_counter(), self.encoded_count)
+        _check_volume(query, "query")
+        view, prev, corr = rf.to_stacks(query, previous_mask, corrected_mask)
+        anchors = rf.edited_slices(prev, corr)
+        run = QueryRun(self, query, slice_range, progress, is_cancelled, started)
+        run.out[:] = corr
+        if not anchors:
+            return run.result_volume()
+        if support is None or support_mask is None:
+            support, support_mask = query, view.from_stack(rf.support_from_corrections(corr, anchors))
+        if split_ring(view.to_stack(np.asarray(corrected_mask) > 0), self.settings.ring.hole_ratio) is not None:
+            raise FoBInputError("Refine does not handle ring-shaped structures (a wall around a cavity) yet: "
+                                "correct the slices by hand, or paint more support slices and segment again.")
+        sup = self.prepare_support(support, support_mask, None, on_encoded=lambda _n: run.heartbeat())
+        run.total = len(anchors)
+        rf.refine_run(run, sup, prev, corr, [a for a in anchors if run.lo <= a <= run.hi], agree)
+        res = run.result_volume()
+        res.slices_segmented = len(occupied_slices(run.out))
+        return res
 
     def _segment_ring(self, query, support, s_view, ms, hole, support_slices, slice_range, query_slices,
                       progress, is_cancelled) -> SegmentationResult:

@@ -47,7 +47,8 @@ class Support:
         return self.nearest_rel(0.5)
 
 
-def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support_slices=None) -> Support:
+def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support_slices=None,
+                    on_encoded=None) -> Support:
     """Validate the support and embed its chosen slices (default: every annotated slice)."""
     validate_volume(support, "support image")
     mask = np.asarray(support_mask)
@@ -63,7 +64,7 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
         raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
     chosen = _chosen_slices(support_slices, annotated, stack.shape[0])
     norm = fit_normalisation(support.array)
-    embs = embedder.embed(stack, norm, chosen)
+    embs = embedder.embed(stack, norm, chosen, on_encoded=on_encoded)
     body = body_columns(stack, norm)
     lo, hi = annotated[0], annotated[-1]
     slices = []

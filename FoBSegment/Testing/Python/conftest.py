@@ -53,6 +53,36 @@ def litemedsam():
     return LiteMedSAMBackbone(torch.device("cpu"))
 
 
+@pytest.fixture()
+def scene():
+    """A Qt-free MRML scene as a real Slicer has it: subject hierarchy resolved and the
+    segmentation conversion rules registered (as vtkSlicerSegmentationsModuleLogic::RegisterNodes
+    does at start-up; slicer-core registers none)."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core (real MRML) is not installed")
+    register_conversion_rules(slicer)
+    s = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(s)
+    yield s
+    s.Clear(1)
+
+
+_RULES_REGISTERED = []
+
+
+def register_conversion_rules(slicer) -> None:
+    if _RULES_REGISTERED:
+        return
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+                 "vtkClosedSurfaceToFractionalLabelmapConversionRule",
+                 "vtkFractionalLabelmapToClosedSurfaceConversionRule"):
+        if hasattr(slicer, rule):
+            factory.RegisterConverterRule(getattr(slicer, rule)())
+    _RULES_REGISTERED.append(True)
+
+
 @pytest.fixture(scope="session")
 def segmenter(litemedsam):
     """The default Segmenter on the embedded backbone, shared by every test (memory cache)."""

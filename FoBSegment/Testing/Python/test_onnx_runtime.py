@@ -115,7 +115,7 @@ def test_cache_dir_argument_holds_the_onnx_exports(tmp_path, monkeypatch):
 def test_reassociated_mask_predictor_computes_sams_mask_decoder(litemedsam, ct_batch):
     """The graph exported for ONNX Runtime reorders SAM's products (prompt side first,
     channel-last upscaling); its masks and IoU must be SAM's own, for any number of prompt tokens."""
-    from FoBSegmentLib.backbones.litemedsam import _MaskPredictor, dense_pe
+    from FoBSegmentLib.backbones.mask_decoder import MaskPredictor, dense_pe
 
     pe, md = litemedsam.model.prompt_encoder, litemedsam.model.mask_decoder
     with torch.inference_mode():
@@ -125,7 +125,7 @@ def test_reassociated_mask_predictor_computes_sams_mask_decoder(litemedsam, ct_b
         predictor = None
         for prompt in (dict(points=None, boxes=box), dict(points=points, boxes=box)):
             sparse, dense = pe(masks=None, **prompt)
-            predictor = predictor or _MaskPredictor(md, dense_pe(litemedsam, pe), dense)
+            predictor = predictor or MaskPredictor(md, dense_pe(litemedsam, pe), dense)
             ref_masks, ref_iou = md.predict_masks(emb, dense_pe(litemedsam, pe), sparse, dense)
             masks, iou = predictor(emb, sparse)
             assert masks.shape == ref_masks.shape == (1, 4, 256, 256)

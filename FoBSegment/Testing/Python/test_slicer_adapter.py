@@ -26,12 +26,6 @@ LIVER_CT = 5
 # helpers
 # --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(s)  # exists in every Slicer scene
-    yield s
-    s.Clear(1)
 
 
 def node_from_volume(scene, vol: Volume, name="volume", cls="vtkMRMLScalarVolumeNode"):
@@ -259,6 +253,8 @@ def test_write_mask_as_segment_and_seg_nrrd_round_trip(scene, which, example_ct,
     np.testing.assert_allclose(segment.GetColor(), (0.2, 0.4, 0.9), atol=1e-6)
     assert "Liver" in segment.GetTerminology()
     assert out.GetNodeReferenceID(out.GetReferenceImageGeometryReferenceRole()) == vnode.GetID()
+    # with a real Slicer's conversion rules registered, the geometry value itself must be set
+    assert out.GetSegmentation().GetConversionParameter("Reference image geometry").strip()
     np.testing.assert_array_equal(sa.segment_mask_on_volume(out, new_id, vnode), mask)
 
     # a second, empty result becomes an empty segment (the user sees the outcome)

@@ -30,12 +30,6 @@ LV_BP = 500
 LIVER_COLOR = (0.87, 0.51, 0.31)
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(s)
-    yield s
-    s.Clear(1)
 
 
 def support_segmentation(scene, volumeNode, mask_kji, name, color):
