@@ -238,6 +238,9 @@ def _copy_terminology(src_segment, dst_segment) -> None:
             term = src_segment.GetTerminology()
             if term:
                 dst_segment.SetTerminology(term)
+        else:
+            log.warning("FoBSegment: this Slicer's segments have no GetTerminology; the result's terminology "
+                        "was not copied from the support (set it in the Segment Editor if needed).")
     except Exception:  # terminology is cosmetic: never fail a write because of it
         log.debug("could not copy the terminology tag", exc_info=True)
 
@@ -472,6 +475,25 @@ class NodeRun:
     results: list = field(default_factory=list)  # the Segmenter results, same order
     prompt_nodes: list = field(default_factory=list)
     created_output_node: bool = False
+    skipped: list = field(default_factory=list)  # (segment name, why) of segments not used
+
+
+@dataclass
+class NodeInputs:
+    """Everything a run needs from the scene, read on the main thread; the computation
+    (:func:`compute`) then touches no MRML node and can run on any thread."""
+
+    volumeNode: object
+    supportSegmentationNode: object
+    supportNode: object  # the volume the support was painted on
+    segment_ids: list
+    names: list
+    colors: list
+    masks: list  # (k, j, i) bool on the support volume's grid
+    query: Volume
+    support: Volume
+    same_volume: bool
+    skipped: list = field(default_factory=list)
 
 
 def _segment_color(segment) -> tuple:
@@ -479,47 +501,69 @@ def _segment_color(segment) -> tuple:
     return tuple(float(x) for x in c)
 
 
-def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode, segmenter,
-                 supportVolumeNode=None, segmentIds=None, slice_range=None, support_slices=None,
-                 show_prompts=False, progress=None, is_cancelled=None) -> NodeRun:
-    """Segment ``volumeNode`` from one or more painted segments and write one new segment per
-    support segment (named ``"<name> (FoB)"``, same colour) into the output segmentation.
+def result_color(color) -> tuple:
+    """The result's colour: the support's hue, visibly lighter or darker, so the painted slice
+    and the result can be told apart and still read as the same structure."""
+    import colorsys
 
-    - ``supportVolumeNode`` is the volume the support was painted on (default: the query).
-    - ``outputSegmentationNode``: ``None`` writes into the support segmentation when the
-      support was painted on the query itself, otherwise into a new segmentation node.
-    - ``segmenter`` is a ``FoBSegmentLib.Segmenter`` (or anything with the
-      same ``segment`` method).
-    - Nothing is written until every segment has been computed: cancelling (``is_cancelled``
-      returning True raises :class:`CancelledError`) or an error leaves the scene unchanged.
-    """
+    h, s_, v = colorsys.rgb_to_hsv(*_normalise_color(color))
+    v2 = v - 0.35 if v > 0.55 else min(1.0, v + 0.35)
+    s2 = min(1.0, s_ * 0.8 + 0.1) if s_ > 0.05 else s_
+    return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s2, v2))
+
+
+def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolumeNode=None,
+                segmentIds=None) -> NodeInputs:
+    """Read the query, the support and the painted masks from the scene (main thread).
+
+    With several ``segmentIds`` (the panel's "all segments"), earlier results
+    (``"<name> (FoB)"``) and empty segments are skipped and listed in ``skipped``; a single
+    segment that is empty is an error."""
     if volumeNode is None:
         raise FoBInputError("No input volume selected. Choose the volume to segment.")
-    scene = scene or volumeNode.GetScene()
     ids = list(segmentIds) if segmentIds else ([segmentId] if segmentId else [])
     if not ids:
         raise FoBInputError("No support segment selected. Paint the structure on one slice and choose its segment.")
+    several = len(ids) > 1
     segments = [_require_segment(supportSegmentationNode, sid) for sid in ids]
     same_volume = supportVolumeNode is None or supportVolumeNode is volumeNode or (
         supportVolumeNode.GetID() and supportVolumeNode.GetID() == volumeNode.GetID())
-
     query = volume_from_node(volumeNode, "input volume")
     support = query if same_volume else volume_from_node(supportVolumeNode, "support volume")
     support_node = volumeNode if same_volume else supportVolumeNode
-
-    masks = []
+    keep_ids, names, colors, masks, skipped = [], [], [], [], []
     for sid, segment in zip(ids, segments):
+        name = segment.GetName()
+        if several and name.endswith(RESULT_SUFFIX):
+            skipped.append((name, "a FoBSegment result, not a painted support"))
+            continue
         m = segment_mask_on_volume(supportSegmentationNode, sid, support_node)
         if not m.any():
+            if several:
+                skipped.append((name, f"empty on {support_node.GetName()!r}"))
+                continue
             raise FoBInputError(
-                f"Segment {segment.GetName()!r} is empty on {support_node.GetName()!r}. Paint the structure on "
+                f"Segment {name!r} is empty on {support_node.GetName()!r}. Paint the structure on "
                 "at least one slice of that volume (Segment Editor), then run again."
             )
+        keep_ids.append(sid)
+        names.append(name)
+        colors.append(_segment_color(segment))
         masks.append(m)
+    if not keep_ids:
+        raise FoBInputError("None of the segments is a painted support: "
+                            + "; ".join(f"{n!r} is {why}" for n, why in skipped)
+                            + ". Paint a structure on one slice, then run again.")
+    return NodeInputs(volumeNode, supportSegmentationNode, support_node, keep_ids, names, colors, masks, query,
+                      support, bool(same_volume), skipped)
 
-    n = len(ids)
+
+def compute(segmenter, inputs: NodeInputs, slice_range=None, support_slices=None, progress=None,
+            is_cancelled=None) -> list:
+    """Run the segmenter on every support mask (any thread: no MRML access)."""
+    n = len(inputs.masks)
     results = []
-    for index, mask in enumerate(masks):
+    for index, mask in enumerate(inputs.masks):
         if is_cancelled is not None and is_cancelled():
             raise CancelledError()
 
@@ -527,16 +571,25 @@ def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSe
             if progress is not None:
                 progress(_index * total + done, n * total)
 
-        res = segmenter.segment(query, support, mask, support_slices=support_slices, slice_range=slice_range,
-                                progress=_progress, is_cancelled=is_cancelled)
-        results.append(res)
+        results.append(segmenter.segment(inputs.query, inputs.support, mask, support_slices=support_slices,
+                                         slice_range=slice_range, progress=_progress, is_cancelled=is_cancelled))
     if is_cancelled is not None and is_cancelled():
         raise CancelledError()
+    return results
 
+
+def write_outputs(scene, inputs: NodeInputs, results: list, outputSegmentationNode=None,
+                  show_prompts: bool = False) -> NodeRun:
+    """Write one new segment per result (main thread); all or nothing."""
+    volumeNode = inputs.volumeNode
+    if volumeNode.GetScene() is None or (scene is not None and not scene.IsNodePresent(volumeNode)):
+        raise FoBInputError("The input volume was removed from the scene (closed?) during the run; "
+                            "nothing was written.")
+    scene = scene or volumeNode.GetScene()
     created = False
     output = outputSegmentationNode
-    if output is None and same_volume:
-        output = supportSegmentationNode
+    if output is None and inputs.same_volume:
+        output = inputs.supportSegmentationNode
     if output is None:
         output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} FoB")
         created = True
@@ -549,10 +602,10 @@ def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSe
     written = []
     prompt_nodes = []
     try:
-        for sid, segment, res in zip(ids, segments, results):
+        for sid, name, color, res in zip(inputs.segment_ids, inputs.names, inputs.colors, results):
             new_id = write_mask_as_segment(
-                res.mask, volumeNode, output, segment.GetName() + RESULT_SUFFIX, _segment_color(segment),
-                source_segment_id=sid, source_segmentation_node=supportSegmentationNode)
+                res.mask, volumeNode, output, name + RESULT_SUFFIX, result_color(color),
+                source_segment_id=sid, source_segmentation_node=inputs.supportSegmentationNode)
             written.append(new_id)
         if show_prompts:
             all_prompts = [p for res in results for p in (res.prompts or [])]
@@ -563,7 +616,27 @@ def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSe
         if created:
             scene.RemoveNode(output)
         raise
-    return NodeRun(written, output, results, prompt_nodes, created)
+    return NodeRun(written, output, results, prompt_nodes, created, list(inputs.skipped))
+
+
+def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode, segmenter,
+                 supportVolumeNode=None, segmentIds=None, slice_range=None, support_slices=None,
+                 show_prompts=False, progress=None, is_cancelled=None) -> NodeRun:
+    """Segment ``volumeNode`` from one or more painted segments and write one new segment per
+    support segment (named ``"<name> (FoB)"``, in the support's hue) into the output
+    segmentation: :func:`read_inputs`, :func:`compute`, :func:`write_outputs` in a row (the
+    blocking path for scripts; the Slicer panel runs :func:`compute` on a worker thread).
+
+    - ``supportVolumeNode`` is the volume the support was painted on (default: the query).
+    - ``outputSegmentationNode``: ``None`` writes into the support segmentation when the
+      support was painted on the query itself, otherwise into a new segmentation node.
+    - ``segmenter`` is a ``FoBSegmentLib.Segmenter`` (or anything with the same ``segment``).
+    - Nothing is written until every segment has been computed: cancelling (``is_cancelled``
+      returning True raises :class:`CancelledError`) or an error leaves the scene unchanged.
+    """
+    inputs = read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode, segmentIds)
+    results = compute(segmenter, inputs, slice_range, support_slices, progress, is_cancelled)
+    return write_outputs(scene, inputs, results, outputSegmentationNode, show_prompts)
 
 
 def volume_to_node(volume: Volume, volumeNode):

@@ -118,7 +118,9 @@ def test_run_on_nodes_writes_one_segment_per_support(scene, ct_nodes):
     assert len(run.segment_ids) == 2 and n_segments(seg) == 4
     names = [seg.GetSegmentation().GetSegment(s).GetName() for s in run.segment_ids]
     assert names == ["liver (FoB)", "spleen (FoB)"]
-    np.testing.assert_allclose(seg.GetSegmentation().GetSegment(run.segment_ids[0]).GetColor(), LIVER_COLOR)
+    got = seg.GetSegmentation().GetSegment(run.segment_ids[0]).GetColor()
+    np.testing.assert_allclose(got, sa.result_color(LIVER_COLOR))
+    assert np.abs(np.subtract(got, LIVER_COLOR)).max() > 0.15, "the result must not look like the painted support"
     np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, run.segment_ids[1], vnode), spleen)
     # the results overlap the painted supports completely: the supports must survive intact
     np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, liver_id, vnode), liver)
@@ -153,6 +155,34 @@ def test_support_on_another_volume_goes_to_a_new_segmentation(scene, ct_nodes):
     assert run.output_node.GetParentTransformNode() is t
     assert n_segments(seg) == 1 and n_segments(run.output_node) == 1
     np.testing.assert_array_equal(sa.segment_mask_on_volume(run.output_node, run.segment_ids[0], vnode), answer)
+
+
+def test_all_segments_skips_results_and_empty_segments(scene, ct_nodes):
+    """'All segments' on a segmentation that already holds a result and an empty segment runs
+    the painted supports only (no 'liver (FoB) (FoB)', no abort)."""
+    vol, lab, vnode = ct_nodes
+    seg, liver_id = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    fake = FakeSegmenter()
+    first = sa.run_on_nodes(scene, vnode, seg, liver_id, None, fake)
+    empty = seg.GetSegmentation().AddEmptySegment("", "kidney", [0.5, 0.5, 0.5])
+    every = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(n_segments(seg))]
+    assert set(every) == {liver_id, first.segment_ids[0], empty}
+    run = sa.run_on_nodes(scene, vnode, seg, None, None, fake, segmentIds=every)
+    assert [seg.GetSegmentation().GetSegment(s).GetName() for s in run.segment_ids] == ["liver (FoB)"]
+    assert sorted(n for n, _ in run.skipped) == ["kidney", "liver (FoB)"]
+    with pytest.raises(FoBInputError, match="None of the segments"):
+        sa.run_on_nodes(scene, vnode, seg, None, None, fake, segmentIds=[empty, first.segment_ids[0]])
+
+
+def test_scene_closed_during_the_run_writes_nothing(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    seg, sid = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    inputs = sa.read_inputs(vnode, seg, sid)
+    results = sa.compute(FakeSegmenter(), inputs)
+    scene.RemoveNode(vnode)  # what closing the scene mid-run does to the input
+    with pytest.raises(FoBInputError, match="removed from the scene"):
+        sa.write_outputs(scene, inputs, results)
+    assert n_segments(seg) == 1
 
 
 def test_empty_support_segment_is_a_user_error(scene, ct_nodes):
@@ -273,3 +303,44 @@ def test_cancel_during_real_run(scene, segmenter):
                         progress=lambda d, t: ticks.append(d), is_cancelled=lambda: len(ticks) >= 1)
     assert n_segments(seg) == 1 and scene.GetNumberOfNodes() == n_nodes
     assert len(ticks) == 1  # stopped at the first slice, not after the whole range
+
+
+def test_worker_hands_back_after_every_slice_of_every_phase(scene, ct_nodes, litemedsam):
+    """The panel's path: inputs read on the main thread, the real pipeline on a worker thread,
+    the result written on the main thread.  The worker reports after every encoded or decoded
+    slice (seed search, support preparation and walk included), counted here."""
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.worker import BackgroundJob
+
+    from conftest import one_slice_support
+
+    vol, lab, vnode = ct_nodes
+    painted, k, _ = one_slice_support(vol, lab.array == 1)
+    seg, sid = support_segmentation(scene, vnode, painted, "spleen", (0.6, 0.0, 1.0))
+    inputs = sa.read_inputs(vnode, seg, sid)
+    other = Segmenter(litemedsam)  # its own cache: every slice is encoded in this run
+    job = BackgroundJob(lambda j: sa.compute(other, inputs, slice_range=(k - 4, k + 4), progress=j.progress,
+                                             is_cancelled=j.is_cancelled))
+    state = job.start().wait(600)
+    assert state.finished and state.error is None
+    res = job.result[0]
+    decoded = sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
+    assert decoded >= 1
+    assert state.reports >= res.slices_encoded + decoded, "one report per encoded and per decoded slice"
+    run = sa.write_outputs(scene, inputs, job.result)
+    assert len(run.segment_ids) == 1
+    # A cancel is honoured within one slice: requested after the 3rd report, at most one more
+    # slice is encoded.
+    fresh = Segmenter(litemedsam)
+    at_cancel = []
+
+    def progress(d, t):
+        job2.progress(d, t)
+        if not at_cancel and job2.snapshot().reports >= 3:
+            at_cancel.append(fresh.encoded_count)
+            job2.cancel()
+
+    job2 = BackgroundJob(lambda j: sa.compute(fresh, inputs, progress=progress, is_cancelled=j.is_cancelled))
+    state2 = job2.start().wait(600)
+    assert isinstance(state2.error, sa.CancelledError) and state2.cancelled
+    assert fresh.encoded_count <= at_cancel[0] + 1
