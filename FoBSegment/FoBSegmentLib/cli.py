@@ -60,7 +60,7 @@ def cmd_segment(args) -> int:
     support = io.read_volume(args.support_volume, "support volume", series=args.series) if args.support_volume else query
     sm = io.read_support_mask(args.support_mask, support, label=args.label, segment=args.segment)
     io.check_output_geometry(out, query)
-    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=args.cache_dir)
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     update, close = _progress_bar("segmenting")
     try:
         res = seg.segment(query, support, sm.mask, support_slices=support_slices, slice_range=slice_range,
@@ -72,6 +72,54 @@ def cmd_segment(args) -> int:
     print(f"wrote {out}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
           f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone}, "
           f"prompts: {res.prompt_source}/{res.prompt_strategy})")
+    return 0
+
+
+def _cache_dir(args):
+    """Embeddings and checkpoints live in the user cache by default, so a second command on
+    the same volume (another structure, a refine, a prepared volume) only decodes."""
+    from .checkpoints import default_cache_dir
+
+    return args.cache_dir or str(default_cache_dir())
+
+
+def cmd_prepare(args) -> int:
+    from . import io
+    from .pipeline.segmenter import Segmenter
+
+    volume = io.read_volume(args.volume, "volume", series=args.series)
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
+    update, close = _progress_bar("encoding")
+    try:
+        n = seg.prepare(volume, progress=update, slice_range=_parse_range(args.slices))
+    finally:
+        close()
+    print(f"prepared {args.volume}: {n} slices encoded ({seg.backbone.name}), cache {_cache_dir(args)}")
+    return 0
+
+
+def cmd_refine(args) -> int:
+    from . import io
+    from .pipeline.segmenter import Segmenter
+
+    out = io.check_output_path(args.output)
+    inputs = [p for p in (args.volume, args.previous, args.corrected, args.support_volume, args.support_mask) if p]
+    io.refuse_overwriting_inputs(out, [p for p in inputs if str(p) != str(args.output)])
+    query = io.read_volume(args.volume, "query volume", series=args.series)
+    previous = io.read_support_mask(args.previous, query, label=args.label, segment=args.segment)
+    corrected = io.read_support_mask(args.corrected, query, label=args.label, segment=args.segment)
+    support = support_mask = None
+    if args.support_mask:
+        support = io.read_volume(args.support_volume, "support volume") if args.support_volume else query
+        support_mask = io.read_support_mask(args.support_mask, support, label=args.support_label).mask
+    io.check_output_geometry(out, query)
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
+    res = seg.refine(query, previous.mask, corrected.mask, support, support_mask)
+    changed = sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
+    name = corrected.name if corrected.name.endswith("(FoB)") else f"{corrected.name} (FoB)"
+    io.write_result(out, query, res.mask, name=name, color=corrected.color, label_value=corrected.label_value or 1)
+    print(f"wrote {out}: {changed} slices recomputed from {len([i for i, v in res.slice_info.items() if v.get('reason') == 'annotated'])} "
+          f"corrected, {res.slices_encoded} encoded, {res.seconds:.1f} s")
     return 0
 
 
@@ -136,8 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="litemedsam (embedded, default) | sam_vit_b | sam_vit_l | sam_vit_h | medsam_vit_b")
     s.add_argument("--checkpoint", help="local checkpoint file for the backbone (no download)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--cache-dir", help="folder for downloaded checkpoints and cached embeddings")
+    s.add_argument("--cache-dir", help="folder for downloaded checkpoints and cached embeddings (default: the user "
+                                       "cache folder, see `fobsegment info`)")
     s.set_defaults(func=cmd_segment)
+
+    pr = sub.add_parser("prepare", help="encode a volume's slices into the cache (later commands only decode)")
+    pr.add_argument("--volume", required=True)
+    pr.add_argument("--series")
+    pr.add_argument("--slices", help="only slices FIRST:LAST")
+    pr.add_argument("--backbone", default="litemedsam")
+    pr.add_argument("--checkpoint")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--cache-dir", help="default: the user cache folder (see `fobsegment info`)")
+    pr.set_defaults(func=cmd_prepare)
+
+    r = sub.add_parser("refine", help="redo a result from the slices you corrected (corrected slices are kept)")
+    r.add_argument("--volume", required=True, help="the query volume of the result")
+    r.add_argument("--series")
+    r.add_argument("--previous", required=True, help="the result as FoBSegment wrote it")
+    r.add_argument("--corrected", required=True, help="the same result after your corrections")
+    g2 = r.add_mutually_exclusive_group()
+    g2.add_argument("--label", type=int, help="label value in --previous / --corrected")
+    g2.add_argument("--segment", help="segment name in --previous / --corrected (.seg.nrrd)")
+    r.add_argument("--support-volume", help="the original support volume (default: the corrected slices)")
+    r.add_argument("--support-mask", help="the original support mask (default: the corrected slices)")
+    r.add_argument("--support-label", type=int)
+    r.add_argument("--output", required=True)
+    r.add_argument("--backbone", default="litemedsam")
+    r.add_argument("--checkpoint")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--cache-dir")
+    r.set_defaults(func=cmd_refine)
 
     i = sub.add_parser("info", help="list backbones, the device and the cache folder")
     i.add_argument("--cache-dir")

@@ -13,6 +13,13 @@ TEST_DATA = REPO / "FoBSegment" / "Testing" / "Data"
 SHARED_DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+if "FOBSEGMENT_CACHE_DIR" not in os.environ:
+    # The command line caches embeddings in the user cache folder by default: tests never touch it.
+    import tempfile
+
+    os.environ["FOBSEGMENT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fobsegment-test-cache-")
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

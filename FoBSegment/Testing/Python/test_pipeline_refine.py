@@ -58,3 +58,42 @@ def test_refine_rejects_masks_off_the_grid(ct, segmenter):
     vol, _ = ct
     with pytest.raises(FoBInputError, match="query's grid"):
         segmenter.refine(vol, np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))
+
+
+def test_cli_prepare_then_segment_then_refine(tmp_path, capsys):
+    """The command-line loop: prepare a volume, segment (decode only), correct, refine."""
+    import SimpleITK as sitk
+
+    from conftest import TEST_DATA
+    from FoBSegmentLib import read_support_mask, read_volume, write_result
+    from FoBSegmentLib.cli import main
+    from FoBSegmentLib.geometry import SliceView
+
+    crop = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))[:, :, 96:106], str(crop))
+    lab = tmp_path / "lab.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))[:, :, 96:106], str(lab))
+    vol = read_volume(crop)
+    view = SliceView.for_volume(vol)
+    g = view.to_stack(np.rint(read_volume(lab).array) == 1)
+    k = int(np.argmax(g.sum((1, 2))))
+    painted = np.zeros_like(g)
+    painted[k] = g[k]
+    sup = write_result(tmp_path / "sup.seg.nrrd", vol, view.from_stack(painted), name="spleen", color=(0.6, 0, 1))
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert main(["prepare", "--volume", str(crop), *cache]) == 0
+    assert "10 slices encoded" in capsys.readouterr().out
+    out = tmp_path / "r.seg.nrrd"
+    assert main(["segment", "--volume", str(crop), "--support-mask", str(sup), "--output", str(out), *cache]) == 0
+    assert ", 0 encoded" in capsys.readouterr().out, "a prepared volume only decodes"
+    first = read_support_mask(out, vol).mask
+    st = view.to_stack(first)
+    worst = min(range(len(g)), key=lambda i: dice(st[i], g[i]) if (st[i].any() or g[i].any()) else 2.0)
+    st[worst] = g[worst]
+    fixed = write_result(tmp_path / "fixed.seg.nrrd", vol, view.from_stack(st), name="spleen (FoB)", color=(0.6, 0, 1))
+    out2 = tmp_path / "refined.seg.nrrd"
+    assert main(["refine", "--volume", str(crop), "--previous", str(out), "--corrected", str(fixed),
+                 "--output", str(out2), *cache]) == 0
+    assert "0 encoded" in capsys.readouterr().out
+    refined = view.to_stack(read_support_mask(out2, vol).mask)
+    assert np.array_equal(refined[worst], g[worst])
