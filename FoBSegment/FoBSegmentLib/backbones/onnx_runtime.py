@@ -117,10 +117,11 @@ def _session(path: Path, threads: int, disabled_optimizers=()):
                                 disabled_optimizers=list(disabled_optimizers))
 
 
-def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_names: list[str],
+def build_onnx_model(module, key: str, probe: tuple, input_names: list[str],
                      output_names: list[str], dynamic_axes: dict | None = None,
                      cache_dir: str | Path | None = None, disabled_optimizers=()) -> OnnxModel | None:
-    """An ONNX Runtime twin of ``module`` (eval mode, CPU), or ``None`` where it cannot be
+    """An ONNX Runtime twin of ``module`` (an eval-mode module, or a function that builds one
+    only if an export is needed), or ``None`` where it cannot be
     built or does not reproduce the eager outputs on ``probe``.  ``key`` names the weights
     and the part (e.g. ``litemedsam-<sha>-encoder256``); ``disabled_optimizers`` names ONNX
     Runtime graph rewrites that make this graph slower."""
@@ -140,6 +141,8 @@ def build_onnx_model(module: torch.nn.Module, key: str, probe: tuple, input_name
     verified.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     try:
+        if not isinstance(module, torch.nn.Module):  # a factory: the module is built only to export
+            module = module()
         with torch.inference_mode():
             expected = module(*probe)
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)

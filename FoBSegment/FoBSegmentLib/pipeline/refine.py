@@ -3,10 +3,10 @@ from them, reusing every cached embedding.
 
 From each slice the user changed, the pipeline walks outward in both directions, each slice
 prompted from its neighbour, until its mask agrees again with the previous result (the
-correction has been absorbed), the structure ends (the rest of the previous result in that
-direction came from the wrong walk and is removed) or the next corrected slice is reached.
-A slice the user erased says the structure is not there: the previous result on its thinner
-side is removed.  Slices the user edited are never overwritten.
+correction has been absorbed, or SAM is surer of the previous mask there than of the new
+one), the presence decision says the structure ends (the previous result from there on is
+kept: a wrong stop must not delete good slices) or the next corrected slice is reached.  A slice the user erased says the structure is not there: the previous
+result on its thinner side is removed.  Slices the user edited are never overwritten.
 """
 
 from __future__ import annotations
@@ -45,15 +45,37 @@ def refine_run(run, support, prev_stack: np.ndarray, corr_stack: np.ndarray, anc
             while run.lo <= i <= run.hi and i not in anchor_set:
                 kept = run.segment_slice(i, support.nearest_index(i), run.kept.get(prev_i),
                                          decide_presence=True, prev_i=prev_i)
-                changed.append(i)
                 if not kept:
-                    run.out[i] = 0
-                    changed += _clear_run(run, prev_stack, i + step, step, anchor_set)
+                    # The new walk would stop here; one doubtful decision must not wipe out the
+                    # previous result beyond, so that stays (the user erases a slice to cut it).
                     break
+                if prev_stack[i].any() and _previous_is_surer(run, i, prev_stack[i]):
+                    # SAM is surer of the previous mask on this slice than of the walked one: the
+                    # correction has been absorbed; keep the previous result from here on.
+                    run.out[i] = prev_stack[i]
+                    run.result.slice_info[i].update(reason="kept_previous")
+                    break
+                changed.append(i)
                 if agreement(run.out[i] > 0, prev_stack[i]) >= agree:
                     break
                 prev_i, i = i, i + step
     return sorted(set(changed))
+
+
+def _previous_is_surer(run, i: int, prev2d: np.ndarray) -> bool:
+    """Decode the previous mask's own box on slice ``i``: is SAM's predicted IoU for it higher
+    than for the mask the new walk produced?"""
+    from ..backbones.base import slice_to_square
+    from .slice_prompting import SlicePrompt, box_from_mask
+
+    prev_sq = slice_to_square(prev2d) > 0.5
+    if not prev_sq.any():
+        return False
+    emb = run.embedding(i)
+    pad = run.settings.walk.pad_px
+    _, iou_prev = run.segmenter.predictor.decode(emb, SlicePrompt(box=box_from_mask(prev_sq, pad_px=pad)))
+    run.heartbeat()
+    return iou_prev > run.result.slice_info[i]["iou"]
 
 
 def _clear_run(run, prev_stack, start, step, anchor_set) -> list[int]:
