@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class EmbeddingCache:
         self.dropped = 0  # damaged disk entries dropped
         self._disk_ok = self.cache_dir is not None
         self._warned_damaged = False
+        # The Slicer panel may prepare a volume on one worker while Apply runs on another.
+        self._lock = threading.RLock()
 
     @staticmethod
     def key(model_input: torch.Tensor, backbone_id: str) -> str:
@@ -62,6 +65,10 @@ class EmbeddingCache:
 
     def get(self, key: str, shape: tuple | None = None) -> torch.Tensor | None:
         """The cached embedding (float32) or None; ``shape``: the shape it must have."""
+        with self._lock:
+            return self._get(key, shape)
+
+    def _get(self, key, shape):
         t = self._mem.get(key)
         if t is not None:
             self._mem.move_to_end(key)
@@ -108,7 +115,8 @@ class EmbeddingCache:
     def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
         """Store an embedding; returns it as stored (rounded to the cache's precision), float32."""
         t = embedding.detach().to("cpu", self.dtype).contiguous()
-        self._remember(key, t)
+        with self._lock:
+            self._remember(key, t)
         p = self._path(key)
         if p is not None and self._disk_ok and not p.exists():
             self._write(p, t)
