@@ -306,7 +306,9 @@ def write_mask_as_segment(mask, volumeNode, segmentationNode, name, color, sourc
     old_params = segmentation.SerializeAllConversionParameters() or ""
     # A real Slicer's conversion rules always list the parameter (with a description): only
     # its value says whether the segmentation has a geometry.
-    has_geometry = bool(old_ref_id) or bool((segmentation.GetConversionParameter(_GEOMETRY_PARAMETER) or "").strip())
+    listed = f"{_GEOMETRY_PARAMETER}|" in old_params  # asking for an unlisted one logs an error
+    value = segmentation.GetConversionParameter(_GEOMETRY_PARAMETER) if listed else ""
+    has_geometry = bool(old_ref_id) or bool((value or "").strip())
     old_labelmap = None
     try:
         if not has_geometry:
