@@ -823,10 +823,15 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         """Redo the last run from the slices the user corrected (blocking); returns the number
         of recomputed slices.  Corrected slices are never changed."""
         run, inputs, corrected = self._refineInputs()
-        refined = [self._lastSegmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progressCallback,
-                                              is_cancelled=isCancelled)
-                   for res, c, m in zip(run.results, corrected, inputs.masks)]
+        refined = self._refineResults(self._lastSegmenter, run, inputs, corrected, progressCallback, isCancelled)
         return self._writeRefined(run, inputs, refined)
+
+    @staticmethod
+    def _refineResults(segmenter, run, inputs, corrected, progress, isCancelled) -> list:
+        """One refined result per result segment of ``run`` (any thread: no MRML)."""
+        return [segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progress,
+                                 is_cancelled=isCancelled)
+                for res, c, m in zip(run.results, corrected, inputs.masks)]
 
     def startRefine(self):
         from FoBSegmentLib.worker import BackgroundJob
@@ -835,9 +840,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         segmenter = self._lastSegmenter
 
         def work(job):
-            return [segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=job.progress,
-                                     is_cancelled=job.is_cancelled)
-                    for res, c, m in zip(run.results, corrected, inputs.masks)]
+            return self._refineResults(segmenter, run, inputs, corrected, job.progress, job.is_cancelled)
 
         job = BackgroundJob(work).start()
         job.refineOf = run

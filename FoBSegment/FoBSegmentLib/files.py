@@ -125,13 +125,6 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return atomic_write(path, write)
-
-
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Do two paths name the same file (symlinks, '..', case on case-insensitive systems)?"""
     a, b = Path(a), Path(b)

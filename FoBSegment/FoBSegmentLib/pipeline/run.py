@@ -73,7 +73,6 @@ class QueryRun:
         self.progress = progress
         self.is_cancelled = is_cancelled
         self.done = 0
-        self.heartbeats = 0
         self.total = self.hi - self.lo + 1
 
     # ---------------------------------------------------------------- slices -> embeddings
@@ -88,16 +87,13 @@ class QueryRun:
     def heartbeat(self) -> None:
         """After every encoded or decoded slice of any phase: report (the caller's GUI gets a
         turn) and honour a cancel, so a cancel costs at most one slice of work."""
-        self.heartbeats += 1
         if self.progress is not None:
             self.progress(min(self.done, self.total), self.total)
         self.check_cancelled()
 
     def _tick(self) -> None:
         self.done += 1
-        if self.progress is not None:
-            self.progress(min(self.done, self.total), self.total)
-        self.check_cancelled()
+        self.heartbeat()
 
     # ---------------------------------------------------------------- one slice
     def segment_slice(self, i: int, sup, prev_sq, decide_presence: bool, prev_i=None, given="oracle") -> bool:
