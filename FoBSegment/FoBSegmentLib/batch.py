@@ -167,14 +167,10 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
     t0 = time.perf_counter()
     out = out_dir / case.output
     try:
-        io.check_output_path(out)
-        io.refuse_overwriting_inputs(out, [p for p in (case.query, case.support_volume, case.support_mask,
-                                                       case.reference) if p])
-        query = io.read_volume(case.query, f"query volume of case {case.id}")
-        support = io.read_volume(case.support_volume, f"support volume of case {case.id}") \
-            if case.support_volume else query
-        sm = io.read_support_mask(case.support_mask, support, label=case.label, segment=case.segment)
-        io.check_output_geometry(out, query)
+        inp = io.read_segmentation_inputs(out, case.query, case.support_mask, case.support_volume, case.label,
+                                          case.segment, also_inputs=[case.reference] if case.reference else (),
+                                          what=f" of case {case.id}")
+        query, support, sm = inp.query, inp.support, inp.support_mask
         res = segmenter_for(options).segment(query, support, sm.mask, progress=progress, is_cancelled=is_cancelled)
         d = None
         if case.reference is not None:

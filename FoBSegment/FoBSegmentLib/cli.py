@@ -51,15 +51,11 @@ def cmd_segment(args) -> int:
     from . import io
     from .pipeline.segmenter import Segmenter
 
-    out = io.check_output_path(args.output)
-    inputs = [p for p in (args.volume, args.support_volume, args.support_mask) if p]
-    io.refuse_overwriting_inputs(out, inputs)
     support_slices = _parse_int_list(args.support_slices, "--support-slices")
     slice_range = _parse_range(args.slices)
-    query = io.read_volume(args.volume, "query volume", series=args.series)
-    support = io.read_volume(args.support_volume, "support volume", series=args.series) if args.support_volume else query
-    sm = io.read_support_mask(args.support_mask, support, label=args.label, segment=args.segment)
-    io.check_output_geometry(out, query)
+    inp = io.read_segmentation_inputs(args.output, args.volume, args.support_mask, args.support_volume, args.label,
+                                      args.segment, args.series)
+    out, query, support, sm = inp.output, inp.query, inp.support, inp.support_mask
     seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     update, close = _progress_bar("segmenting")
     try:

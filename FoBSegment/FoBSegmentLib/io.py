@@ -300,6 +300,30 @@ def refuse_overwriting_inputs(output: str | Path, inputs) -> None:
                 "another --output path.")
 
 
+@dataclass
+class SegmentationInputs:
+    """A query, its support and the support mask, read and checked against the output."""
+
+    output: Path
+    query: Volume
+    support: Volume
+    support_mask: SupportMask
+
+
+def read_segmentation_inputs(output, volume, support_mask, support_volume=None, label=None, segment=None,
+                             series=None, also_inputs=(), what: str = "") -> SegmentationInputs:
+    """Everything ``fobsegment segment`` and each ``batch`` case check and read before any
+    work: the output path (format, folder writable, not one of the inputs, a geometry it can
+    hold), the query, the support volume (default: the query) and the support mask."""
+    out = check_output_path(output)
+    refuse_overwriting_inputs(out, [p for p in (volume, support_volume, support_mask, *also_inputs) if p])
+    query = read_volume(volume, f"query volume{what}", series=series)
+    support = read_volume(support_volume, f"support volume{what}", series=series) if support_volume else query
+    sm = read_support_mask(support_mask, support, label=label, segment=segment)
+    check_output_geometry(out, query)
+    return SegmentationInputs(out, query, support, sm)
+
+
 def check_output_geometry(path: str | Path, query: Volume) -> None:
     """Refuse a geometry the output format cannot hold, before any work."""
     if _suffix(Path(path)) in _ORTHONORMAL_ONLY:
