@@ -12,6 +12,10 @@ A manifest (CSV with a header, or JSON lines) lists one case per row:
 ``reference_label`` its label value (default: ``label``, else any non-zero voxel)
 ``output``         output file name inside the output folder (default ``<id>.seg.nrrd``)
 ``id``             case id (default: the row number)
+``support_slices`` which annotated slices of the support mask to use, e.g. ``12 18 24``
+                   (default: all)
+``oracle``         ``true``: segment only the slices where the reference has the structure
+                   (the EP1 evaluation protocol; needs ``reference``)
 =================  ==========================================================================
 
 Relative paths are relative to the manifest's folder.  Every case runs by the rules of
@@ -38,7 +42,7 @@ from .errors import CancelledError, FoBError, FoBInputError
 from .files import atomic_write, check_writable_folder
 
 FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
-          "output")
+          "output", "support_slices", "oracle")
 SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256")
 
 
@@ -53,6 +57,8 @@ class Case:
     reference: Path | None = None
     reference_label: int | None = None
     output: str = ""
+    support_slices: tuple[int, ...] | None = None
+    oracle: bool = False
 
 
 @dataclass
@@ -112,11 +118,36 @@ def read_manifest(path: str | Path) -> list[Case]:
             except ValueError:
                 raise FoBInputError(f"Row {n} of {p.name}: {k} must be an integer (got {v!r}).") from None
 
+        def slices_of(k):
+            v = row.get(k)
+            if v in (None, ""):
+                return None
+            try:
+                items = v if isinstance(v, list) else str(v).replace(";", " ").replace(",", " ").split()
+                return tuple(int(x) for x in items)
+            except ValueError:
+                raise FoBInputError(f"Row {n} of {p.name}: {k} must be slice numbers such as '12 18 24' "
+                                    f"(got {v!r}).") from None
+
+        def flag_of(k):
+            v = row.get(k)
+            if v in (None, "") or v is False:
+                return False
+            if v is True or str(v).strip().lower() in ("1", "true", "yes"):
+                return True
+            if str(v).strip().lower() in ("0", "false", "no"):
+                return False
+            raise FoBInputError(f"Row {n} of {p.name}: {k} must be true or false (got {v!r}).")
+
         out = get("output") or f"{cid}.seg.nrrd"
         if Path(out).name != out:
             raise FoBInputError(f"Row {n} of {p.name}: output must be a file name, not a path ({out!r}).")
-        cases.append(Case(cid, path_of("query"), path_of("support_mask"), path_of("support_volume"), int_of("label"),
-                          get("segment"), path_of("reference"), int_of("reference_label"), out))
+        case = Case(cid, path_of("query"), path_of("support_mask"), path_of("support_volume"), int_of("label"),
+                    get("segment"), path_of("reference"), int_of("reference_label"), out, slices_of("support_slices"),
+                    flag_of("oracle"))
+        if case.oracle and case.reference is None:
+            raise FoBInputError(f"Row {n} of {p.name}: oracle needs a reference (it segments the reference's slices).")
+        cases.append(case)
     return cases
 
 
@@ -159,10 +190,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancelled=None) -> CaseResult:
-    """Segment one case; input errors become a ``failed`` result with their message."""
+def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancelled=None,
+             segmenter=None) -> CaseResult:
+    """Segment one case; input errors become a ``failed`` result with their message.
+    ``segmenter``: a built Segmenter to use instead of one built from ``options``."""
     from . import io
-    from .evaluation import dice
 
     t0 = time.perf_counter()
     out = out_dir / case.output
@@ -171,18 +203,23 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
                                           case.segment, also_inputs=[case.reference] if case.reference else (),
                                           what=f" of case {case.id}")
         query, support, sm = inp.query, inp.support, inp.support_mask
-        res = segmenter_for(options).segment(query, support, sm.mask, progress=progress, is_cancelled=is_cancelled)
-        d = None
-        if case.reference is not None:
-            ref = io.read_volume(case.reference, f"reference of case {case.id}")
-            if ref.array.shape != query.array.shape:
-                raise FoBInputError(f"The reference of case {case.id} is not on the query's grid "
-                                    f"({ref.array.shape} vs {query.array.shape}).")
-            value = case.reference_label if case.reference_label is not None else case.label
-            import numpy as np
+        reference = _read_reference(case, query) if case.reference is not None else None
+        query_slices = None
+        if case.oracle:
+            from .geometry import SliceView, occupied_slices
 
-            refm = (np.rint(ref.array) == value) if value is not None else ref.array > 0
-            d = round(dice(res.mask > 0, refm), 4)
+            query_slices = occupied_slices(SliceView.for_volume(query).to_stack(reference))
+            if not query_slices:
+                raise FoBInputError(f"The reference of case {case.id} does not contain the structure, so there is "
+                                    f"no slice to segment with oracle: check reference_label.")
+        seg = segmenter if segmenter is not None else segmenter_for(options)
+        res = seg.segment(query, support, sm.mask, support_slices=list(case.support_slices or []) or None,
+                          query_slices=query_slices, progress=progress, is_cancelled=is_cancelled)
+        d = None
+        if reference is not None:
+            from .evaluation import dice
+
+            d = round(dice(res.mask > 0, reference), 4)
         name = f"{sm.name} (FoB)"
         io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
         return CaseResult(case.id, "ok", "", str(out), res.slices_segmented, res.slices_encoded,
@@ -196,6 +233,20 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the batch; the message says it is a bug
         return CaseResult(case.id, "failed", f"internal error ({type(exc).__name__}: {exc}); please report it",
                           seconds=round(time.perf_counter() - t0, 2))
+
+
+def _read_reference(case: Case, query):
+    """The reference's structure as a boolean mask on the query's grid (read before any work)."""
+    import numpy as np
+
+    from . import io
+
+    ref = io.read_volume(case.reference, f"reference of case {case.id}")
+    if ref.array.shape != query.array.shape:
+        raise FoBInputError(f"The reference of case {case.id} is not on the query's grid "
+                            f"({ref.array.shape} vs {query.array.shape}).")
+    value = case.reference_label if case.reference_label is not None else case.label
+    return (np.rint(ref.array) == value) if value is not None else ref.array > 0
 
 
 def _dask_case(case: Case, out_dir: str, options: dict, threads: int) -> dict:
@@ -272,13 +323,15 @@ def totals_of(rows: list[dict], n_cases: int) -> dict:
 
 def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engine: str = "local",
               workers: int = 1, scheduler: str | None = None, progress=None, is_cancelled=None,
-              on_case=None) -> dict:
+              on_case=None, segmenter=None) -> dict:
     """Run every case of the manifest's shard; returns the totals (see :func:`totals_of`).
 
-    ``progress(done, total)`` reports slices of the current case (local engine);
-    ``on_case(result)`` is called after every case.  A cancel stops after the current slice;
-    the cases finished so far stay written and recorded."""
-    cases = shard_cases(read_manifest(manifest), shard)
+    ``manifest``: a manifest file or a list of :class:`Case`.  ``progress(done, total)``
+    reports slices of the current case (local engine); ``on_case(result)`` is called after
+    every case.  ``segmenter``: a built Segmenter for the local engine (its settings and cache
+    are used).  A cancel stops after the current slice; the cases finished so far stay written
+    and recorded."""
+    cases = shard_cases(manifest if isinstance(manifest, list) else read_manifest(manifest), shard)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FoBInputError(f"The output folder {out_dir} does not exist. Create it first.")
@@ -301,13 +354,16 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
             for case in todo:
                 if is_cancelled is not None and is_cancelled():
                     raise CancelledError()
-                r = run_case(case, out_dir, options, progress, is_cancelled)
+                r = run_case(case, out_dir, options, progress, is_cancelled, segmenter)
                 if r.status == "cancelled":
                     raise CancelledError()
                 summary.add(r)
                 if on_case:
                     on_case(r)
         elif engine == "dask":
+            if segmenter is not None:
+                raise FoBInputError("The dask engine builds its own Segmenter in every worker: pass options, "
+                                    "not a segmenter.")
             _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled)
         else:
             raise FoBInputError(f"Unknown engine {engine!r}: use local or dask.")

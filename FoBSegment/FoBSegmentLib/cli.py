@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="segment every case of a manifest (resumable, shardable)")
     b.add_argument("--manifest", required=True, help="CSV or JSON lines: query, support_mask[, support_volume, label, "
-                                                     "segment, reference, reference_label, output, id]")
+                                                     "segment, reference, reference_label, output, id, "
+                                                     "support_slices, oracle]")
     b.add_argument("--output-dir", required=True, help="folder for the outputs and summary.{jsonl,csv,json}")
     b.add_argument("--shard", help="I/N: run rows I, I+N, I+2N, ... (0-based), e.g. $SLURM_ARRAY_TASK_ID/$N")
     b.add_argument("--engine", default="local", choices=["local", "dask"],
@@ -270,6 +271,11 @@ def _add_evaluate(sub):
     e.add_argument("--protocol", default="ep1", choices=["ep1", "full"])
     e.add_argument("--method", default="pipeline", choices=["pipeline", "coarse", "support_box", "gt_box"])
     e.add_argument("--json", help="write the results here")
+    e.add_argument("--output-dir", help="keep each case's segmentation and the batch summary here; the same "
+                                        "command again resumes (default: a temporary folder)")
+    e.add_argument("--shard", help="I/N: run every N-th case from the I-th (0-based), as fobsegment batch")
+    e.add_argument("--engine", default="local", choices=["local", "dask"])
+    e.add_argument("--workers", type=int, default=2, help="local Dask workers (with --engine dask)")
     e.add_argument("--backbone", default="litemedsam")
     e.add_argument("--checkpoint")
     e.add_argument("--prompt-source", default="contrast", choices=["contrast", "fob"],

@@ -72,6 +72,13 @@ def parse_classes(text: str) -> dict[str, int]:
     return out
 
 
+def _load_labels(data: Path, case: str) -> np.ndarray:
+    lab = data / f"label_{case}.nii.gz"
+    if not lab.is_file():
+        raise FoBInputError(f"Case {case!r}: expected {lab.name} in {data}.")
+    return np.rint(read_volume(lab, f"label of case {case}").array).astype(np.int64)
+
+
 def _load_case(data: Path, case: str):
     img, lab = data / f"image_{case}.nii.gz", data / f"label_{case}.nii.gz"
     if not img.is_file() or not lab.is_file():
@@ -81,19 +88,104 @@ def _load_case(data: Path, case: str):
     return vol, labels
 
 
-def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1", segmenter=None,
-             method: str = "pipeline", progress=None, **segmenter_kw) -> dict:
-    """3D Dice of ``method`` on the ``cases`` of ``data`` with ``support_case`` as the support.
-    ``segmenter``: a built Segmenter (else one is built from ``segmenter_kw``)."""
-    from .pipeline.segmenter import Segmenter
+def evaluation_cases(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1"):
+    """The evaluation as batch cases: one per class and query case whose ground truth contains
+    the class, with the support's EP1 slices; ``ep1`` segments the reference's slices only.
+    Returns ``(cases, {case id: (class name, query case)}, {class name: support slices})``."""
+    from .batch import Case
 
+    data = Path(data)
+    s_vol, s_lab = _load_case(data, support_case)
+    s_view = SliceView.for_volume(s_vol)
+    sup_slices = {}
+    for name, value in classes.items():
+        sup_slices[name] = ep1_support_slices(s_view.to_stack(s_lab == value))
+        if not sup_slices[name]:
+            raise FoBInputError(f"Class {name}={value} is absent from the support case {support_case}.")
+    query_labels = {str(c): _load_labels(data, c) for c in cases if str(c) != str(support_case)}
+    out, where = [], {}
+    for name, value in classes.items():
+        for case, q_lab in query_labels.items():
+            if not (q_lab == value).any():
+                continue
+            cid = f"{name}-{case}"
+            out.append(Case(cid, data / f"image_{case}.nii.gz", data / f"label_{support_case}.nii.gz",
+                            data / f"image_{support_case}.nii.gz", value, None, data / f"label_{case}.nii.gz", value,
+                            f"{name}_{case}.seg.nrrd", tuple(sup_slices[name]), protocol == "ep1"))
+            where[cid] = (name, case)
+    return out, where, sup_slices
+
+
+def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1", segmenter=None,
+             method: str = "pipeline", progress=None, output_dir=None, shard=(0, 1), engine: str = "local",
+             workers: int = 1, **segmenter_kw) -> dict:
+    """3D Dice of ``method`` on the ``cases`` of ``data`` with ``support_case`` as the support.
+    ``segmenter``: a built Segmenter (else one is built from ``segmenter_kw``).
+
+    The pipeline runs as a batch with references (:mod:`FoBSegmentLib.batch`): each class and
+    query case is one case, a failed case is recorded and the rest go on, and with
+    ``output_dir`` the segmentations and the batch summary are kept there, so the same call
+    again resumes; ``shard`` and ``engine="dask"`` split the work like ``fobsegment batch``."""
     if protocol not in ("ep1", "full"):
         raise FoBInputError(f"Unknown protocol {protocol!r}: use ep1 or full.")
     if method not in METHODS:
         raise FoBInputError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
     if method != "pipeline" and protocol != "ep1":
         raise FoBInputError(f"The {method} baseline is defined for protocol ep1 only.")
-    data = Path(data)
+    if method != "pipeline":
+        return _evaluate_baseline(Path(data), classes, support_case, cases, segmenter, method, progress,
+                                  **segmenter_kw)
+    import tempfile
+
+    from .batch import run_batch
+
+    t0 = time.perf_counter()
+    batch_cases, where, sup_slices = evaluation_cases(data, classes, support_case, cases, protocol)
+    rows = {}
+
+    def on_case(r):
+        rows[r.id] = r
+        if progress and r.status in ("ok", "skipped"):
+            progress(*where[r.id], r.dice)
+
+    seg = segmenter
+    if seg is None and engine == "local":
+        from .pipeline.segmenter import Segmenter
+
+        seg = Segmenter(**segmenter_kw)
+    with tempfile.TemporaryDirectory(prefix="fobsegment-evaluate-") as tmp:
+        run_batch(batch_cases, Path(output_dir) if output_dir else Path(tmp), segmenter_kw, shard, engine, workers,
+                  on_case=on_case, segmenter=seg if engine == "local" else None)
+    per_class = {}
+    for name in classes:
+        mine = [(where[c.id][1], rows.get(c.id)) for c in batch_cases if where[c.id][0] == name and c.id in rows]
+        scores = {case: r.dice for case, r in mine if r.status in ("ok", "skipped")}
+        failed = {case: r.message for case, r in mine if r.status == "failed"}
+        per_class[name] = {"mean_dice": round(float(np.mean(list(scores.values()))), 4) if scores else None,
+                           "cases": scores, "support_slices": sup_slices[name]}
+        if failed:
+            per_class[name]["failed"] = failed
+    means = [v["mean_dice"] for v in per_class.values() if v["mean_dice"] is not None]
+    ran = [r for r in rows.values() if r.status == "ok"]
+    return {
+        "protocol": protocol, "method": method,
+        "backbone": seg.backbone.name if seg is not None else segmenter_kw.get("backbone", "litemedsam"),
+        "prompt": seg.start_prompter.strategy if seg is not None else None,
+        "prompt_source": seg.prompt_source if seg is not None else "contrast",
+        "support_case": str(support_case), "cases": [str(c) for c in cases if str(c) != str(support_case)],
+        "mean_dice": round(float(np.mean(means)), 4) if means else None,
+        "classes": per_class,
+        "failed": sum(r.status == "failed" for r in rows.values()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "slices_encoded": sum(r.slices_encoded or 0 for r in ran),
+        "device": str(seg.backbone.device) if seg is not None else segmenter_kw.get("device", "auto"),
+    }
+
+
+def _evaluate_baseline(data: Path, classes, support_case, cases, segmenter, method, progress, **segmenter_kw) -> dict:
+    """The EP1 baselines (no pipeline): the support's box, the learned coarse mask, the true box."""
+    from .pipeline.segmenter import Segmenter
+
     seg = segmenter or Segmenter(**segmenter_kw)
     if method == "coarse" and seg.prompt_source != "fob":
         raise FoBInputError("The coarse-mask baseline needs FoB generator weights.")
@@ -115,12 +207,7 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
                 continue
             q_view = SliceView.for_volume(q_vol)
             gt_idx = occupied_slices(q_view.to_stack(gt))
-            if method == "pipeline":
-                res = seg.segment(q_vol, s_vol, s_mask, support_slices=sup_slices,
-                                  query_slices=gt_idx if protocol == "ep1" else None)
-                pred = res.mask > 0
-            else:
-                pred = _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
+            pred = _baseline(seg, method, q_vol, q_view, gt, gt_idx, s_vol, s_mask, sup_slices)
             scores[str(case)] = round(dice(pred, gt), 4)
             if progress:
                 progress(name, case, scores[str(case)])
@@ -128,12 +215,11 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
                            "cases": scores, "support_slices": sup_slices}
     means = [v["mean_dice"] for v in per_class.values() if v["mean_dice"] is not None]
     return {
-        "protocol": protocol, "method": method, "backbone": seg.backbone.name,
-        "prompt": seg.start_prompter.strategy if method == "pipeline" else ("box" if "box" in method else None),
-        "prompt_source": seg.prompt_source,
+        "protocol": "ep1", "method": method, "backbone": seg.backbone.name,
+        "prompt": "box" if "box" in method else None, "prompt_source": seg.prompt_source,
         "support_case": str(support_case), "cases": [str(c) for c, *_ in queries],
         "mean_dice": round(float(np.mean(means)), 4) if means else None,
-        "classes": per_class,
+        "classes": per_class, "failed": 0,
         "seconds": round(time.perf_counter() - t0, 1),
         "slices_encoded": seg.encoded_count - enc0,
         "device": str(seg.backbone.device),
@@ -177,25 +263,37 @@ def write_json(path, obj) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from .batch import parse_shard
+
     classes = parse_classes(args.classes)
     cases = [c for c in args.cases.split(",") if c]
     if args.json and not Path(args.json).parent.exists():
         raise FoBInputError(f"The folder of --json {Path(args.json).parent} does not exist.")
+    if args.output_dir and not Path(args.output_dir).is_dir():
+        raise FoBInputError(f"The output folder {args.output_dir} does not exist. Create it first.")
+    if args.engine == "dask" and (args.prompt_source != "contrast" or args.method != "pipeline"):
+        raise FoBInputError("--engine dask runs the default pipeline only (no --prompt-source fob, no baselines).")
 
     def show(name, case, d):
         print(f"  {name:<14} case {case:<4} Dice {d:.4f}", flush=True)
 
-    seg = build_segmenter(args.backbone, args.device, args.checkpoint, args.cache_dir, args.prompt_source,
-                          args.weights, args.prompt, not args.no_spr)
+    seg = None
+    if args.engine == "local":
+        seg = build_segmenter(args.backbone, args.device, args.checkpoint, args.cache_dir, args.prompt_source,
+                              args.weights, args.prompt, not args.no_spr)
     res = evaluate(args.data, classes, args.support_case, cases, args.protocol, segmenter=seg, method=args.method,
-                   progress=show)
+                   progress=show, output_dir=args.output_dir, shard=parse_shard(args.shard), engine=args.engine,
+                   workers=args.workers, backbone=args.backbone, device=args.device, checkpoint=args.checkpoint,
+                   cache_dir=args.cache_dir)
     for name, v in res["classes"].items():
         print(f"{name:<14} mean Dice {v['mean_dice']}")
+        for case, message in v.get("failed", {}).items():
+            print(f"  {name:<14} case {case:<4} failed: {message}")
     print(f"mean Dice {res['mean_dice']} ({res['protocol']}, {res['method']}, {res['backbone']}, "
-          f"{res['seconds']} s, {res['slices_encoded']} slices encoded)")
+          f"{res['seconds']} s, {res['slices_encoded']} slices encoded, {res['failed']} failed)")
     if args.json:
         write_json(args.json, res)
-    return 0
+    return 0 if not res["failed"] else 1
 
 
 def build_segmenter(backbone="litemedsam", device="auto", checkpoint=None, cache_dir=None, prompt_source="contrast",

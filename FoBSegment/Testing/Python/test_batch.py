@@ -105,6 +105,60 @@ def test_dask_engine_on_two_local_workers(cohort, tmp_path):
     seen = []
     totals = run_batch(manifest, out, {"backbone": "litemedsam", "device": "cpu", "cache_dir": str(tmp_path / "c")},
                        engine="dask", workers=2, on_case=seen.append)
-    assert totals["ok"] == 3 and totals["failed"] == 1
+    assert totals["ok"] == 3 and totals["failed"] == 1, [(r.id, r.status, r.message) for r in seen]
     assert sorted(r.id for r in seen if r.status == "ok") == ["case0", "case1", "case3"]
     assert all((out / f"case{n}.seg.nrrd").is_file() for n in (0, 1, 3))
+
+
+def test_manifest_support_slices_and_oracle(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"query": "q.nii.gz", "support_mask": "s.nii.gz", "reference": "r.nii.gz", '
+                 '"support_slices": "12 18;24", "oracle": "true"}\n'
+                 '{"query": "q.nii.gz", "support_mask": "s.nii.gz", "support_slices": [3, 4]}\n')
+    a, b = read_manifest(m)
+    assert a.support_slices == (12, 18, 24) and a.oracle and b.support_slices == (3, 4) and not b.oracle
+    m.write_text('{"query": "q.nii.gz", "support_mask": "s.nii.gz", "oracle": "yes"}\n')
+    with pytest.raises(FoBInputError, match="oracle needs a reference"):
+        read_manifest(m)
+    m.write_text('{"query": "q.nii.gz", "support_mask": "s.nii.gz", "support_slices": "twelve"}\n')
+    with pytest.raises(FoBInputError, match="support_slices must be slice numbers"):
+        read_manifest(m)
+
+
+def test_evaluate_is_a_batch_with_references(tmp_path, litemedsam):
+    """``evaluate`` runs its cases through the batch: the Dice is that of a direct Segmenter run,
+    a broken query is recorded with its input error's message while the rest go on, and with an
+    output folder the same evaluation again resumes from the verified outputs."""
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.evaluation import dice, ep1_support_slices, evaluate
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
+
+    img = sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for case, z0 in (("1", 95), ("2", 97), ("3", 99)):
+        sitk.WriteImage(img[:, :, z0:z0 + 6], str(data / f"image_{case}.nii.gz"))
+        sitk.WriteImage(lab[:, :, z0:z0 + 6], str(data / f"label_{case}.nii.gz"))
+    (data / "image_3.nii.gz").write_bytes(b"not a volume")  # its label is fine: the case is listed, then fails
+    seg = Segmenter(litemedsam)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = evaluate(data, {"spleen": 1}, "1", ["2", "3"], "ep1", segmenter=seg, output_dir=out)
+
+    s_vol, q_vol = read_volume(data / "image_1.nii.gz"), read_volume(data / "image_2.nii.gz")
+    s_mask = np.rint(read_volume(data / "label_1.nii.gz").array) == 1
+    gt = np.rint(read_volume(data / "label_2.nii.gz").array) == 1
+    direct = seg.segment(q_vol, s_vol, s_mask, support_slices=ep1_support_slices(SliceView.for_volume(s_vol).to_stack(s_mask)),
+                         query_slices=occupied_slices(SliceView.for_volume(q_vol).to_stack(gt)))
+    assert r["classes"]["spleen"]["cases"] == {"2": round(dice(direct.mask > 0, gt), 4)}
+    assert r["classes"]["spleen"]["cases"]["2"] > 0.8 and r["failed"] == 1
+    with pytest.raises(FoBInputError) as err:
+        read_volume(data / "image_3.nii.gz", "query volume of case spleen-3")
+    assert r["classes"]["spleen"]["failed"] == {"3": str(err.value)}
+    assert (out / "spleen_2.seg.nrrd").is_file() and (out / "summary.json").is_file()
+
+    again = evaluate(data, {"spleen": 1}, "1", ["2", "3"], "ep1", segmenter=seg, output_dir=out)
+    status = {row["id"]: row["status"] for row in json.loads((out / "summary.json").read_text())["cases"]}
+    assert status == {"spleen-2": "skipped", "spleen-3": "failed"}
+    assert again["classes"]["spleen"]["cases"] == r["classes"]["spleen"]["cases"] and again["slices_encoded"] == 0
