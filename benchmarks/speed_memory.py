@@ -1,25 +1,38 @@
-"""Speed and memory figures of the pipeline, printed as ratios where timing is involved.
+"""Speed and footprint on the machine in hand: encoder runtimes, start-up, re-runs, memory.
 
-    .venv/bin/python benchmarks/speed_memory.py [--threads N] [--big]
+    .venv/bin/python benchmarks/speed_memory.py [--quick] [--big] [--emulate-avx2] [--json OUT.json]
 
-1. pipeline overhead: a whole `segment` run / bare encoding of the slices it encoded, two ways:
-   re-encoding them after the run (alternated three times), and the time the run itself spent
-   inside the encoder (with the run split into encoder, mask decoder and everything else);
-2. work avoided: slices encoded / slices in the volume;
-3. the same segmentation run again on the same Segmenter: first run time / re-run time (cache);
-4. seconds per slice of the bare LiteMedSAM encoder on this machine, eager PyTorch vs ONNX
-   Runtime vs bf16 autocast, and the whole-volume Dice change each causes;
-5. with --big: peak RSS of a run on a 512 x 512 x 300 CT synthesised from the example CT
-   (a slice range bounds the time; memory is dominated by the volume and the stream).
+Prints, in one run:
+
+1. the CPU (model, AVX2/AVX-512 flags, cores) and package versions;
+2. seconds per slice of LiteMedSAM's image encoder in every installed runtime (eager PyTorch,
+   ONNX Runtime, OpenVINO) on real MRI slices, each as a ratio to eager PyTorch, and the
+   runtime FoBSegment chooses on this machine and why; with ``--emulate-avx2`` the same in a
+   child process whose oneDNN and MKL are limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``:
+   PyTorch and OpenVINO honour it, ONNX Runtime's own kernels do not);
+3. the Dice change of each runtime against eager PyTorch on the benchmark folds (CHAOS
+   support 2 / cases 3, 5, 8, 20 and MS-CMRSeg support 2 / cases 3-9, protocols ep1 and full;
+   ``--quick``: the example CT's liver and spleen instead);
+4. ``fobsegment --help`` and ``fobsegment segment`` as separate processes on a 37-slice MRI
+   (CHAOS case 1, one painted liver slice; the example CT without the shared data): seconds
+   from start to the first slice encoding, cold (no embedding cached) and cached (the same
+   command again), their ratio, and peak RSS of each;
+5. with ``--big``: peak RSS of ``fobsegment segment`` on a 512 x 512 x 300 CT synthesised from
+   the example CT (a 21-slice range bounds the time).
+
+Every process uses a fresh cache folder holding only the verified ONNX exports and the
+runtime record, so "cold" means no embedding cached, as for a new volume.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,156 +40,313 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
+DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = REPO / "FoBSegment" / "Testing" / "Data"
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+FOLDS = {
+    "CHAOS": dict(folder="chaos_t2spir_mri", support="2", cases=["3", "5", "8", "20"],
+                  classes={"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}),
+    "MS-CMRSeg": dict(folder="mscmrseg19_bssfp_cmr", support="2", cases=[str(i) for i in range(3, 10)],
+                      classes={"lv_bp": 500, "lv_myo": 200, "rv": 600}),
+}
+
+# Run as a child: the CLI with the moment the first slice starts encoding and the peak RSS.
+CHILD = r"""
+import resource, sys, time
+import FoBSegmentLib.backbones.litemedsam as L
+encode = L.LiteMedSAMBackbone.encode
+def first(self, batch):
+    if not hasattr(first, "t"):
+        first.t = time.time()
+        print(f"BENCH_FIRST_ENCODE {first.t}", file=sys.stderr, flush=True)
+    return encode(self, batch)
+L.LiteMedSAMBackbone.encode = first
+from FoBSegmentLib.cli import main
+code = main(sys.argv[1:])
+print(f"BENCH_PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True)
+sys.exit(code)
+"""
 
 
 def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="Dice change on the example CT instead of the folds")
+    ap.add_argument("--big", action="store_true", help="also the 512 x 512 x 300 CT")
+    ap.add_argument("--emulate-avx2", action="store_true", help="also the runtimes with oneDNN/MKL limited to AVX2")
+    ap.add_argument("--runtimes-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args(argv)
+    report: dict = {}
+    if args.runtimes_only:  # the AVX2-limited child
+        print(json.dumps(encoder_runtimes(real_slices())))
+        return 0
+    machine(report)
+    with tempfile.TemporaryDirectory(prefix="fobsegment-bench-") as tmp:
+        tmp = Path(tmp)
+        exports = prepared_exports(tmp / "exports")
+        section("encoder, seconds per slice (LiteMedSAM, 256 x 256 input, real MRI slices)")
+        report["encoder"] = show_runtimes(encoder_runtimes(real_slices()))
+        chosen(report, exports)
+        if args.emulate_avx2:
+            section("encoder with oneDNN and MKL limited to AVX2 (emulated; ONNX Runtime's kernels ignore the limit)")
+            env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+                   "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FOBSEGMENT_CACHE_DIR": str(exports)}
+            out = subprocess.run([sys.executable, __file__, "--runtimes-only"], env=env, capture_output=True,
+                                 text=True)
+            try:
+                report["encoder_avx2_emulated"] = show_runtimes(json.loads(out.stdout.strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                print("  failed:", out.stderr[-1500:])
+        section("Dice change against eager PyTorch (same slices, each runtime's own embeddings)")
+        report["dice_change"] = dice_changes(args.quick)
+        section("command line, separate processes")
+        report["processes"] = processes(tmp, exports)
+        if args.big:
+            section("512 x 512 x 300 CT, separate process")
+            report["big_ct"] = big_ct(tmp, exports)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def section(title):
+    print(f"\n## {title}", flush=True)
+
+
+def machine(report):
     import torch
 
-    from FoBSegmentLib.backbones import create_backbone
-    from FoBSegmentLib.evaluation import dice, one_slice_support
+    from FoBSegmentLib.backbones import cpu_runtime
+
+    cpu = cpu_runtime.cpu_description()
+    sig = cpu_runtime.machine_signature()
+    report["machine"] = sig
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags']) or 'none of ' + ', '.join(cpu_runtime.ISA_FLAGS)}")
+    print(f"torch threads {torch.get_num_threads()}; versions: "
+          + ", ".join(f"{k} {v}" for k, v in sig["versions"].items()))
+    print(f"GPU: {'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (GPU figures not measured)'}")
+
+
+def backbone(cache_dir=None, runtime=None):
+    import torch
+
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    bb = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=cache_dir)
+    if runtime:
+        bb.runtime = runtime
+    return bb
+
+
+def prepared_exports(folder: Path) -> Path:
+    """A cache folder with the verified ONNX exports and this machine's runtime record."""
+    bb = backbone()
+    bb.runtime_choice  # exports and measures once per machine into the user cache
+    bb._decoder_model()
+    from FoBSegmentLib.backbones import onnx_runtime
+
+    (folder / "onnx").mkdir(parents=True)
+    for f in onnx_runtime.onnx_cache_dir(bb.cache_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".part"):
+            shutil.copy(f, folder / "onnx" / f.name)
+    return folder
+
+
+def real_slices(n=6):
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.preprocessing import fit_normalisation
+
+    path = DATA / "chaos_t2spir_mri" / "image_1.nii.gz"
+    vol = read_volume(path if path.is_file() else TEST_DATA / "example_ct.nii.gz")
+    stack, norm = SliceView.for_volume(vol).to_stack(vol.array), fit_normalisation(vol.array)
+    bb = backbone(runtime="torch")
+    picks = np.linspace(stack.shape[0] * 0.25, stack.shape[0] * 0.75, n).astype(int)
+    return [bb.prepare(norm.apply(stack[i]))[None] for i in picks]
+
+
+def encoder_runtimes(xs) -> dict:
+    """Seconds per slice of each installed runtime (median over the slices, after a warm-up)."""
+    import torch
+
+    from FoBSegmentLib.backbones import cpu_runtime
+
+    out = {}
+    for rt in RUNTIMES:
+        if not cpu_runtime.available(rt):
+            out[rt] = None
+            continue
+        try:
+            bb = backbone(runtime=rt)
+        except RuntimeError:
+            out[rt] = None
+            continue
+        with torch.inference_mode():
+            bb.encode(xs[0])
+            times = []
+            for x in xs:
+                t = time.perf_counter()
+                bb.encode(x)
+                times.append(time.perf_counter() - t)
+        out[rt] = round(float(np.median(times)), 4)
+    return out
+
+
+def show_runtimes(per_slice: dict) -> dict:
+    eager = per_slice.get("torch")
+    for rt, s in per_slice.items():
+        if s is None:
+            print(f"  {rt:<12} not available")
+        else:
+            print(f"  {rt:<12} {s:.3f} s per slice  {eager / s:.2f}x eager PyTorch")
+    return per_slice
+
+
+def chosen(report, exports):
+    bb = backbone(exports)
+    c = bb.runtime_choice
+    report["chosen"] = {"runtime": c.runtime, "reason": c.reason}
+    print(f"chosen on this machine: {c.runtime} ({c.reason}; recorded {c.measured_at})")
+
+
+def dice_changes(quick: bool) -> dict:
     from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.evaluation import evaluate
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--big", action="store_true")
-    ap.add_argument("--big-child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.big_child:
-        return big_child()
-    data = REPO / "FoBSegment" / "Testing" / "Data"
-    q = read_volume(data / "example_ct.nii.gz")
-    lab = np.rint(read_volume(data / "example_seg.nii.gz").array).astype(int)
-    bb = create_backbone("litemedsam", "auto")
-    view = SliceView.for_volume(q)
-    print(f"machine: {os.cpu_count()} CPU cores, torch threads {args.threads}, device {bb.device}")
-    # Part of loading the model, like reading the weights: in Slicer it happens once per
-    # session (the ONNX export itself once per machine), not on every Apply.
-    t = time.perf_counter()
-    print(f"runtime: {bb.runtime}, set up in {time.perf_counter() - t:.1f} s (once per process)")
+    runs = []
+    if not quick and all((DATA / d["folder"]).is_dir() for d in FOLDS.values()):
+        for name, d in FOLDS.items():
+            for protocol in ("ep1", "full"):
+                runs.append((f"{name} {protocol}", d, protocol))
+    else:
+        print(f"  (--quick or no shared data at {DATA}: the example CT's liver and spleen, whole volume)")
+    results = {}
+    for rt in RUNTIMES:
+        try:
+            bb = backbone(runtime=rt)
+        except RuntimeError:
+            continue
+        seg = Segmenter(bb, cache_dir=None)  # memory-only cache: this runtime's own embeddings
+        per = {}
+        if runs:
+            for label, d, protocol in runs:
+                r = evaluate(DATA / d["folder"], d["classes"], d["support"], d["cases"], protocol, segmenter=seg)
+                per[label] = {f"{c}/{case}": v for c, cls in r["classes"].items() for case, v in cls["cases"].items()}
+        else:
+            per["example CT"] = example_ct_dice(seg)
+        results[rt] = per
+        print(f"  {rt:<12} done ({sum(len(v) for v in per.values())} structure-cases)", flush=True)
+    out = {}
+    for rt in results:
+        if rt == "torch":
+            continue
+        diffs = [abs(results[rt][k][c] - results["torch"][k][c]) for k in results[rt] for c in results[rt][k]]
+        means = {k: (float(np.mean(list(results[rt][k].values()))), float(np.mean(list(results["torch"][k].values()))))
+                 for k in results[rt]}
+        out[rt] = {"max_abs_change": round(max(diffs), 4), "mean_abs_change": round(float(np.mean(diffs)), 5),
+                   "changed": int(sum(d > 0 for d in diffs)), "n": len(diffs),
+                   "mean_dice": {k: [round(a, 4), round(b, 4)] for k, (a, b) in means.items()}}
+        print(f"  {rt:<12} vs eager: per structure and case, max |change| {max(diffs):.4f}, mean "
+              f"{np.mean(diffs):.5f}, {out[rt]['changed']} of {len(diffs)} changed; mean Dice "
+              + "; ".join(f"{k} {a:.4f} vs {b:.4f}" for k, (a, b) in means.items()))
+    return out
 
-    sup, k = one_slice_support(view, lab == 1)  # spleen
-    stack, norm = view.to_stack(q.array), fit_normalisation(q.array)
-    # Overhead = whole run / bare encoding of the same slices, measured in alternation three
-    # times (a fresh Segmenter, hence an empty cache, each time): on a shared 2-core machine
-    # single timings drift by +-5 %, as much as the margin being measured.
-    ratios, per_slices, splits = [], [], []
-    spent = {"encode": 0.0, "decode": 0.0, "calls": 0}
-    encode, decode = bb.encode, bb.decode
 
-    def timed(fn, what):
-        def call(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[what] += time.perf_counter() - t0
-                spent["calls"] += what == "decode"
-        return call
+def example_ct_dice(seg) -> dict:
+    from FoBSegmentLib.evaluation import dice, one_slice_support
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.io import read_volume
 
-    for _ in range(3):
-        seg = Segmenter(bb)
-        spent.update(encode=0.0, decode=0.0, calls=0)
-        bb.encode, bb.decode = timed(encode, "encode"), timed(decode, "decode")
-        t = time.perf_counter()
-        r1 = seg.segment(q, q, sup)
-        t_run = time.perf_counter() - t
-        bb.encode, bb.decode = encode, decode
-        splits.append((t_run, dict(spent)))
-        idx = sorted(i for i, v in r1.slice_info.items() if v.get("reason") != "annotated")[: max(1, r1.slices_encoded)]
-        t = time.perf_counter()
-        for i in idx:
-            bb.encode(bb.prepare(norm.apply(stack[i]))[None])
-        per_slices.append((time.perf_counter() - t) / len(idx))
-        ratios.append(t_run / (per_slices[-1] * max(1, r1.slices_encoded)))
-    per_slice = float(np.median(per_slices))
-    print(f"encoder: {per_slice:.2f} s per slice (LiteMedSAM, {bb.precision}, {bb.runtime})")
-    # Optimised vs eager encoder on the same slices, and the Dice change each causes.
-    xs = [bb.prepare(norm.apply(stack[i]))[None] for i in idx[:8]]
-    chosen = (bb.precision, bb.runtime)
-    variants = {"eager fp32": ("fp32", "torch"), "onnxruntime fp32": ("fp32", "onnxruntime"),
-                "eager bf16 autocast": ("bf16", "torch")}
-
-    def use(variant):
-        bb.precision, rt = variants[variant]
-        if bb.precision == "fp32":
-            bb.runtime = rt
-
-    timings = {}
-    for v in variants:
-        use(v)
-        bb.encode(xs[0])  # warm-up
-        t = time.perf_counter()
-        for x in xs:
-            bb.encode(x)
-        timings[v] = (time.perf_counter() - t) / len(xs)
-    for v in variants:
-        print(f"encoder {v}: {timings[v]:.3f} s per slice, {timings['eager fp32'] / timings[v]:.2f}x eager fp32")
+    q = read_volume(TEST_DATA / "example_ct.nii.gz")
+    lab = np.rint(read_volume(TEST_DATA / "example_seg.nii.gz").array).astype(int)
+    out = {}
     for name, value in (("liver", 5), ("spleen", 1)):
-        sup_o, _ = one_slice_support(view, lab == value)
-        dices = {}
-        for v in variants:
-            use(v)
-            r = Segmenter(bb).segment(q, q, sup_o)
-            dices[v] = dice(r.mask, lab == value)
-        print(f"Dice ({name}, whole volume): " + ", ".join(
-            f"{v} {d:.4f} (change {abs(d - dices['eager fp32']):.4f})" for v, d in dices.items()))
-    bb.precision = chosen[0]
-    bb.runtime = chosen[1]
-    print(f"pipeline overhead: segment run / bare encoding of its {r1.slices_encoded} encoded slices = "
-          f"{np.median(ratios):.3f}x median of 3 (" + ", ".join(f"{x:.3f}" for x in ratios) + ")")
-    for t_run, sp in splits:
-        rest = t_run - sp["encode"] - sp["decode"]
-        print(f"  in-run split: {t_run:.2f} s = encoder {sp['encode']:.2f} s + mask decoder {sp['decode']:.2f} s "
-              f"({sp['calls']} calls, {1000 * sp['decode'] / max(1, sp['calls']):.1f} ms each) + the rest {rest:.2f} s; "
-              f"run / its encoder time = {t_run / sp['encode']:.3f}x")
-    print("pipeline overhead, run / its own encoder time: "
-          f"{np.median([t / sp['encode'] for t, sp in splits]):.3f}x median of 3")
-    print(f"work avoided: {r1.slices_encoded} slices encoded of {r1.slices_total} in the volume "
-          f"({r1.slices_encoded / r1.slices_total:.2f})")
-    t = time.perf_counter()
-    r2 = seg.segment(q, q, sup)
-    t_rerun = time.perf_counter() - t
-    print(f"re-run (same organ, cached embeddings): {r2.slices_encoded} slices encoded, "
-          f"first/re-run = {t_run / max(t_rerun, 1e-9):.1f}x faster")
-    if args.big:
-        out = subprocess.run([sys.executable, __file__, "--big-child", "--threads", str(args.threads)],
-                             capture_output=True, text=True)
-        print(out.stdout.strip() or out.stderr[-2000:])
-    return 0
+        sup, _ = one_slice_support(SliceView.for_volume(q), lab == value)
+        out[name] = round(dice(seg.segment(q, q, sup).mask, lab == value), 4)
+    return out
 
 
-def big_child():
-    """Run in a fresh process so ru_maxrss is this run's peak only."""
+def run_cli(args, cache: Path) -> dict:
+    env = {**os.environ, "FOBSEGMENT_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO / "FoBSegment")}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"fobsegment {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    first = rss = None
+    for line in p.stderr.splitlines():
+        if line.startswith("BENCH_FIRST_ENCODE"):
+            first = float(line.split()[1]) - t0
+        elif line.startswith("BENCH_PEAK_RSS_KB"):
+            rss = int(line.split()[1]) / 2**20
+    return {"seconds": round(wall, 2), "first_encode_s": round(first, 2) if first else None,
+            "peak_rss_gb": round(rss, 3) if rss else None, "stdout": p.stdout.strip()}
+
+
+def support_case(tmp: Path):
+    """A query volume and one painted liver slice on it."""
+    from FoBSegmentLib.evaluation import one_slice_support
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.io import read_volume, write_result
+
+    img, lab, value = DATA / "chaos_t2spir_mri" / "image_1.nii.gz", DATA / "chaos_t2spir_mri" / "label_1.nii.gz", 1
+    if not img.is_file():
+        img, lab, value = TEST_DATA / "example_ct.nii.gz", TEST_DATA / "example_seg.nii.gz", 5
+    q = read_volume(img)
+    mask, _ = one_slice_support(SliceView.for_volume(q), np.rint(read_volume(lab).array) == value)
+    write_result(tmp / "support.nii.gz", q, mask)
+    return img, tmp / "support.nii.gz", q.array.shape
+
+
+def processes(tmp: Path, exports: Path) -> dict:
+    out = {}
+    t = time.time()
+    subprocess.run([sys.executable, "-m", "FoBSegmentLib.cli", "--help"], capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO / "FoBSegment")})
+    out["help_s"] = round(time.time() - t, 2)
+    print(f"  fobsegment --help: {out['help_s']:.2f} s")
+    img, support, shape = support_case(tmp)
+    cache = tmp / "cache"
+    shutil.copytree(exports, cache)
+    args = ["segment", "--volume", str(img), "--support-mask", str(support), "--output", str(tmp / "out.seg.nrrd")]
+    print(f"  volume {img.name} {shape[::-1]} (i, j, k), one painted liver slice")
+    for name in ("cold", "cached"):
+        (tmp / "out.seg.nrrd").unlink(missing_ok=True)
+        r = run_cli(args, cache)
+        out[name] = r
+        first = f"{r['first_encode_s']:.2f} s" if r["first_encode_s"] is not None else "never (nothing to encode)"
+        print(f"  {name:<7} {r['seconds']:6.2f} s, first slice encoding after {first}, peak RSS "
+              f"{r['peak_rss_gb']:.2f} GB | {r['stdout']}")
+    out["cold_over_cached"] = round(out["cold"]["seconds"] / out["cached"]["seconds"], 2)
+    print(f"  cold / cached: {out['cold_over_cached']:.2f}x")
+    return out
+
+
+def big_ct(tmp: Path, exports: Path) -> dict:
     import SimpleITK as sitk
 
-    from FoBSegmentLib.geometry import Volume
-    from FoBSegmentLib import Segmenter
-
-    data = REPO / "FoBSegment" / "Testing" / "Data"
-    ct = sitk.ReadImage(str(data / "example_ct.nii.gz"))
-    lab = sitk.ReadImage(str(data / "example_seg.nii.gz"))
+    ct = sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))
     ref = sitk.Image([512, 512, 300], sitk.sitkInt16)
-    ref.SetSpacing([ct.GetSpacing()[0] * ct.GetSize()[0] / 512, ct.GetSpacing()[1] * ct.GetSize()[1] / 512,
-                    ct.GetSpacing()[2] * ct.GetSize()[2] / 300])
+    ref.SetSpacing([ct.GetSpacing()[i] * ct.GetSize()[i] / s for i, s in enumerate((512, 512, 300))])
     ref.SetOrigin(ct.GetOrigin())
     ref.SetDirection(ct.GetDirection())
-    big = sitk.GetArrayFromImage(sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1024, sitk.sitkInt16))
-    bl = sitk.GetArrayFromImage(sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
-    q = Volume(big, ref.GetSpacing(), ref.GetOrigin(), np.array(ref.GetDirection()).reshape(3, 3))
-    liver = bl == 5
+    big = sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1024, sitk.sitkInt16)
+    liver = sitk.GetArrayFromImage(sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                 sitk.sitkUInt8)) == 5
     k = int(np.argmax(liver.reshape(300, -1).sum(1)))
-    sup = np.zeros_like(liver)
+    sup = np.zeros(liver.shape, np.uint8)
     sup[k] = liver[k]
-    t = time.perf_counter()
-    r = Segmenter("litemedsam").segment(q, q, sup, slice_range=(k - 10, k + 10))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"512x512x300 CT ({big.nbytes / 2**20:.0f} MB int16): {r.slices_encoded} slices encoded in "
-          f"{time.perf_counter() - t:.0f} s, peak RSS {peak:.2f} GB")
-    return 0
+    s_img = sitk.GetImageFromArray(sup)
+    s_img.CopyInformation(big)
+    sitk.WriteImage(big, str(tmp / "big.nii.gz"))
+    sitk.WriteImage(s_img, str(tmp / "big_support.nii.gz"))
+    cache = tmp / "big_cache"
+    shutil.copytree(exports, cache)
+    r = run_cli(["segment", "--volume", str(tmp / "big.nii.gz"), "--support-mask", str(tmp / "big_support.nii.gz"),
+                 "--slices", f"{k - 10}:{k + 10}", "--output", str(tmp / "big_out.seg.nrrd")], cache)
+    print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB | {r['stdout']}")
+    return r
 
 
 if __name__ == "__main__":

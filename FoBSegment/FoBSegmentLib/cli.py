@@ -128,16 +128,7 @@ def cmd_info(args) -> int:
     cached = ck.cached_status(args.cache_dir)
     print(f"device: {resolve_device('auto')} (auto)")
     print(f"cache folder: {cache}  (override with --cache-dir or FOBSEGMENT_CACHE_DIR)")
-    from .backbones import onnx_runtime
-
-    want = onnx_runtime.requested_runtime()
-    if want == "torch":
-        rt = "eager PyTorch (FOBSEGMENT_RUNTIME=torch)"
-    elif onnx_runtime.onnxruntime_available():
-        rt = "ONNX Runtime on CPU for litemedsam (FOBSEGMENT_RUNTIME=torch for eager PyTorch), PyTorch otherwise"
-    else:
-        rt = "eager PyTorch (pip install onnx onnxruntime for a ~3x faster CPU encoder)"
-    print(f"runtime: {rt}")
+    print(f"runtime: {_runtime_line(args.cache_dir)}")
     print("backbones:")
     for name, (desc, _box) in BACKBONES.items():
         if name == "litemedsam":
@@ -149,6 +140,30 @@ def cmd_info(args) -> int:
         w = default_weights(name)
         print(f"  {name:<13} {state:<22} FoB weights: {'shipped' if w else 'none'}  - {desc}")
     return 0
+
+
+def _runtime_line(cache_dir) -> str:
+    """Which runtime runs LiteMedSAM's encoder on this machine, and why."""
+    from .backbones import cpu_runtime, onnx_runtime
+
+    cpu = cpu_runtime.cpu_description()
+    where = f"CPU {cpu['model']} ({' '.join(cpu['flags']) or 'no AVX2'}), {cpu['cores']} cores"
+    want = onnx_runtime.requested_runtime()
+    if want != "auto":
+        return f"{want} (FOBSEGMENT_RUNTIME={want}) on {where}"
+    installed = [rt for rt in ("onnxruntime", "openvino") if cpu_runtime.available(rt)]
+    if not installed:
+        return f"eager PyTorch on {where} (pip install onnxruntime openvino for a faster CPU encoder)"
+    try:
+        from .backbones.litemedsam import LiteMedSAMBackbone
+
+        recorded = LiteMedSAMBackbone(cache_dir=cache_dir).recorded_runtime()
+    except FoBError:
+        recorded = None
+    if recorded is None:
+        return (f"not measured yet on {where}: the first segmentation times {', '.join(installed)} and eager "
+                f"PyTorch once (~10 s) and keeps the fastest (FOBSEGMENT_RUNTIME=... to choose)")
+    return f"{recorded.runtime} for the litemedsam encoder on {where}: {recorded.reason}, {recorded.measured_at}"
 
 
 def _lazy(target: str):

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoints import sha256_file
 from ..errors import CheckpointError
-from . import onnx_runtime
+from . import cpu_runtime, onnx_runtime
 from .base import EMBED_SHAPE, Backbone, Decoded
 from .mask_decoder import MaskPredictor, dense_pe, sam_style_decode
 
@@ -41,10 +41,39 @@ def embedded_checkpoint() -> tuple[Path, str]:
     return root / "asset" / ck.CHECKPOINT_FILENAME, ck.CHECKPOINT_SHA256
 
 
+def sam_modeling():
+    """``segment_anything.modeling`` without running ``segment_anything/__init__``: that imports
+    the predictor, hence torchvision and torch._dynamo (1.9 s of a 2-core start-up), which
+    decoding never uses.  The modules are then taken out of ``sys.modules``, so a later
+    ``import segment_anything`` (the SAM backbones) gets the complete package of its own."""
+    import importlib
+    import importlib.util
+    import sys
+
+    global _SAM_MODELING
+    if "segment_anything" in sys.modules:
+        return importlib.import_module("segment_anything.modeling")
+    if _SAM_MODELING is None:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError("LiteMedSAM needs the package 'segment-anything': pip install segment-anything")
+        sys.modules["segment_anything"] = importlib.util.module_from_spec(spec)  # __init__ not executed
+        try:
+            _SAM_MODELING = importlib.import_module("segment_anything.modeling")
+        finally:
+            for name in [n for n in sys.modules if n == "segment_anything" or n.startswith("segment_anything.")]:
+                del sys.modules[name]
+    return _SAM_MODELING
+
+
+_SAM_MODELING = None
+
+
 def build_decoder_parts():
     """LiteMedSAM's prompt encoder and mask decoder (segment-anything's modules, LiteMedSAM's
     sizes): everything but the TinyViT image encoder."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    modeling = sam_modeling()
+    MaskDecoder, PromptEncoder, TwoWayTransformer = modeling.MaskDecoder, modeling.PromptEncoder, modeling.TwoWayTransformer
 
     prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256),
                                    mask_in_chans=16)
@@ -63,7 +92,9 @@ class LiteMedSAMBackbone(Backbone):
                  expected_sha256: str | None = None, cache_dir: str | Path | None = None):
         super().__init__(device)
         self.cache_dir = cache_dir  # where ONNX exports go (default: the user cache folder)
-        self._onnx = None  # (encoder, mask predictor) ONNX Runtime twins, built on first use
+        self._choice = None  # the encoder's runtime, chosen on first use (cpu_runtime)
+        self._encoder = None  # the encoder in that runtime, built on the first slice to encode
+        self._decoder = None  # the mask decoder in ONNX Runtime (False: eager), built on first use
         self._model = None  # the whole eager model (TinyViT needs timm): built only when used
         if checkpoint is None:
             checkpoint, expected_sha256 = embedded_checkpoint()
@@ -81,7 +112,7 @@ class LiteMedSAMBackbone(Backbone):
         _VERIFIED[key] = digest
         self._sha = digest
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # unpickling errors come in many types
             raise CheckpointError(
                 f"Cannot read {checkpoint} as a PyTorch checkpoint ({type(exc).__name__}): the file is damaged, "
@@ -163,64 +194,95 @@ class LiteMedSAMBackbone(Backbone):
 
     @property
     def runtime(self) -> str:
-        """``onnxruntime`` or ``torch``: where the encoder and the mask decoder run.  ONNX
-        Runtime is used on the CPU in fp32 wherever it is installed (encoder 3x, decoder 2.8x
-        faster, same output; docs/benchmarks/speed.md) unless ``FOBSEGMENT_RUNTIME=torch``; eager
-        PyTorch is the fallback and runs GPUs and bf16."""
-        if "_runtime" not in self.__dict__:
-            self._set_runtime(onnx_runtime.requested_runtime())
-        return self._runtime
+        """Where the image encoder runs: ``onnxruntime``, ``openvino`` or ``torch``.  On the CPU
+        in fp32 the fastest installed runtime measured on this machine (``cpu_runtime``; once
+        per machine, then recorded) unless ``FOBSEGMENT_RUNTIME`` names one; the mask decoder
+        then runs in ONNX Runtime.  Eager PyTorch is the fallback and runs GPUs and bf16."""
+        return self.runtime_choice.runtime
 
     @runtime.setter
     def runtime(self, value: str):
-        if value not in ("onnxruntime", "torch"):
-            raise ValueError(f"runtime must be 'onnxruntime' or 'torch', not {value!r}")
-        self._set_runtime(value)
-        if self._runtime != value:
-            raise RuntimeError("ONNX Runtime cannot run this backbone here (CPU and fp32 only, packages "
-                               "onnx and onnxruntime); see the log.")
+        if value not in cpu_runtime.RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(cpu_runtime.RUNTIMES)}, not {value!r}")
+        choice = self._choose_runtime(value)
+        if choice.runtime != value:
+            raise RuntimeError(f"{value} cannot run this backbone here (CPU and fp32 only, packages onnx and "
+                               f"{value}): {choice.reason}.")
+        self._choice, self._encoder, self._decoder = choice, None, None
 
-    def _set_runtime(self, want: str) -> None:
-        if want != "torch" and self.device.type == "cpu" and self.precision == "fp32":
-            if self._onnx is None:
-                self._onnx = self._build_onnx()
-            if self._onnx is None and want == "onnxruntime":
-                log.warning("ONNX Runtime was requested but cannot be used; install onnx and onnxruntime. "
-                            "Using eager PyTorch.")
-        self._runtime = "onnxruntime" if want != "torch" and self._onnx is not None else "torch"
+    @property
+    def runtime_choice(self) -> cpu_runtime.Choice:
+        """The encoder's runtime and why (the measurement behind it, where there is one)."""
+        if self._choice is None:
+            self._choice = self._choose_runtime(onnx_runtime.requested_runtime())
+        return self._choice
 
-    def _build_onnx(self):
-        """(encoder, mask predictor) ONNX Runtime twins, or None (then everything stays eager)."""
+    def _choose_runtime(self, want: str) -> cpu_runtime.Choice:
+        if want != "torch" and self.device.type != "cpu":
+            return cpu_runtime.Choice("torch", f"{self.device.type} runs in eager PyTorch")
+        if want != "torch" and self.precision != "fp32":
+            return cpu_runtime.Choice("torch", f"{self.precision} runs in eager PyTorch")
+        path = self._encoder_export() if want != "torch" else None
+        return cpu_runtime.choose(path, ["image"], lambda: (self._probe_image(),),
+                                  lambda x: self.model.image_encoder(x), want)
+
+    def recorded_runtime(self) -> cpu_runtime.Choice | None:
+        """The runtime recorded for this machine, without exporting or measuring anything."""
+        key = f"{self.weights_id()}-encoder{self.input_size}"
+        return cpu_runtime.recorded_choice(onnx_runtime.export_path(key, self.cache_dir))
+
+    def _probe_image(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
-        image = torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
-        encoder = onnx_runtime.build_onnx_model(
-            lambda: self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}", (image,),
-            ["image"], ["embedding"], cache_dir=self.cache_dir)
-        if encoder is None:
-            return None
-        pe = self.prompt_encoder
-        with torch.inference_mode():
-            # A box and three points: 5 prompt tokens; the token axis is dynamic.
-            pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
-            sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
-            probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
-            predictor = MaskPredictor(self.mask_decoder, dense_pe(self, pe), dense.clone())
-        decoder = onnx_runtime.build_onnx_model(
-            predictor, f"{self.weights_id()}-maskdecoder-v{MaskPredictor.GRAPH_VERSION}", probe,
-            ["embedding", "sparse"], ["masks", "iou"], {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
+        return torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
+
+    def _encoder_export(self):
+        if "_encoder_path" not in self.__dict__:  # verified once per process (a 28 MB hash)
+            self._encoder_path = onnx_runtime.exported_onnx(
+                lambda: self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}",
+                (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
+        return self._encoder_path
+
+    def _encoder_model(self):
+        """The encoder in its chosen runtime, built on the first slice that needs encoding
+        (a re-run on cached embeddings never loads it)."""
+        if self._encoder is None and self.runtime != "torch":
+            try:
+                self._encoder = cpu_runtime.load(self.runtime, self._encoder_export(), ["image"])
+            except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
+                log.warning("%s cannot load the encoder (%s: %s); using eager PyTorch.", self.runtime,
+                            type(exc).__name__, exc)
+                self._choice = cpu_runtime.Choice("torch", f"{self.runtime} failed to load: {exc}")
+        return self._encoder
+
+    def _decoder_model(self):
+        """The mask decoder in ONNX Runtime (whatever runs the encoder), or None for eager."""
+        if self._decoder is None and self.runtime != "torch" and onnx_runtime.onnxruntime_available():
+            gen = torch.Generator().manual_seed(0)
+            pe = self.prompt_encoder
+            with torch.inference_mode():
+                # A box and three points: 5 prompt tokens; the token axis is dynamic.
+                pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
+                sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
+                probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
+                predictor = MaskPredictor(self.mask_decoder, dense_pe(self, pe), dense.clone())
             # Fused into SkipLayerNormalization, the residual + LayerNorm over the 4096 image
             # tokens took 2.4 ms instead of 0.3 (onnxruntime 1.32, 2 cores): 16 vs 12.5 ms a call.
-            disabled_optimizers=("SkipLayerNormFusion",))
-        # Warm-up: the first call of a session allocates its memory arena; pay it at load time.
-        encoder(image)
-        if decoder is not None:
-            decoder(*probe)
-        return encoder, decoder
+            disabled = ("SkipLayerNormFusion",)
+            path = onnx_runtime.exported_onnx(
+                predictor, f"{self.weights_id()}-maskdecoder-v{MaskPredictor.GRAPH_VERSION}", probe,
+                ["embedding", "sparse"], ["masks", "iou"], {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
+                disabled_optimizers=disabled)
+            try:
+                self._decoder = onnx_runtime.onnx_model(path, ["embedding", "sparse"], disabled) if path else False
+            except Exception as exc:  # noqa: BLE001 - eager decoding is always there
+                log.warning("ONNX Runtime cannot load the mask decoder (%s); decoding in eager PyTorch.", exc)
+                self._decoder = False
+        return self._decoder or None
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.precision == "fp32" and self.runtime == "onnxruntime":
-            encoder = self._onnx[0]
+        encoder = self._encoder_model() if self.precision == "fp32" else None
+        if encoder is not None:
             return torch.cat([encoder(batch[i:i + 1])[0] for i in range(batch.shape[0])])
         batch = batch.to(self.device)
         if self.precision == "bf16":
@@ -232,8 +294,6 @@ class LiteMedSAMBackbone(Backbone):
 
     @torch.inference_mode()
     def decode(self, embedding, points=None, labels=None, box=None, multimask=False) -> Decoded:
-        predict = None
-        if self.precision == "fp32" and self.runtime == "onnxruntime" and self._onnx[1] is not None:
-            predict = self._onnx[1]
+        predict = self._decoder_model() if self.precision == "fp32" else None
         return sam_style_decode(self, self.prompt_encoder, self.mask_decoder,
                                 embedding, points, labels, box, multimask, predict_masks=predict)

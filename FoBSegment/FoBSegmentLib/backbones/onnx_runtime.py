@@ -30,7 +30,7 @@ from ..checkpoints import default_cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
-#: ``FOBSEGMENT_RUNTIME``: ``auto`` (ONNX Runtime on CPU where installed), ``onnxruntime``, ``torch``
+#: ``FOBSEGMENT_RUNTIME``: ``auto`` (the fastest measured on this CPU), ``onnxruntime``, ``openvino``, ``torch``
 RUNTIME_ENV = "FOBSEGMENT_RUNTIME"
 #: largest |ORT - eager| accepted on the probe input.  Embeddings and mask logits are O(1)
 #: to O(10) and embeddings are cached as fp16 (resolution ~1e-3): 1e-3 changes nothing downstream.
@@ -40,7 +40,7 @@ _OPSET = 17
 
 def requested_runtime() -> str:
     value = os.environ.get(RUNTIME_ENV, "auto").strip().lower()
-    return value if value in ("auto", "onnxruntime", "torch") else "auto"
+    return value if value in ("auto", "onnxruntime", "openvino", "torch") else "auto"
 
 
 def onnxruntime_available() -> bool:
@@ -117,27 +117,30 @@ def _session(path: Path, threads: int, disabled_optimizers=()):
                                 disabled_optimizers=list(disabled_optimizers))
 
 
-def build_onnx_model(module, key: str, probe: tuple, input_names: list[str],
-                     output_names: list[str], dynamic_axes: dict | None = None,
-                     cache_dir: str | Path | None = None, disabled_optimizers=()) -> OnnxModel | None:
-    """An ONNX Runtime twin of ``module`` (an eval-mode module, or a function that builds one
-    only if an export is needed), or ``None`` where it cannot be
-    built or does not reproduce the eager outputs on ``probe``.  ``key`` names the weights
-    and the part (e.g. ``litemedsam-<sha>-encoder256``); ``disabled_optimizers`` names ONNX
-    Runtime graph rewrites that make this graph slower."""
+def export_path(key: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the export of ``key`` lives (the torch version and opset are part of the name)."""
+    return onnx_cache_dir(cache_dir) / f"{key}-torch{torch.__version__.split('+')[0]}-opset{_OPSET}.onnx"
+
+
+def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output_names: list[str],
+                  dynamic_axes: dict | None = None, cache_dir: str | Path | None = None,
+                  disabled_optimizers=()) -> Path | None:
+    """The verified ONNX export of ``module`` (an eval-mode module, or a function that builds
+    one only if an export is needed), or ``None`` where it cannot be exported or does not
+    reproduce the eager outputs on ``probe``.  ``key`` names the weights and the part (e.g.
+    ``litemedsam-<sha>-encoder256``); ``disabled_optimizers`` names ONNX Runtime graph
+    rewrites that make this graph slower.  A cached export is only re-hashed: no session is
+    created, so a process that never runs this part pays nothing more."""
     if not onnxruntime_available():
         log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
         return None
-    path = onnx_cache_dir(cache_dir) / f"{key}-torch{torch.__version__.split('+')[0]}-opset{_OPSET}.onnx"
+    path = export_path(key, cache_dir)
     verified = path.with_name(path.name + ".sha256")
     try:
         if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
-            session = _session(path, torch.get_num_threads(), disabled_optimizers)
-            if [i.name for i in session.get_inputs()] == list(input_names):
-                return OnnxModel(session, list(input_names))
-            log.warning("Cached ONNX model %s has other inputs than expected; exporting it again.", path)
-    except Exception as exc:  # noqa: BLE001 - fall through to a fresh export
-        log.warning("Cached ONNX model %s is unusable (%s); exporting it again.", path, exc)
+            return path
+    except OSError as exc:
+        log.warning("Cached ONNX model %s is unreadable (%s); exporting it again.", path, exc)
     verified.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     try:
@@ -149,7 +152,7 @@ def build_onnx_model(module, key: str, probe: tuple, input_names: list[str],
         log.info("Exporting %s to ONNX once: %s", key, path)
         with torch.no_grad():
             _export(module, probe, path, input_names, output_names, dynamic_axes)
-        model = OnnxModel(_session(path, torch.get_num_threads(), disabled_optimizers), list(input_names))
+        model = onnx_model(path, input_names, disabled_optimizers)
         diff = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
     except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
         log.warning("ONNX Runtime unavailable for %s (%s: %s); using eager PyTorch.", key, type(exc).__name__, exc)
@@ -164,4 +167,13 @@ def build_onnx_model(module, key: str, probe: tuple, input_names: list[str],
 
     digest = sha256_file(path)
     atomic_write(verified, lambda tmp: tmp.write_text(digest), suffix=".part")
-    return model
+    return path
+
+
+def onnx_model(path: Path, input_names: list[str], disabled_optimizers=()) -> OnnxModel:
+    """An ONNX Runtime session of an exported file; raises if the file does not load or has
+    other inputs than ``input_names``."""
+    session = _session(path, torch.get_num_threads(), disabled_optimizers)
+    if [i.name for i in session.get_inputs()] != list(input_names):
+        raise ValueError(f"{path.name} has inputs {[i.name for i in session.get_inputs()]}, expected {input_names}")
+    return OnnxModel(session, list(input_names))

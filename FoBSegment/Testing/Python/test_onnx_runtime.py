@@ -34,7 +34,8 @@ def fresh_backbone(monkeypatch, tmp_path):
     return lambda: LiteMedSAMBackbone(torch.device("cpu"))
 
 
-def test_onnx_runtime_is_the_cpu_default_and_reproduces_eager_output(fresh_backbone, ct_batch, tmp_path):
+def test_onnx_runtime_reproduces_eager_output(fresh_backbone, ct_batch, tmp_path, monkeypatch):
+    monkeypatch.setenv("FOBSEGMENT_RUNTIME", "onnxruntime")
     bb = fresh_backbone()
     assert bb.runtime == "onnxruntime"
     fast = bb.encode(ct_batch)
@@ -104,10 +105,12 @@ def test_bf16_precision_uses_the_eager_path(fresh_backbone, ct_batch, monkeypatc
 def test_cache_dir_argument_holds_the_onnx_exports(tmp_path, monkeypatch):
     from FoBSegmentLib.backbones import create_backbone
 
-    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+    monkeypatch.setenv("FOBSEGMENT_RUNTIME", "onnxruntime")
     monkeypatch.setenv("FOBSEGMENT_CACHE_DIR", str(tmp_path / "elsewhere"))
     bb = create_backbone("litemedsam", "cpu", cache_dir=tmp_path / "mine")
     assert bb.runtime == "onnxruntime"
+    assert len(list((tmp_path / "mine" / "onnx").glob("*.onnx"))) == 1  # the encoder; the decoder on first use
+    bb.decode(torch.zeros(256, 64, 64), box=np.array([0.2, 0.2, 0.6, 0.6]))
     assert len(list((tmp_path / "mine" / "onnx").glob("*.onnx"))) == 2
     assert not (tmp_path / "elsewhere").exists()
 
@@ -132,3 +135,71 @@ def test_reassociated_mask_predictor_computes_sams_mask_decoder(litemedsam, ct_b
             assert float((masks - ref_masks).abs().max()) < 1e-3
             assert float((iou - ref_iou).abs().max()) < 1e-4
             assert ref_masks.abs().max() > 1  # real logits, not a degenerate all-zero comparison
+
+
+@pytest.fixture()
+def exported_cache(litemedsam, tmp_path):
+    """A cache folder holding the session's verified ONNX exports (no export, no runtime record)."""
+    import shutil
+
+    from FoBSegmentLib.backbones import onnx_runtime
+
+    litemedsam._encoder_export()
+    litemedsam._decoder_model()
+    dest = tmp_path / "cache" / "onnx"
+    dest.mkdir(parents=True)
+    for f in onnx_runtime.onnx_cache_dir(litemedsam.cache_dir).glob("*.onnx*"):
+        shutil.copy(f, dest / f.name)
+    return tmp_path / "cache"
+
+
+def test_encoder_runtime_is_chosen_by_measurement_once_per_machine(exported_cache, ct_batch, monkeypatch):
+    """The first backbone of a machine times every installed runtime against eager PyTorch and
+    records the fastest that reproduces it; later ones read the record, and a record made on
+    another CPU is not trusted."""
+    import json
+
+    from FoBSegmentLib.backbones import cpu_runtime
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+    monkeypatch.delenv("FOBSEGMENT_PRECISION", raising=False)
+    bb = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache)
+    choice = bb.runtime_choice
+    secs = choice.seconds_per_call
+    usable = {rt: s for rt, s in secs.items() if s is not None}
+    assert "torch" in secs and "onnxruntime" in secs
+    assert choice.runtime == min(usable, key=usable.get) and choice.runtime in bb.runtime_choice.reason
+    assert choice.signature["model"] and "threads" in choice.signature
+    assert all(d <= 1e-3 for rt, d in choice.max_abs_diff.items() if secs[rt] is not None)
+    record = next((exported_cache / "onnx").glob("*encoder*-runtime.json"))
+    assert json.loads(record.read_text())[0]["runtime"] == choice.runtime
+    with torch.inference_mode():
+        eager = bb.model.image_encoder(ct_batch[:1])
+    assert float((bb.encode(ct_batch[:1]) - eager).abs().max()) < 1e-3  # the chosen runtime, same output
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again although a record exists for this machine")
+
+    monkeypatch.setattr(cpu_runtime, "calibrate", no_calibration)
+    again = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache)
+    assert again.runtime == choice.runtime and again._encoder is None  # nothing built before a slice needs it
+
+    entries = json.loads(record.read_text())
+    entries[0]["signature"]["model"] = "another CPU"
+    record.write_text(json.dumps(entries))
+    monkeypatch.setattr(cpu_runtime, "calibrate", lambda *a, **k: cpu_runtime.Choice("torch", "measured again"))
+    assert LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache).runtime_choice.reason == "measured again"
+
+
+def test_openvino_encoder_reproduces_eager_output(exported_cache, ct_batch, monkeypatch):
+    pytest.importorskip("openvino", reason="openvino not installed")
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    monkeypatch.setenv("FOBSEGMENT_RUNTIME", "openvino")
+    bb = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache)
+    assert bb.runtime == "openvino"
+    fast = bb.encode(ct_batch)
+    bb.runtime = "torch"
+    assert float((fast - bb.encode(ct_batch)).abs().max()) < 1e-3
+    assert (exported_cache / "onnx" / "openvino").is_dir()  # the compiled model is cached for the next process
