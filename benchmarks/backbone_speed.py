@@ -6,7 +6,8 @@
 The SAM checkpoints cannot be downloaded on the build machines, so SAM ViT-B/L/H are built
 with random weights: the encoder's arithmetic and memory do not depend on the weight values,
 so the timing is that of the real model (the output is meaningless and is not used).
-LiteMedSAM uses its real, embedded weights and is timed in eager PyTorch and ONNX Runtime.
+LiteMedSAM uses its real, embedded weights and is timed in eager PyTorch, ONNX Runtime and
+OpenVINO (``litemedsam``: the runtime chosen on this machine).
 Each variant runs in a fresh process so that its peak memory is its own.
 
 On a GPU (``--device cuda``) it prints slices per second for each batch size and the peak
@@ -38,7 +39,7 @@ def child(variant: str, device: str, batches: list[int], repeats: int) -> dict:
         from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
 
         bb = LiteMedSAMBackbone(dev)
-        bb.runtime = "onnxruntime" if variant.endswith("onnxruntime") else "torch"
+        bb.runtime = variant.split("_", 1)[1] if "_" in variant else bb.runtime  # litemedsam: the chosen one
         size, encode = 256, bb.encode
     else:
         from segment_anything.build_sam import sam_model_registry
@@ -79,7 +80,7 @@ def child(variant: str, device: str, batches: list[int], repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="litemedsam_torch,litemedsam_onnxruntime,sam_vit_b,sam_vit_h")
+    ap.add_argument("--variants", default="litemedsam_torch,litemedsam_onnxruntime,litemedsam_openvino,sam_vit_b,sam_vit_h")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default: 5 on CPU for LiteMedSAM, 1 for SAM)")

@@ -52,7 +52,7 @@ FOLDS = {
 
 # Run as a child: the CLI with the moment the first slice starts encoding and the peak RSS.
 CHILD = r"""
-import resource, sys, time
+import sys, time
 import FoBSegmentLib.backbones.litemedsam as L
 encode = L.LiteMedSAMBackbone.encode
 def first(self, batch):
@@ -63,7 +63,9 @@ def first(self, batch):
 L.LiteMedSAMBackbone.encode = first
 from FoBSegmentLib.cli import main
 code = main(sys.argv[1:])
-print(f"BENCH_PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forked parent across exec.
+hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(f"BENCH_PEAK_RSS_KB {hwm}", file=sys.stderr, flush=True)
 sys.exit(code)
 """
 

@@ -192,7 +192,7 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
             f"The support mask {p.name} is empty: no voxel is labelled. Paint the structure on at "
             "least one slice of the support image."
         )
-    if not np.all(np.mod(raw, 1) == 0):
+    if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.mod(raw, 1) == 0):
         # Not a labelmap but a soft or interpolated mask: the library's rule, value > 0 is the structure.
         if label is not None:
             raise FoBInputError(
@@ -200,8 +200,10 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
                 f"{label} cannot select from it. Drop --label (every voxel > 0 is the structure) or save "
                 "an integer labelmap.")
         return SupportMask(raw > 0, "mask", _colour_for("mask", None), None)
-    lab = raw.astype(np.int64)
-    values = [int(v) for v in np.unique(lab) if v > 0]
+    # A 512 x 512 x 300 labelmap is 79 M voxels: no int64 copy, and the values from the
+    # labelled voxels only (np.unique sorts a copy of what it is given).
+    lab = raw if np.issubdtype(raw.dtype, np.integer) else raw.astype(np.int64)
+    values = [int(v) for v in np.unique(lab[lab > 0])]
     if label is None:
         if len(values) > 1:
             raise FoBInputError(

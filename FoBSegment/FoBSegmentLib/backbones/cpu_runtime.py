@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,11 +101,13 @@ class OpenVinoModel:
             shutil.rmtree(blobs, ignore_errors=True)
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request serves one call at a time (panel workers)
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         feed = {i: t.detach().to("cpu", torch.float32).numpy() for i, t in enumerate(inputs)}
-        result = self.request.infer(feed)
-        return [torch.from_numpy(np.array(result[o])) for o in self.compiled.outputs]
+        with self._lock:
+            result = self.request.infer(feed)
+            return [torch.from_numpy(np.array(result[o])) for o in self.compiled.outputs]
 
 
 def load(runtime: str, path: Path, input_names: list[str]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ class LiteMedSAMBackbone(Backbone):
         self._choice = None  # the encoder's runtime, chosen on first use (cpu_runtime)
         self._encoder = None  # the encoder in that runtime, built on the first slice to encode
         self._decoder = None  # the mask decoder in ONNX Runtime (False: eager), built on first use
+        self._build_lock = threading.RLock()  # the panel's workers may need a part at the same time
         self._model = None  # the whole eager model (TinyViT needs timm): built only when used
         if checkpoint is None:
             checkpoint, expected_sha256 = embedded_checkpoint()
@@ -213,9 +215,10 @@ class LiteMedSAMBackbone(Backbone):
     @property
     def runtime_choice(self) -> cpu_runtime.Choice:
         """The encoder's runtime and why (the measurement behind it, where there is one)."""
-        if self._choice is None:
-            self._choice = self._choose_runtime(onnx_runtime.requested_runtime())
-        return self._choice
+        with self._build_lock:
+            if self._choice is None:
+                self._choice = self._choose_runtime(onnx_runtime.requested_runtime())
+            return self._choice
 
     def _choose_runtime(self, want: str) -> cpu_runtime.Choice:
         if want != "torch" and self.device.type != "cpu":
@@ -245,6 +248,10 @@ class LiteMedSAMBackbone(Backbone):
     def _encoder_model(self):
         """The encoder in its chosen runtime, built on the first slice that needs encoding
         (a re-run on cached embeddings never loads it)."""
+        with self._build_lock:
+            return self._build_encoder()
+
+    def _build_encoder(self):
         if self._encoder is None and self.runtime != "torch":
             try:
                 self._encoder = cpu_runtime.load(self.runtime, self._encoder_export(), ["image"])
@@ -256,6 +263,10 @@ class LiteMedSAMBackbone(Backbone):
 
     def _decoder_model(self):
         """The mask decoder in ONNX Runtime (whatever runs the encoder), or None for eager."""
+        with self._build_lock:
+            return self._build_decoder()
+
+    def _build_decoder(self):
         if self._decoder is None and self.runtime != "torch" and onnx_runtime.onnxruntime_available():
             gen = torch.Generator().manual_seed(0)
             pe = self.prompt_encoder

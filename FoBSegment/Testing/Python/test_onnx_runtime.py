@@ -203,3 +203,42 @@ def test_openvino_encoder_reproduces_eager_output(exported_cache, ct_batch, monk
     bb.runtime = "torch"
     assert float((fast - bb.encode(ct_batch)).abs().max()) < 1e-3
     assert (exported_cache / "onnx" / "openvino").is_dir()  # the compiled model is cached for the next process
+
+
+def test_info_names_the_runtime_and_why(exported_cache, capsys, monkeypatch):
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+    from FoBSegmentLib.cli import main
+
+    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+    main(["info", "--cache-dir", str(exported_cache)])
+    before = [line for line in capsys.readouterr().out.splitlines() if line.startswith("runtime:")][0]
+    cpu = __import__("FoBSegmentLib.backbones.cpu_runtime", fromlist=["x"]).cpu_description()
+    assert "not measured yet" in before and cpu["model"] in before
+    choice = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache).runtime_choice
+    main(["info", "--cache-dir", str(exported_cache)])
+    after = [line for line in capsys.readouterr().out.splitlines() if line.startswith("runtime:")][0]
+    assert after.startswith(f"runtime: {choice.runtime} ") and "per call" in after and choice.measured_at in after
+
+
+def test_a_cached_run_loads_neither_timm_nor_torchvision_nor_the_encoder(exported_cache, tmp_path):
+    """Start-up: decoding on cached embeddings needs LiteMedSAM's prompt encoder and mask decoder
+    only; TinyViT (timm, ~3 s) and segment_anything's predictor (torchvision, ~2 s) stay unloaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone\n"
+        "bb = LiteMedSAMBackbone(torch.device('cpu'))\n"
+        "d = bb.decode(torch.zeros(256, 64, 64), box=[0.2, 0.2, 0.6, 0.6])\n"
+        "print(bb.runtime, bb._encoder is None, 'timm' in sys.modules, 'torchvision' in sys.modules, d.logits.shape)\n")
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache).runtime_choice  # the record, as after a first run
+    env = {**os.environ, "FOBSEGMENT_CACHE_DIR": str(exported_cache)}
+    env.pop("FOBSEGMENT_RUNTIME", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runtime, no_encoder, timm, torchvision, shape = out.stdout.split(maxsplit=4)
+    assert runtime != "torch" and no_encoder == "True" and timm == "False" and torchvision == "False"
