@@ -282,7 +282,7 @@ def run_cli(args, cache: Path) -> dict:
         elif line.startswith("BENCH_PEAK_RSS_KB"):
             rss = int(line.split()[1]) / 2**20
     return {"seconds": round(wall, 2), "first_encode_s": round(first, 2) if first else None,
-            "peak_rss_gb": round(rss, 3) if rss else None, "stdout": p.stdout.strip()}
+            "peak_rss_gib": round(rss, 3) if rss else None, "stdout": p.stdout.strip()}
 
 
 def support_case(tmp: Path):
@@ -318,7 +318,7 @@ def processes(tmp: Path, exports: Path) -> dict:
         out[name] = r
         first = f"{r['first_encode_s']:.2f} s" if r["first_encode_s"] is not None else "never (nothing to encode)"
         print(f"  {name:<7} {r['seconds']:6.2f} s, first slice encoding after {first}, peak RSS "
-              f"{r['peak_rss_gb']:.2f} GB | {r['stdout']}")
+              f"{r['peak_rss_gib']:.2f} GiB | {r['stdout']}")
     out["cold_over_cached"] = round(out["cold"]["seconds"] / out["cached"]["seconds"], 2)
     print(f"  cold / cached: {out['cold_over_cached']:.2f}x")
     return out
@@ -347,7 +347,7 @@ def big_ct(tmp: Path, exports: Path) -> dict:
     shutil.copytree(exports, cache)
     r = run_cli(["segment", "--volume", str(tmp / "big.nii.gz"), "--support-mask", str(tmp / "big_support.nii.gz"),
                  "--slices", f"{k - 10}:{k + 10}", "--output", str(tmp / "big_out.seg.nrrd")], cache)
-    print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB | {r['stdout']}")
+    print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB | {r['stdout']}")
     return r
 
 
