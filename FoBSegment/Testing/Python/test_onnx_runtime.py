@@ -233,11 +233,11 @@ def test_a_cached_run_loads_neither_timm_nor_torchvision_nor_the_encoder(exporte
         "bb = LiteMedSAMBackbone(torch.device('cpu'))\n"
         "d = bb.decode(torch.zeros(256, 64, 64), box=[0.2, 0.2, 0.6, 0.6])\n"
         "print(bb.runtime, bb._encoder is None, 'timm' in sys.modules, 'torchvision' in sys.modules, d.logits.shape)\n")
-    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
-
-    LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache).runtime_choice  # the record, as after a first run
     env = {**os.environ, "FOBSEGMENT_CACHE_DIR": str(exported_cache)}
     env.pop("FOBSEGMENT_RUNTIME", None)
+    first = ("import torch\nfrom FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone\n"
+             "LiteMedSAMBackbone(torch.device('cpu')).runtime_choice\n")  # a first run records the choice
+    assert subprocess.run([sys.executable, "-c", first], env=env, timeout=300).returncode == 0
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     runtime, no_encoder, timm, torchvision, shape = out.stdout.split(maxsplit=4)
