@@ -215,4 +215,10 @@ def choose(path: Path | None, input_names: list[str], probe_factory: Callable, e
         return recorded
     candidates = [rt for rt in ("onnxruntime", "openvino") if available(rt)]
     log.info("Measuring the encoder runtimes on this CPU once (%s and eager PyTorch).", ", ".join(candidates))
-    return calibrate(path, input_names, probe_factory(), eager, candidates)
+    try:
+        return calibrate(path, input_names, probe_factory(), eager, candidates)
+    except Exception as exc:  # noqa: BLE001 - e.g. the eager model cannot be built: the export was verified
+        fallback = candidates[0] if candidates else "torch"
+        log.warning("Could not measure the encoder runtimes (%s: %s); using %s, not recorded.", type(exc).__name__,
+                    exc, fallback)
+        return Choice(fallback, f"measurement failed ({type(exc).__name__}); {fallback} by default")

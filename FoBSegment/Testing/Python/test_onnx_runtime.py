@@ -242,3 +242,18 @@ def test_a_cached_run_loads_neither_timm_nor_torchvision_nor_the_encoder(exporte
     assert out.returncode == 0, out.stderr[-2000:]
     runtime, no_encoder, timm, torchvision, shape = out.stdout.split(maxsplit=4)
     assert runtime != "torch" and no_encoder == "True" and timm == "False" and torchvision == "False"
+
+
+def test_a_failed_measurement_falls_back_without_recording(exported_cache, monkeypatch):
+    from FoBSegmentLib.backbones import cpu_runtime
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    monkeypatch.delenv("FOBSEGMENT_RUNTIME", raising=False)
+
+    def broken(*a, **k):
+        raise ImportError("No module named 'timm'")
+
+    monkeypatch.setattr(cpu_runtime, "calibrate", broken)
+    bb = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=exported_cache)
+    assert bb.runtime == "onnxruntime" and "measurement failed (ImportError)" in bb.runtime_choice.reason
+    assert not list((exported_cache / "onnx").glob("*-runtime.json"))
