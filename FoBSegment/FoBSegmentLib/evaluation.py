@@ -83,9 +83,7 @@ def _load_case(data: Path, case: str):
     img, lab = data / f"image_{case}.nii.gz", data / f"label_{case}.nii.gz"
     if not img.is_file() or not lab.is_file():
         raise FoBInputError(f"Case {case!r}: expected {img.name} and {lab.name} in {data}.")
-    vol = read_volume(img, f"image of case {case}")
-    labels = np.rint(read_volume(lab, f"label of case {case}").array).astype(np.int64)
-    return vol, labels
+    return read_volume(img, f"image of case {case}"), _load_labels(data, case)
 
 
 def evaluation_cases(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1"):
