@@ -65,8 +65,9 @@ def cmd_segment(args) -> int:
         close()
     name = f"{sm.name} (FoB)"
     io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+    runtime = getattr(seg.backbone, "runtime", "torch")
     print(f"wrote {out}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
-          f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone}, "
+          f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone} in {runtime}, "
           f"prompts: {res.prompt_source}/{res.prompt_strategy})")
     return 0
 
