@@ -23,6 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def main(argv=None):
@@ -44,11 +45,9 @@ def main(argv=None):
     lab = np.rint(read_volume(data / "example_seg.nii.gz").array).astype(int)
     bb = create_backbone("litemedsam", "auto")
     view = SliceView.for_volume(q)
-    from FoBSegmentLib.backbones.cpu_runtime import cpu_description
+    from refine_loop import cpu_line
 
-    cpu = cpu_description()
-    print(f"machine: {cpu['model']} ({' '.join(cpu['flags'])}), {cpu['cores']} cores, torch threads {args.threads}, "
-          f"device {bb.device}")
+    print(f"machine: {cpu_line()}, torch threads {args.threads}, device {bb.device}")
     # Part of loading the model, like reading the weights: in Slicer it happens once per
     # session (the ONNX export itself once per machine), not on every Apply.
     t = time.perf_counter()

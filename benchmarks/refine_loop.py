@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,11 +35,10 @@ CASES = {
 
 
 def cpu_line() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor())
-    flags = subprocess.run("grep -o -w -E 'avx2|avx512f' /proc/cpuinfo | sort -u", shell=True, capture_output=True,
-                           text=True).stdout.split()
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx2/avx512f'}"
+    from FoBSegmentLib.backbones.cpu_runtime import ISA_FLAGS, cpu_description
+
+    cpu = cpu_description()
+    return f"{cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags']) or 'none of ' + '/'.join(ISA_FLAGS)}"
 
 
 def largest_slice(view, ref):

@@ -40,15 +40,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
 TEST_DATA = REPO / "FoBSegment" / "Testing" / "Data"
 RUNTIMES = ("torch", "onnxruntime", "openvino")
-FOLDS = {
-    "CHAOS": dict(folder="chaos_t2spir_mri", support="2", cases=["3", "5", "8", "20"],
-                  classes={"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}),
-    "MS-CMRSeg": dict(folder="mscmrseg19_bssfp_cmr", support="2", cases=[str(i) for i in range(3, 10)],
-                      classes={"lv_bp": 500, "lv_myo": 200, "rv": 600}),
-}
 
 # Run as a child: the CLI with the moment the first slice starts encoding and the peak RSS.
 CHILD = r"""
@@ -120,10 +115,11 @@ def machine(report):
 
     from FoBSegmentLib.backbones import cpu_runtime
 
-    cpu = cpu_runtime.cpu_description()
+    from refine_loop import cpu_line
+
     sig = cpu_runtime.machine_signature()
     report["machine"] = sig
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags']) or 'none of ' + ', '.join(cpu_runtime.ISA_FLAGS)}")
+    print(f"CPU: {cpu_line()}")
     print(f"torch threads {torch.get_num_threads()}; versions: "
           + ", ".join(f"{k} {v}" for k, v in sig["versions"].items()))
     print(f"GPU: {'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (GPU figures not measured)'}")
@@ -214,10 +210,11 @@ def chosen(report, exports):
 def dice_changes(quick: bool) -> dict:
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.evaluation import evaluate
+    from run_benchmark import FOLDS  # the generator's held-out fold 1, the benchmark set
 
     runs = []
-    if not quick and all((DATA / d["folder"]).is_dir() for d in FOLDS.values()):
-        for name, d in FOLDS.items():
+    if not quick and all((DATA / d["folder"]).is_dir() for d in FOLDS["1"].values()):
+        for name, d in FOLDS["1"].items():
             for protocol in ("ep1", "full"):
                 runs.append((f"{name} {protocol}", d, protocol))
     else:

@@ -29,11 +29,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from all_supports import DATASETS  # noqa: E402  (key -> (title, folder, classes), as its JSON is keyed)
 DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
-DATASETS = {
-    "chaos": ("chaos_t2spir_mri", {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}),
-    "cmr": ("mscmrseg19_bssfp_cmr", {"lv_bp": 500, "lv_myo": 200, "rv": 600}),
-}
 
 
 def spearman(a, b) -> float:
@@ -67,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--fail", type=float, default=0.70, help="mean Dice below which a structure-support fails")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if not all((DATA / f).is_dir() for f, _ in DATASETS.values()):
+    if not all((DATA / f).is_dir() for _, f, _ in DATASETS.values()):
         print(f"skipped: the shared data (CHAOS, MS-CMRSeg) is not at {DATA}")
         return 0
     from FoBSegmentLib import Segmenter
@@ -75,7 +74,7 @@ def main(argv=None):
     results = json.loads(Path(args.results).read_text())
     seg = Segmenter("litemedsam", cache_dir=None)
     rows = []
-    for ds, (folder, classes) in DATASETS.items():
+    for ds, (_, folder, classes) in DATASETS.items():
         for support, r in results[ds]["ep1"].items():
             for name, c in r["classes"].items():
                 sig = support_signals(seg, DATA / folder, support, classes[name], c["support_slices"])

@@ -28,13 +28,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from run_benchmark import FOLDS  # noqa: E402  (the held-out fold of the shipped weights)
+
+FOLD = FOLDS["1"]
 DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
-FOLD = {
-    "CHAOS": dict(folder="chaos_t2spir_mri", support="2", cases=["3", "5", "8", "20"],
-                  classes={"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}),
-    "MS-CMRSeg": dict(folder="mscmrseg19_bssfp_cmr", support="2", cases=[str(i) for i in range(3, 10)],
-                      classes={"lv_bp": 500, "lv_myo": 200, "rv": 600}),
-}
 
 
 def generator_walk(predictor, generator, strategy: str):

@@ -177,6 +177,16 @@ def _lazy(target: str):
     return run
 
 
+def _add_model_options(p, checkpoint: bool = True, cache_help: str | None = None) -> None:
+    """The backbone, checkpoint, device and cache folder options every model command takes."""
+    p.add_argument("--backbone", default="litemedsam",
+                   help="litemedsam (embedded, default) | sam_vit_b | sam_vit_l | sam_vit_h | medsam_vit_b")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="local checkpoint file for the backbone (no download)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--cache-dir", help=cache_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fobsegment", description="One-shot volume segmentation with FoB-prompted SAM models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,22 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--support-slices", help="comma-separated support slice indices (default: all annotated)")
     s.add_argument("--slices", help="restrict the query to slices FIRST:LAST (acquisition axis)")
     s.add_argument("--output", required=True, help="output .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-    s.add_argument("--backbone", default="litemedsam",
-                   help="litemedsam (embedded, default) | sam_vit_b | sam_vit_l | sam_vit_h | medsam_vit_b")
-    s.add_argument("--checkpoint", help="local checkpoint file for the backbone (no download)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--cache-dir", help="folder for downloaded checkpoints and cached embeddings (default: the user "
-                                       "cache folder, see `fobsegment info`)")
+    _add_model_options(s, cache_help="folder for downloaded checkpoints and cached embeddings (default: the user "
+                                     "cache folder, see `fobsegment info`)")
     s.set_defaults(func=cmd_segment)
 
     pr = sub.add_parser("prepare", help="encode a volume's slices into the cache (later commands only decode)")
     pr.add_argument("--volume", required=True)
     pr.add_argument("--series")
     pr.add_argument("--slices", help="only slices FIRST:LAST")
-    pr.add_argument("--backbone", default="litemedsam")
-    pr.add_argument("--checkpoint")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--cache-dir", help="default: the user cache folder (see `fobsegment info`)")
+    _add_model_options(pr, cache_help="default: the user cache folder (see `fobsegment info`)")
     pr.set_defaults(func=cmd_prepare)
 
     r = sub.add_parser("refine", help="redo a result from the slices you corrected (corrected slices are kept)")
@@ -222,10 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--support-mask", help="the original support mask (default: the corrected slices)")
     r.add_argument("--support-label", type=int)
     r.add_argument("--output", required=True)
-    r.add_argument("--backbone", default="litemedsam")
-    r.add_argument("--checkpoint")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--cache-dir")
+    _add_model_options(r)
     r.set_defaults(func=cmd_refine)
 
     i = sub.add_parser("info", help="list backbones, the device and the cache folder")
@@ -242,10 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process; dask: a Dask LocalCluster (or --scheduler) with --workers processes")
     b.add_argument("--workers", type=int, default=1, help="worker processes for --engine dask")
     b.add_argument("--scheduler", help="address of a running Dask scheduler (e.g. tcp://host:8786)")
-    b.add_argument("--backbone", default="litemedsam")
-    b.add_argument("--checkpoint")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--cache-dir", help="folder for checkpoints and cached embeddings")
+    _add_model_options(b, cache_help="folder for checkpoints and cached embeddings")
     b.set_defaults(func=_lazy("batch:cmd_batch"))
 
     _add_train(sub)
@@ -292,16 +289,13 @@ def _add_evaluate(sub):
     e.add_argument("--shard", help="I/N: run every N-th case from the I-th (0-based), as fobsegment batch")
     e.add_argument("--engine", default="local", choices=["local", "dask"])
     e.add_argument("--workers", type=int, default=2, help="local Dask workers (with --engine dask)")
-    e.add_argument("--backbone", default="litemedsam")
-    e.add_argument("--checkpoint")
+    _add_model_options(e)
     e.add_argument("--prompt-source", default="contrast", choices=["contrast", "fob"],
                    help="how a slice without a segmented neighbour is prompted: contrast (default, no training) "
                         "or fob (research: the learned generator)")
     e.add_argument("--weights", help="learned generator weights (with --prompt-source fob)")
     e.add_argument("--prompt", default="auto", help="with --prompt-source fob: auto | points | box | box+points")
     e.add_argument("--no-spr", action="store_true", help="with --prompt-source fob: no ring refinement (ablation)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir")
     e.set_defaults(func=_lazy("evaluation:cmd_evaluate"))
 
 
@@ -310,9 +304,7 @@ def _add_demo(sub):
     d.add_argument("--output-dir", default="fobsegment_demo")
     d.add_argument("--volume", help="CT volume (default: the shipped TotalSegmentator example)")
     d.add_argument("--labels", help="its reference label map (5 liver, 1 spleen)")
-    d.add_argument("--backbone", default="litemedsam")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--cache-dir")
+    _add_model_options(d, checkpoint=False)
     d.set_defaults(func=_lazy("demo:cmd_demo"))
 
 
