@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import CancelledError, FoBError, FoBInputError
 
@@ -51,10 +52,16 @@ def cmd_segment(args) -> int:
     from . import io
     from .pipeline.segmenter import Segmenter
 
+    masks, volumes = args.support_mask, args.support_volume or []
+    if len(masks) > 1:
+        return _segment_atlas(args)
+    if len(volumes) > 1:
+        raise FoBInputError(f"{len(volumes)} --support-volume but {len(masks)} --support-mask: give one "
+                            "--support-mask per --support-volume, in the same order.")
     support_slices = _parse_int_list(args.support_slices, "--support-slices")
     slice_range = _parse_range(args.slices)
-    inp = io.read_segmentation_inputs(args.output, args.volume, args.support_mask, args.support_volume, args.label,
-                                      args.segment, args.series)
+    inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0] if volumes else None,
+                                      args.label, args.segment, args.series)
     out, query, support, sm = inp.output, inp.query, inp.support, inp.support_mask
     seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     update, close = _progress_bar("segmenting")
@@ -65,10 +72,53 @@ def cmd_segment(args) -> int:
         close()
     name = f"{sm.name} (FoB)"
     io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+    _print_written(out, name, res, seg)
+    return 0
+
+
+def _print_written(out, name, res, seg) -> None:
     runtime = getattr(seg.backbone, "runtime", "torch")
     print(f"wrote {out}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
           f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone} in {runtime}, "
           f"prompts: {res.prompt_source}/{res.prompt_strategy})")
+
+
+def _segment_atlas(args) -> int:
+    """Several support patients: ``--support-volume A --support-mask A_mask --support-volume B ...``."""
+    from . import io
+    from .pipeline.atlas import outliers
+    from .pipeline.segmenter import Segmenter
+
+    masks, volumes = args.support_mask, args.support_volume or []
+    if len(volumes) != len(masks):
+        raise FoBInputError(f"{len(masks)} --support-mask but {len(volumes)} --support-volume: with several "
+                            "supports (an atlas of other patients) give each mask its own --support-volume, "
+                            "in the same order.")
+    if args.support_slices:
+        raise FoBInputError("--support-slices names slices of one support; with several supports every "
+                            "annotated slice of each is used. Drop --support-slices, or crop the masks.")
+    inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0], args.label, args.segment,
+                                      args.series, also_inputs=[*masks[1:], *volumes[1:]])
+    supports = [(inp.support, inp.support_mask.mask)]
+    for n, (v, m) in enumerate(zip(volumes[1:], masks[1:]), 2):
+        vol = io.read_volume(v, f"support volume {n}")
+        supports.append((vol, io.read_support_mask(m, vol, label=args.label, segment=args.segment).mask))
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
+    update, close = _progress_bar(f"segmenting from {len(supports)} supports")
+    try:
+        res = seg.segment_atlas(inp.query, supports, rule=args.atlas_fusion, slice_range=_parse_range(args.slices),
+                                progress=update)
+    finally:
+        close()
+    sm = inp.support_mask
+    name = f"{sm.name} (FoB atlas)"
+    io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+    _print_written(inp.output, name, res, seg)
+    odd = outliers(res.supports)
+    for s in res.supports:
+        mark = "  <- unlike the others: check this support's annotation" if s["support"] in odd else ""
+        print(f"  support {s['support']} ({Path(masks[s['support'] - 1]).name}): Dice to the fused mask "
+              f"{s['dice_to_fused']:.3f}, {s['slices_segmented']} slices{mark}")
     return 0
 
 
@@ -194,8 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment a structure through a volume from one annotated slice")
     s.add_argument("--volume", required=True, help="query volume (NIfTI, NRRD, MHA or DICOM folder)")
     s.add_argument("--series", help="DICOM folder with several series: the SeriesInstanceUID or its number in the list")
-    s.add_argument("--support-volume", help="support volume (default: the query itself)")
-    s.add_argument("--support-mask", required=True, help="labelmap or .seg.nrrd annotated on the support volume")
+    s.add_argument("--support-volume", action="append",
+                   help="support volume (default: the query itself); repeat with --support-mask for an atlas "
+                        "of several annotated patients")
+    s.add_argument("--support-mask", required=True, action="append",
+                   help="labelmap or .seg.nrrd annotated on the support volume (one per --support-volume)")
+    s.add_argument("--atlas-fusion", default="vote", choices=["vote", "consensus"],
+                   help="with several supports: vote (kept where at least half of the runs agree) or consensus "
+                        "(the run that agrees best with the others)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--label", type=int, help="label value of the structure in the support mask")
     g.add_argument("--segment", help="segment name in a .seg.nrrd support mask")

@@ -47,6 +47,7 @@ class SegmentationResult:
     slices_segmented: int = 0
     slices_encoded: int = 0
     seconds: float = 0.0
+    supports: list = field(default_factory=list)  # atlas runs: per support, its run's Dice to the fused mask
 
 
 class QueryRun:

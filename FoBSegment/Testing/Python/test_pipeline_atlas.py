@@ -1,0 +1,85 @@
+"""Several support patients (pipeline.atlas, Segmenter.segment_atlas, segment --support-mask x N)."""
+
+import numpy as np
+import pytest
+
+from conftest import dice, one_slice_support
+from FoBSegmentLib.errors import CancelledError, FoBInputError
+from FoBSegmentLib.geometry import Volume
+from FoBSegmentLib.pipeline.atlas import agreement, fuse, outliers
+
+
+def crop(vol: Volume, lab: np.ndarray, k0: int, k1: int) -> tuple[Volume, np.ndarray]:
+    """Another field of view of the same body (slices k0:k1 of the acquisition axis), as a
+    separate patient's volume: its own array, its own origin."""
+    origin = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ np.array([0, 0, k0 * vol.spacing[2]])
+    return Volume(vol.array[k0:k1].copy(), vol.spacing, tuple(origin), vol.direction), lab[k0:k1]
+
+
+def test_fusion_rules_on_organ_masks(ct):
+    _, labels = ct
+    liver, spleen = labels == 5, labels == 1
+    liver_low = liver.copy()
+    liver_low[: int(np.nonzero(liver.any((1, 2)))[0].mean())] = False  # a run that lost the upper liver
+    masks = [liver, liver_low, spleen]
+    voted = fuse(masks, "vote")
+    assert voted.dtype == np.uint8 and np.array_equal(voted > 0, liver_low)  # 2 of 3 agree only there
+    assert np.array_equal(fuse([liver, liver, spleen], "vote") > 0, liver)
+    assert np.array_equal(fuse([liver, spleen], "vote") > 0, liver | spleen)  # a tie keeps the voxel
+    a = agreement(masks)
+    assert a[2] < 0.01 and a[0] > 0.4 and abs(a[0] - a[1]) < 1e-9  # (Dice 0.92 + 0) / 2
+    assert np.array_equal(fuse(masks, "consensus") > 0, liver)  # first of the two that agree best
+    rows = [{"support": n + 1, "dice_to_fused": dice(m, voted)} for n, m in enumerate(masks)]
+    assert outliers(rows) == [3] and outliers(rows[:2]) == []
+    with pytest.raises(FoBInputError, match="different grids"):
+        fuse([liver, liver[1:]])
+    with pytest.raises(FoBInputError, match="Unknown atlas fusion rule"):
+        fuse(masks, "mean")
+
+
+def test_atlas_outvotes_a_support_unlike_the_others(ct, segmenter):
+    """Query: the example CT.  Atlas: two other fields of view with the liver painted on one
+    slice, and a third whose 'liver' is the spleen (a support unlike the others).  The vote
+    keeps the two livers, equals the fusion of the three single runs, and names the third."""
+    vol, labels = ct
+    gt = labels == 5
+    supports = []
+    for k0, k1, organ in ((0, 100, 5), (15, 112, 5), (0, 112, 1)):
+        v, lab = crop(vol, labels, k0, k1)
+        supports.append((v, one_slice_support(v, lab == organ)[0]))
+    singles = [segmenter.segment(vol, v, m) for v, m in supports]
+    seen = []
+    res = segmenter.segment_atlas(vol, supports, progress=lambda d, t: seen.append((d, t)))
+    assert np.array_equal(res.mask, fuse([r.mask for r in singles], "vote"))
+    d_single = [dice(r.mask, gt) for r in singles]
+    assert d_single[2] < 0.2 < min(d_single[:2])  # the spleen support does mislead its own run
+    assert dice(res.mask, gt) >= min(d_single[:2]) - 0.02
+    assert outliers(res.supports) == [3]
+    assert [s["support"] for s in res.supports] == [1, 2, 3]
+    assert seen and seen[-1][0] == seen[-1][1] and all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
+    kept = [i for i, v in res.slice_info.items() if v["kept"]]
+    assert kept and all(res.slice_info[i]["votes"] >= 2 for i in kept)
+
+
+def test_atlas_inputs_are_checked_before_work(ct, segmenter):
+    vol, labels = ct
+    v, lab = crop(vol, labels, 0, 100)
+    m = one_slice_support(v, lab == 5)[0]
+    before = segmenter.encoded_count
+    with pytest.raises(FoBInputError, match="query itself"):
+        segmenter.segment_atlas(vol, [(v, m), (vol, labels == 5)])
+    with pytest.raises(FoBInputError, match="at least one support"):
+        segmenter.segment_atlas(vol, [])
+    with pytest.raises(FoBInputError, match="support 2 of the atlas"):
+        segmenter.segment_atlas(vol, [(v, m), (labels, m)])
+    with pytest.raises(FoBInputError, match=r"Atlas support 2: the support mask is empty"):
+        segmenter.segment_atlas(vol, [(v, m), (v, np.zeros_like(m))])
+    with pytest.raises(FoBInputError, match=r"Atlas support 2: the mask has shape"):
+        segmenter.segment_atlas(vol, [(v, m), (v, m[1:])])
+    assert segmenter.encoded_count == before  # refused before the first run
+
+    def cancel():
+        return True
+
+    with pytest.raises(CancelledError):
+        segmenter.segment_atlas(vol, [(v, m), (v, m)], is_cancelled=cancel)

@@ -1,0 +1,197 @@
+"""Several support patients (an atlas) against one: 1 vs 3 vs 5 supports, every combination.
+
+    .venv/bin/python benchmarks/atlas.py [--datasets chaos cmr] [--protocols ep1 full]
+                                         [--runs-dir runs/atlas] [--sizes 1 3 5]
+
+An atlas run (``Segmenter.segment_atlas``) segments the query once per support patient and
+fuses the masks (:func:`FoBSegmentLib.pipeline.atlas.fuse`).  So the benchmark runs every
+(support, query) pair once with the default pipeline, keeping the segmentations under
+``--runs-dir`` (the same command resumes: finished pairs are verified and skipped), then fuses
+the kept masks for every set of k support patients drawn from the other cases of the dataset,
+with each fusion rule, and scores 3D Dice per query.  The figures for k = 1 are the
+all-supports benchmark's (docs/benchmarks/benchmark_all_supports.md).  Writes
+docs/benchmarks/atlas.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from all_supports import DATASETS, cases_in  # noqa: E402
+
+MAX_SETS = 300  # combinations per query and size beyond which a fixed random sample is scored
+
+
+def run_pairs(seg, data: Path, key: str, protocol: str, runs: Path) -> None:
+    """Every support case against every other case, segmentations kept (resumable)."""
+    from FoBSegmentLib.evaluation import evaluate
+
+    _, folder, classes = DATASETS[key]
+    cases = cases_in(data / folder)
+    for support in cases:
+        out = runs / key / protocol / f"support_{support}"
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        r = evaluate(data / folder, classes, support, [c for c in cases if c != support], protocol,
+                     segmenter=seg, output_dir=out)
+        print(f"{key:<6} {protocol:<5} support {support:<3} mean {r['mean_dice']} "
+              f"({time.perf_counter() - t:.0f} s, {r['slices_encoded']} slices encoded)", flush=True)
+
+
+def load_masks(data: Path, key: str, protocol: str, runs: Path):
+    """-> ({(class, query): reference bool array}, {(class, query, support): bool array})."""
+    from FoBSegmentLib.evaluation import _load_case
+    from FoBSegmentLib.io import read_support_mask
+
+    _, folder, classes = DATASETS[key]
+    cases = cases_in(data / folder)
+    refs, masks, vols = {}, {}, {}
+    for q in cases:
+        vols[q], lab = _load_case(data / folder, q)
+        for name, value in classes.items():
+            if (lab == value).any():
+                refs[(name, q)] = lab == value
+    for s in cases:
+        for (name, q) in refs:
+            if q == s:
+                continue
+            f = runs / key / protocol / f"support_{s}" / f"{name}_{q}.seg.nrrd"
+            if f.is_file():
+                masks[(name, q, s)] = read_support_mask(f, vols[q]).mask
+    return cases, refs, masks
+
+
+def score(cases, refs, masks, classes, sizes, rules, rng) -> dict:
+    """Mean 3D Dice over support sets, per query, class, size and rule."""
+    from FoBSegmentLib.evaluation import dice
+    from FoBSegmentLib.pipeline.atlas import fuse
+
+    out = {}
+    for rule in rules:
+        for k in sizes:
+            per_class = {}
+            for name in classes:
+                per_query = {}
+                for q in cases:
+                    if (name, q) not in refs:
+                        continue
+                    others = [s for s in cases if s != q and (name, q, s) in masks]
+                    sets = list(itertools.combinations(others, k))
+                    if len(sets) > MAX_SETS:
+                        sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
+                    d = [dice(fuse([masks[(name, q, s)] for s in st], rule), refs[(name, q)]) for st in sets]
+                    per_query[q] = {"mean": round(float(np.mean(d)), 4), "min": round(float(np.min(d)), 4),
+                                    "sets": len(d)}
+                per_class[name] = per_query
+            out.setdefault(rule, {})[str(k)] = per_class
+    return out
+
+
+def summarise(per_class: dict) -> dict:
+    """Per class: mean over queries of the mean over sets; worst query; and over classes."""
+    cls = {}
+    for name, per_query in per_class.items():
+        means = [v["mean"] for v in per_query.values()]
+        cls[name] = {"mean": round(float(np.mean(means)), 4), "worst_query": round(float(np.min(means)), 4)}
+    return {"classes": cls, "mean": round(float(np.mean([v["mean"] for v in cls.values()])), 4)}
+
+
+def render(results: dict, meta: dict) -> str:
+    from FoBSegmentLib.pipeline.atlas import RULES
+
+    lines = ["# Several support patients: 1 vs 3 vs 5", "",
+             f"Regenerated by `benchmarks/atlas.py` (raw numbers in atlas.json), commit {meta['commit']}.",
+             "Backbone `litemedsam` on the CPU, the default pipeline, the three ep1 support slices of each",
+             "support patient. Every (support, query) pair is segmented once; an atlas of k support",
+             "patients fuses the k masks of a query (`Segmenter.segment_atlas`). For each query, every set",
+             f"of k patients among the other cases is scored (a fixed random sample of {MAX_SETS} where there",
+             "are more); the table gives 3D Dice averaged over sets, then over queries, then over classes;",
+             "*worst* is the worst query's mean over sets. k = 1 is the all-supports benchmark.", "",
+             "Fusion rules: " + "; ".join(f"`{r}`: {d}" for r, d in RULES.items()) + ".", ""]
+    for key, per_protocol in results.items():
+        title, _, classes = DATASETS[key]
+        cls = list(classes)
+        lines += [f"## {title}", "", "| protocol | rule | supports | " + " | ".join(cls) + " | mean | worst query |",
+                  "|---|---|---|" + "---|" * (len(cls) + 2)]
+        for protocol, per_rule in per_protocol.items():
+            for rule, per_k in per_rule.items():
+                for k, per_class in per_k.items():
+                    s = summarise(per_class)
+                    worst = min(v["worst_query"] for v in s["classes"].values())
+                    lines.append(f"| {protocol} | {rule} | {k} | "
+                                 + " | ".join(f"{s['classes'][c]['mean']:.3f}" for c in cls)
+                                 + f" | **{s['mean']:.3f}** | {worst:.3f} |")
+        lines.append("")
+    lines += [f"Scoring took {meta['seconds']:.0f} s; the pair runs are cached under the runs folder.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import subprocess
+
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    ap.add_argument("--protocols", nargs="+", choices=["ep1", "full"], default=["ep1", "full"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 5])
+    ap.add_argument("--runs-dir", default=str(REPO / "runs" / "atlas"))
+    ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
+    ap.add_argument("--score-only", action="store_true", help="fuse what the runs folder holds, run nothing")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "atlas.md"))
+    args = ap.parse_args(argv)
+    data, runs = Path(args.data), Path(args.runs_dir)
+    if not data.is_dir():
+        print(f"shared data not found at {data}: nothing to benchmark (set FOBSEGMENT_SHARED_DATA)")
+        return 1
+    from FoBSegmentLib.pipeline.atlas import RULES
+
+    if not args.score_only:
+        from FoBSegmentLib import Segmenter
+        from FoBSegmentLib.backbones import create_backbone
+
+        torch.set_num_threads(os.cpu_count())
+        seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir)
+        for key in args.datasets:
+            for protocol in args.protocols:
+                run_pairs(seg, data, key, protocol, runs)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    results = json.loads(out.with_suffix(".json").read_text()).get("results", {}) if out.with_suffix(".json").is_file() else {}
+    for key in args.datasets:
+        _, _, classes = DATASETS[key]
+        for protocol in args.protocols:
+            cases, refs, masks = load_masks(data, key, protocol, runs)
+            if not masks:
+                print(f"{key} {protocol}: no kept segmentations under {runs}; run without --score-only first")
+                continue
+            rng = np.random.default_rng(0)
+            r = score(cases, refs, masks, classes, args.sizes, list(RULES), rng)
+            results.setdefault(key, {})[protocol] = r
+            for rule, per_k in r.items():
+                print(key, protocol, rule, " ".join(f"k={k}: {summarise(v)['mean']:.3f}" for k, v in per_k.items()),
+                      flush=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    meta = {"commit": commit, "seconds": time.perf_counter() - t0}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    out.write_text(render(results, meta))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
