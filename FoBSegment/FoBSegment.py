@@ -742,6 +742,34 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         logging.info(f"FoBSegment: finished in {time.time() - start:.1f} s")
         return run.segment_ids
 
+    def processAtlas(self, volumeNode, atlas, outputSegmentationNode=None, rule="vote", backbone="litemedsam",
+                     device="auto", sliceRange=None, showPrompts=False, checkpointPath=None, progressCallback=None,
+                     isCancelled=None) -> str:
+        """Segment ``volumeNode`` from several other patients' painted segments (an atlas) and
+        return the new segment's id (blocking; for scripts and the Python console).
+
+        :param atlas: ``[(supportVolumeNode, segmentationNode, segmentId), ...]``, one per
+            annotated patient; the result is named after the first one's segment.
+        :param rule: ``vote`` (kept where at least half of the supports' runs agree) or
+            ``consensus`` (the run that agrees best with the others).
+        :param outputSegmentationNode: where the result goes (None: a new segmentation node).
+        :return: the new segment id; ``lastRun.results[0].supports`` gives each support's
+            agreement with the fused result (a support far below the others is unlike them).
+
+        Nothing is written until every support's run is done: a cancel or an error leaves the
+        scene unchanged.
+        """
+        from FoBSegmentLib import slicer_adapter
+
+        start = time.time()
+        inputs = slicer_adapter.read_atlas_inputs(volumeNode, atlas, rule)
+        segmenter = self.getSegmenter(backbone, device, checkpointPath, None, isCancelled)
+        results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, progressCallback, isCancelled)
+        run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
+        self._remember(run, inputs, segmenter)
+        logging.info(f"FoBSegment: atlas of {len(inputs.atlas)} supports finished in {time.time() - start:.1f} s")
+        return run.segment_ids[0]
+
     def _remember(self, run, inputs, segmenter) -> None:
         self.lastRun, self._lastInputs, self._lastSegmenter = run, inputs, segmenter
         for res in run.results:

@@ -111,7 +111,7 @@ def _segment_atlas(args) -> int:
     finally:
         close()
     sm = inp.support_mask
-    name = f"{sm.name} (FoB atlas)"
+    name = f"{sm.name} (FoB)"
     io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
     _print_written(inp.output, name, res, seg)
     odd = outliers(res.supports)

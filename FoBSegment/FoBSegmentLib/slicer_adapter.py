@@ -496,6 +496,8 @@ class NodeInputs:
     support: Volume
     same_volume: bool
     skipped: list = field(default_factory=list)
+    atlas: list = field(default_factory=list)  # [(Volume, mask)] of other patients: one fused result
+    atlas_rule: str = "vote"
 
 
 def _segment_color(segment) -> tuple:
@@ -560,9 +562,53 @@ def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolu
                       support, bool(same_volume), skipped)
 
 
+def read_atlas_inputs(volumeNode, atlas, rule: str = "vote") -> NodeInputs:
+    """The query and an atlas of other patients' painted segments (main thread).
+
+    ``atlas``: ``[(support volume node, segmentation node, segment id), ...]``; the result is
+    one segment named after the first support's segment.  Every support is read and checked
+    here, before any work."""
+    from .pipeline.atlas import RULES
+
+    if volumeNode is None:
+        raise FoBInputError("No input volume selected. Choose the volume to segment.")
+    if rule not in RULES:
+        raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")
+    items = list(atlas or [])
+    if not items:
+        raise FoBInputError("The atlas is empty: give (support volume, segmentation, segment id) for each "
+                            "annotated patient.")
+    query = volume_from_node(volumeNode, "input volume")
+    supports, first = [], None
+    for n, item in enumerate(items, 1):
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise FoBInputError(f"Atlas entry {n} must be (support volume node, segmentation node, segment id).")
+        vnode, seg_node, sid = item
+        if vnode is None or vnode is volumeNode or (vnode.GetID() and vnode.GetID() == volumeNode.GetID()):
+            raise FoBInputError(f"Atlas entry {n}: its support volume is the input volume itself; an atlas holds "
+                                "other patients. Use Apply (or process()) for a segment painted on this volume.")
+        segment = _require_segment(seg_node, sid)
+        m = segment_mask_on_volume(seg_node, sid, vnode)
+        if not m.any():
+            raise FoBInputError(f"Atlas entry {n}: segment {segment.GetName()!r} is empty on {vnode.GetName()!r}. "
+                                "Paint it there, or leave that patient out of the atlas.")
+        supports.append((volume_from_node(vnode, f"support volume {n}"), m))
+        if first is None:
+            first = (vnode, seg_node, sid, segment)
+    vnode, seg_node, sid, segment = first
+    return NodeInputs(volumeNode, seg_node, vnode, [sid], [segment.GetName()], [_segment_color(segment)],
+                      [supports[0][1]], query, supports[0][0], False, atlas=supports, atlas_rule=rule)
+
+
 def compute(segmenter, inputs: NodeInputs, slice_range=None, support_slices=None, progress=None,
             is_cancelled=None) -> list:
-    """Run the segmenter on every support mask (any thread: no MRML access)."""
+    """Run the segmenter on every support mask, or once on the atlas (any thread: no MRML access)."""
+    if inputs.atlas:
+        res = segmenter.segment_atlas(inputs.query, inputs.atlas, rule=inputs.atlas_rule, slice_range=slice_range,
+                                      progress=progress, is_cancelled=is_cancelled)
+        if is_cancelled is not None and is_cancelled():
+            raise CancelledError()
+        return [res]
     n = len(inputs.masks)
     results = []
     for index, mask in enumerate(inputs.masks):

@@ -302,6 +302,10 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
                 progress(1, 1)
                 return SimpleNamespace(mask=mask.astype(np.uint8), prompts=[], device="cpu",
                                        slices_segmented=1, slices_encoded=1)
+            def segment_atlas(self, query, supports, rule="vote", slice_range=None, progress=None,
+                              is_cancelled=None):
+                calls.append(("atlas", len(supports), rule))
+                return self.segment(query, *supports[0], progress=progress)
 
         import FoBSegmentLib
         def fake_segmenter(**kwargs):
@@ -314,13 +318,20 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
         ids2 = logic.process(vnode, seg, sid)
         names = [seg.GetSegmentation().GetSegment(i).GetName() for i in ids1 + ids2]
         equal = bool((sa.segment_mask_on_volume(seg, ids1[0], vnode) == (lab.array == 5)).all())
+        other = sa.volume_to_node(vol.with_array(vol.array.copy()),
+                                  scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient 2"))
+        aid = logic.processAtlas(vnode, [(other, seg, sid), (other, seg, sid)], rule="consensus",
+                                progressCallback=lambda d, t: None)
+        out_node = logic.lastRun.output_node
+        atlas = {{"name": out_node.GetSegmentation().GetSegment(aid).GetName(), "new_node": out_node is not seg}}
         print(json.dumps({{"names": names, "calls": calls, "made": len(made), "ticks": ticks, "equal": equal,
-                          "kwargs": sorted(made[0])}}))
+                          "kwargs": sorted(made[0]), "atlas": atlas}}))
         '''
     )
     out = _run_python(code)
     assert out["names"] == ["liver (FoB)", "liver (FoB)"]
-    assert out["calls"] == [[10, 20], None]
+    assert out["calls"] == [[10, 20], None, ["atlas", 2, "consensus"], None]
+    assert out["atlas"] == {"name": "liver (FoB)", "new_node": True}
     assert out["made"] == 1, "one Segmenter per (backbone, device, checkpoint): embeddings stay cached"
     assert out["ticks"] == [1] and out["equal"]
     assert {"backbone", "device", "checkpoint"} <= set(out["kwargs"])

@@ -83,3 +83,64 @@ def test_atlas_inputs_are_checked_before_work(ct, segmenter):
 
     with pytest.raises(CancelledError):
         segmenter.segment_atlas(vol, [(v, m), (v, m)], is_cancelled=cancel)
+
+
+@pytest.fixture
+def atlas_files(tmp_path, example_ct):
+    """The example CT as the query and two other fields of view of it, each with the liver
+    painted on one slice, as files."""
+    import SimpleITK as sitk
+
+    img, lab = example_ct
+    ct, seg = sitk.ReadImage(str(img)), sitk.ReadImage(str(lab))
+    files = []
+    for n, (k0, k1) in enumerate(((0, 100), (15, 112)), 1):
+        c, s = ct[:, :, k0:k1], sitk.GetArrayFromImage(seg[:, :, k0:k1]) == 5
+        one = np.zeros(s.shape, np.uint8)
+        k = int(np.argmax(s.sum((1, 2))))
+        one[k] = s[k]
+        m = sitk.GetImageFromArray(one)
+        m.CopyInformation(c)
+        sitk.WriteImage(c, str(tmp_path / f"support{n}.nii.gz"))
+        sitk.WriteImage(m, str(tmp_path / f"support{n}_liver.nii.gz"))
+        files += ["--support-volume", str(tmp_path / f"support{n}.nii.gz"),
+                  "--support-mask", str(tmp_path / f"support{n}_liver.nii.gz")]
+    return img, files
+
+
+def test_cli_segments_from_an_atlas_of_two_supports(atlas_files, ct, tmp_path, capsys):
+    import slicerio
+
+    from FoBSegmentLib.cli import main
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.io import read_support_mask
+
+    img, files = atlas_files
+    vol, labels = ct
+    g = SliceView.for_volume(vol).to_stack(labels == 5)
+    k = int(np.argmax(g.sum((1, 2))))
+    out = tmp_path / "liver.seg.nrrd"
+    code = main(["segment", "--volume", str(img), *files, "--slices", f"{k - 4}:{k + 4}", "--output", str(out),
+                 "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert slicerio.read_segmentation(str(out))["segments"][0]["name"] == "label_1 (FoB)"
+    assert "support 1 (support1_liver.nii.gz): Dice to the fused mask" in printed and "support 2 (" in printed
+    back = SliceView.for_volume(vol).to_stack(read_support_mask(out, vol).mask)
+    assert dice(back[k - 4:k + 5], g[k - 4:k + 5]) > 0.8
+
+
+def test_cli_atlas_options_are_checked_before_work(atlas_files, tmp_path, capsys):
+    from FoBSegmentLib.cli import main
+
+    img, files = atlas_files
+    out = tmp_path / "out.nii.gz"
+    v1, m1, v2, m2 = files[1], files[3], files[5], files[7]
+    for argv, msg in ((["--support-volume", v1, "--support-mask", m1, "--support-mask", m2],
+                       "give each mask its own --support-volume"),
+                      (files + ["--support-slices", "3"], "--support-slices names slices of one support"),
+                      (["--support-volume", v1, "--support-volume", v2, "--support-mask", m1],
+                       "give one --support-mask per")):
+        code = main(["segment", "--volume", str(img), *argv, "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code != 0 and msg in err and "Traceback" not in err and not out.exists()

@@ -98,6 +98,12 @@ class FakeSegmenter:
         return _Result(np.asarray(mask, np.uint8), [prompt])
 
 
+    def segment_atlas(self, query, supports, rule="vote", slice_range=None, progress=None, is_cancelled=None):
+        self.calls.append(dict(query=query, supports=supports, rule=rule, slice_range=slice_range))
+        return self.segment(query, supports[0][0], supports[0][1], slice_range=slice_range, progress=progress,
+                            is_cancelled=is_cancelled)
+
+
 @pytest.fixture
 def ct_nodes(scene, example_ct):
     vol, lab = read_volume(example_ct[0]), read_volume(example_ct[1])
@@ -344,3 +350,54 @@ def test_worker_hands_back_after_every_slice_of_every_phase(scene, ct_nodes, lit
     state2 = job2.start().wait(600)
     assert isinstance(state2.error, sa.CancelledError) and state2.cancelled
     assert fresh.encoded_count <= at_cancel[0] + 1
+
+
+def test_atlas_of_other_patients_writes_one_fused_segment(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    atlas = []
+    for n, organ in enumerate((5, 5, 5), 1):
+        other = node_from_volume(scene, vol.with_array(vol.array.copy()), f"patient {n}")
+        seg, sid = support_segmentation(scene, other, lab.array == organ, "liver", LIVER_COLOR)
+        atlas.append((other, seg, sid))
+    answer = lab.array == 5
+    fake = FakeSegmenter(answer)
+    inputs = sa.read_atlas_inputs(vnode, atlas, "consensus")
+    run = sa.write_outputs(scene, inputs, sa.compute(fake, inputs, slice_range=(2, 50)))
+    assert run.created_output_node and all(run.output_node is not a[1] for a in atlas)
+    assert [run.output_node.GetSegmentation().GetSegment(s).GetName() for s in run.segment_ids] == ["liver (FoB)"]
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(run.output_node, run.segment_ids[0], vnode), answer)
+    call = fake.calls[0]
+    assert call["rule"] == "consensus" and call["slice_range"] == (2, 50) and len(call["supports"]) == 3
+    for (v, m), (node, seg, sid) in zip(call["supports"], atlas):
+        np.testing.assert_array_equal(m, sa.segment_mask_on_volume(seg, sid, node))
+    assert all(n_segments(a[1]) == 1 for a in atlas), "the supports' segmentations are left as they were"
+
+
+def test_atlas_inputs_are_refused_before_any_work(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    other = node_from_volume(scene, vol.with_array(vol.array.copy()), "patient 1")
+    seg, sid = support_segmentation(scene, other, lab.array == 5, "liver", LIVER_COLOR)
+    own, own_id = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    empty, empty_id = support_segmentation(scene, other, lab.array == 5, "e", LIVER_COLOR)
+    empty.GetSegmentation().GetSegment(empty_id).GetRepresentation("Binary labelmap").Initialize()
+    nodes = scene.GetNumberOfNodes()
+    for atlas, msg in (([(other, seg, sid), (vnode, own, own_id)], "input volume itself"),
+                       ([], "atlas is empty"),
+                       ([(other, seg, sid), (other, empty, empty_id)], "is empty on"),
+                       ([(other, seg, "nope")], "nope")):
+        with pytest.raises(FoBInputError, match=msg):
+            sa.read_atlas_inputs(vnode, atlas)
+    with pytest.raises(FoBInputError, match="Unknown atlas fusion rule"):
+        sa.read_atlas_inputs(vnode, [(other, seg, sid)], "mean")
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_atlas_cancelled_writes_nothing(scene, ct_nodes):
+    vol, lab, vnode = ct_nodes
+    other = node_from_volume(scene, vol.with_array(vol.array.copy()), "patient 1")
+    seg, sid = support_segmentation(scene, other, lab.array == 5, "liver", LIVER_COLOR)
+    inputs = sa.read_atlas_inputs(vnode, [(other, seg, sid), (other, seg, sid)])
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(CancelledError):
+        sa.compute(FakeSegmenter(), inputs, is_cancelled=lambda: True)
+    assert scene.GetNumberOfNodes() == nodes
