@@ -16,7 +16,12 @@ A manifest (CSV with a header, or JSON lines) lists one case per row:
                    (default: all)
 ``oracle``         ``true``: segment only the slices where the reference has the structure
                    (the EP1 evaluation protocol; needs ``reference``)
+``atlas_fusion``   with several supports: ``vote`` (default) or ``consensus``
 =================  ==========================================================================
+
+Several support patients (an atlas, :meth:`Segmenter.segment_atlas`): list them in
+``support_volume`` and ``support_mask`` separated by ``|`` (a list in JSON lines), the same
+number of each, in the same order.
 
 Relative paths are relative to the manifest's folder.  Every case runs by the rules of
 ``fobsegment segment`` (nothing is written half-way; an output never replaces an input).  A
@@ -42,7 +47,7 @@ from .errors import CancelledError, FoBError, FoBInputError
 from .files import atomic_write, check_writable_folder
 
 FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
-          "output", "support_slices", "oracle")
+          "output", "support_slices", "oracle", "atlas_fusion")
 SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256")
 
 
@@ -59,6 +64,8 @@ class Case:
     output: str = ""
     support_slices: tuple[int, ...] | None = None
     oracle: bool = False
+    more_supports: tuple = ()  # ((support volume, support mask), ...) after the first: an atlas
+    atlas_fusion: str = "vote"
 
 
 @dataclass
@@ -99,6 +106,8 @@ def read_manifest(path: str | Path) -> list[Case]:
         unknown = set(row) - set(FIELDS)
         if unknown:
             raise FoBInputError(f"Row {n} of {p.name} has unknown column(s) {sorted(unknown)}; known: {', '.join(FIELDS)}.")
+        several = {k: _listed(row.get(k)) for k in ("support_volume", "support_mask")}
+        row = {**row, **{k: v[0] for k, v in several.items() if v}}
         get = lambda k: (str(row.get(k)).strip() if row.get(k) not in (None, "") else None)  # noqa: E731
         if not get("query") or not get("support_mask"):
             raise FoBInputError(f"Row {n} of {p.name} needs at least 'query' and 'support_mask'.")
@@ -145,10 +154,39 @@ def read_manifest(path: str | Path) -> list[Case]:
         case = Case(cid, path_of("query"), path_of("support_mask"), path_of("support_volume"), int_of("label"),
                     get("segment"), path_of("reference"), int_of("reference_label"), out, slices_of("support_slices"),
                     flag_of("oracle"))
+        vols, masks = several["support_volume"], several["support_mask"]
+        if len(masks) > 1 or len(vols) > 1:
+            if len(vols) != len(masks):
+                raise FoBInputError(f"Row {n} of {p.name}: {len(masks)} support masks but {len(vols)} support volumes; "
+                                    "an atlas needs one support_volume per support_mask (separated by '|').")
+            if case.support_slices:
+                raise FoBInputError(f"Row {n} of {p.name}: support_slices names slices of one support; leave it "
+                                    "empty with several supports.")
+
+            def rel(v):
+                return Path(v) if Path(v).is_absolute() else p.parent / v
+
+            case.more_supports = tuple((rel(v), rel(m)) for v, m in zip(vols[1:], masks[1:]))
+        fusion = get("atlas_fusion")
+        if fusion is not None:
+            from .pipeline.atlas import RULES
+
+            if fusion not in RULES:
+                raise FoBInputError(f"Row {n} of {p.name}: atlas_fusion must be one of {', '.join(RULES)} "
+                                    f"(got {fusion!r}).")
+            case.atlas_fusion = fusion
         if case.oracle and case.reference is None:
             raise FoBInputError(f"Row {n} of {p.name}: oracle needs a reference (it segments the reference's slices).")
         cases.append(case)
     return cases
+
+
+def _listed(v) -> list:
+    """A manifest cell naming one file or several ('a|b', or a JSON list) -> [str, ...]."""
+    if v in (None, ""):
+        return []
+    items = v if isinstance(v, list) else str(v).split("|")
+    return [str(x).strip() for x in items if str(x).strip()]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -199,10 +237,15 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
     t0 = time.perf_counter()
     out = out_dir / case.output
     try:
+        more = [p for pair in case.more_supports for p in pair]
         inp = io.read_segmentation_inputs(out, case.query, case.support_mask, case.support_volume, case.label,
-                                          case.segment, also_inputs=[case.reference] if case.reference else (),
-                                          what=f" of case {case.id}")
+                                          case.segment, also_inputs=[*([case.reference] if case.reference else []),
+                                                                     *more], what=f" of case {case.id}")
         query, support, sm = inp.query, inp.support, inp.support_mask
+        atlas = [(support, sm.mask)] if case.more_supports else []
+        for n, (v, m) in enumerate(case.more_supports, 2):
+            vol = io.read_volume(v, f"support volume {n} of case {case.id}")
+            atlas.append((vol, io.read_support_mask(m, vol, label=case.label, segment=case.segment).mask))
         reference = _read_reference(case, query) if case.reference is not None else None
         query_slices = None
         if case.oracle:
@@ -213,8 +256,12 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
                 raise FoBInputError(f"The reference of case {case.id} does not contain the structure, so there is "
                                     f"no slice to segment with oracle: check reference_label.")
         seg = segmenter if segmenter is not None else segmenter_for(options)
-        res = seg.segment(query, support, sm.mask, support_slices=list(case.support_slices or []) or None,
-                          query_slices=query_slices, progress=progress, is_cancelled=is_cancelled)
+        if atlas:
+            res = seg.segment_atlas(query, atlas, rule=case.atlas_fusion, query_slices=query_slices,
+                                    progress=progress, is_cancelled=is_cancelled)
+        else:
+            res = seg.segment(query, support, sm.mask, support_slices=list(case.support_slices or []) or None,
+                              query_slices=query_slices, progress=progress, is_cancelled=is_cancelled)
         d = None
         if reference is not None:
             from .evaluation import dice

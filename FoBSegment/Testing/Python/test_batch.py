@@ -162,3 +162,44 @@ def test_evaluate_is_a_batch_with_references(tmp_path, litemedsam):
     status = {row["id"]: row["status"] for row in json.loads((out / "summary.json").read_text())["cases"]}
     assert status == {"spleen-2": "skipped", "spleen-3": "failed"}
     assert again["classes"]["spleen"]["cases"] == r["classes"]["spleen"]["cases"] and again["slices_encoded"] == 0
+
+
+def test_manifest_atlas_of_several_supports(cohort, tmp_path, litemedsam):
+    """A row with several support volumes and masks ('|'-separated) is an atlas: the case is
+    segmented once per support and the masks fused (its Dice equals Segmenter.segment_atlas's)."""
+    manifest, out, rows = cohort
+    atlas = tmp_path / "atlas.jsonl"
+    atlas.write_text(json.dumps({"id": "a", "query": "q0.nii.gz", "support_volume": "q1.nii.gz|q3.nii.gz",
+                                 "support_mask": "m1.nii.gz|m3.nii.gz", "reference": "ref0.nii.gz",
+                                 "reference_label": 1}) + "\n"
+                     + json.dumps({"id": "b", "query": "q0.nii.gz", "support_volume": ["q1.nii.gz", "q3.nii.gz"],
+                                   "support_mask": ["m1.nii.gz", "m3.nii.gz"], "atlas_fusion": "consensus"}) + "\n")
+    cases = read_manifest(atlas)
+    assert cases[0].support_volume == tmp_path / "q1.nii.gz" and cases[0].support_mask == tmp_path / "m1.nii.gz"
+    assert cases[0].more_supports == ((tmp_path / "q3.nii.gz", tmp_path / "m3.nii.gz"),)
+    assert cases[0].atlas_fusion == "vote" and cases[1].atlas_fusion == "consensus"
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.evaluation import dice
+
+    seg = Segmenter(litemedsam)
+    summary = run_batch(cases[:1], out, segmenter=seg)
+
+    q0 = read_volume(tmp_path / "q0.nii.gz")
+    supports = [(read_volume(tmp_path / f"q{n}.nii.gz"), read_support_mask(tmp_path / f"m{n}.nii.gz",
+                                                                           read_volume(tmp_path / f"q{n}.nii.gz")).mask)
+                for n in (1, 3)]
+    direct = seg.segment_atlas(q0, supports)
+    ref = np.rint(read_volume(tmp_path / "ref0.nii.gz").array) == 1
+    row = json.loads((out / "summary.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "ok" and row["dice"] == round(dice(direct.mask, ref), 4) and row["dice"] > 0.7
+    assert summary["ok"] == 1
+    for text, msg in (('{"query": "q0.nii.gz", "support_volume": "q1.nii.gz", "support_mask": "m1.nii.gz|m3.nii.gz"}',
+                       "one support_volume per support_mask"),
+                      ('{"query": "q0.nii.gz", "support_volume": "q1.nii.gz|q3.nii.gz", "support_mask": '
+                       '"m1.nii.gz|m3.nii.gz", "support_slices": "3"}', "support_slices names slices of one"),
+                      ('{"query": "q0.nii.gz", "support_volume": "q1.nii.gz|q3.nii.gz", "support_mask": '
+                       '"m1.nii.gz|m3.nii.gz", "atlas_fusion": "mean"}', "atlas_fusion must be one of")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text + "\n")
+        with pytest.raises(FoBInputError, match=msg):
+            read_manifest(bad)
