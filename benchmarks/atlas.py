@@ -51,25 +51,39 @@ def run_pairs(seg, data: Path, key: str, protocol: str, runs: Path) -> None:
 
 
 def load_masks(data: Path, key: str, protocol: str, runs: Path):
-    """-> ({(class, query): reference bool array}, {(class, query, support): bool array})."""
+    """-> (cases, {(class, query): reference bool array}, {(class, query, support): bool array},
+    {query: its SliceView}); every mask as its stack of acquisition slices."""
     from FoBSegmentLib.evaluation import _load_case
+    from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_support_mask
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
-    refs, masks, vols = {}, {}, {}
+    refs, masks, vols, views = {}, {}, {}, {}
     for q in cases:
         vols[q], lab = _load_case(data / folder, q)
+        views[q] = SliceView.for_volume(vols[q])
         for name, value in classes.items():
             if (lab == value).any():
-                refs[(name, q)] = lab == value
+                refs[(name, q)] = views[q].to_stack(lab == value)
     for s in cases:
         for (name, q) in refs:
             if q == s:
                 continue
             f = runs / key / protocol / f"support_{s}" / f"{name}_{q}.seg.nrrd"
             if f.is_file():
-                masks[(name, q, s)] = read_support_mask(f, vols[q]).mask
+                masks[(name, q, s)] = views[q].to_stack(read_support_mask(f, vols[q]).mask)
+    # Scoring thousands of sets: crop each (class, query) to the box holding every mask and the
+    # reference (Dice and slice differences are unchanged).
+    for key, ref in refs.items():
+        mine = [k for k in masks if k[:2] == key]
+        union = ref.copy()
+        for k in mine:
+            union |= masks[k]
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(union))
+        refs[key] = np.ascontiguousarray(ref[box])
+        for k in mine:
+            masks[k] = np.ascontiguousarray(masks[k][box])
     return cases, refs, masks
 
 
@@ -91,12 +105,65 @@ def score(cases, refs, masks, classes, sizes, rules, rng) -> dict:
                     sets = list(itertools.combinations(others, k))
                     if len(sets) > MAX_SETS:
                         sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
-                    d = [dice(fuse([masks[(name, q, s)] for s in st], rule), refs[(name, q)]) for st in sets]
+                    d, ends = [], []
+                    for st in sets:
+                        fused = fuse([masks[(name, q, s)] for s in st], rule)
+                        d.append(dice(fused, refs[(name, q)]))
+                        ends.extend(end_errors(fused, refs[(name, q)]))
                     per_query[q] = {"mean": round(float(np.mean(d)), 4), "min": round(float(np.min(d)), 4),
-                                    "sets": len(d)}
+                                    "sets": len(d), "end_error": round(float(np.mean(np.abs(ends))), 3) if ends else None,
+                                    "short": round(float(np.mean([e < 0 for e in ends])), 3) if ends else None,
+                                    "over": round(float(np.mean([e > 0 for e in ends])), 3) if ends else None}
                 per_class[name] = per_query
             out.setdefault(rule, {})[str(k)] = per_class
     return out
+
+
+BAD_RUN = 0.5  # a support's own run below this Dice is one the user should be warned about
+
+
+def warnings_check(cases, refs, masks, classes, k: int, rng) -> dict:
+    """Does :func:`outliers` (the run-time warning) name the atlas members whose own run is
+    bad (Dice < BAD_RUN)?  Over every set of k supports of every query and class."""
+    from FoBSegmentLib.evaluation import dice
+    from FoBSegmentLib.pipeline.atlas import fuse, outliers
+
+    own = {key: dice(m, refs[key[:2]]) for key, m in masks.items()}
+    flagged = flagged_bad = bad = bad_flagged = members = 0
+    for name in classes:
+        for q in cases:
+            if (name, q) not in refs:
+                continue
+            others = [s for s in cases if s != q and (name, q, s) in masks]
+            sets = list(itertools.combinations(others, k))
+            if len(sets) > MAX_SETS:
+                sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
+            for st in sets:
+                ms = [masks[(name, q, s)] for s in st]
+                fused = fuse(ms, "vote")
+                rows = [{"support": j + 1, "dice_to_fused": dice(m, fused)} for j, m in enumerate(ms)]
+                odd = set(outliers(rows))
+                for j, s in enumerate(st):
+                    members += 1
+                    is_bad = own[(name, q, s)] < BAD_RUN
+                    bad += is_bad
+                    if j + 1 in odd:
+                        flagged += 1
+                        flagged_bad += is_bad
+                        bad_flagged += is_bad
+    return {"k": k, "members": members, "bad": bad, "flagged": flagged,
+            "precision": round(flagged_bad / flagged, 3) if flagged else None,
+            "recall": round(bad_flagged / bad, 3) if bad else None}
+
+
+def end_errors(mask_st: np.ndarray, ref_st: np.ndarray) -> list:
+    """Slices by which the result's two ends miss the reference's (negative: stopped short,
+    positive: ran past); [] when the result is empty."""
+    got = np.nonzero(mask_st.reshape(mask_st.shape[0], -1).any(1))[0]
+    ref = np.nonzero(ref_st.reshape(ref_st.shape[0], -1).any(1))[0]
+    if got.size == 0:
+        return []
+    return [int(ref[0] - got[0]), int(got[-1] - ref[-1])]
 
 
 def summarise(per_class: dict) -> dict:
@@ -104,12 +171,16 @@ def summarise(per_class: dict) -> dict:
     cls = {}
     for name, per_query in per_class.items():
         means = [v["mean"] for v in per_query.values()]
-        cls[name] = {"mean": round(float(np.mean(means)), 4), "worst_query": round(float(np.min(means)), 4)}
-    return {"classes": cls, "mean": round(float(np.mean([v["mean"] for v in cls.values()])), 4)}
+        ends = [v["end_error"] for v in per_query.values() if v.get("end_error") is not None]
+        cls[name] = {"mean": round(float(np.mean(means)), 4), "worst_query": round(float(np.min(means)), 4),
+                     "end_error": round(float(np.mean(ends)), 2) if ends else None}
+    ends = [v["end_error"] for v in cls.values() if v["end_error"] is not None]
+    return {"classes": cls, "mean": round(float(np.mean([v["mean"] for v in cls.values()])), 4),
+            "end_error": round(float(np.mean(ends)), 2) if ends else None}
 
 
-def render(results: dict, meta: dict) -> str:
-    from FoBSegmentLib.pipeline.atlas import RULES
+def render(results: dict, meta: dict, warn: dict) -> str:
+    from FoBSegmentLib.pipeline.atlas import OUTLIER_RATIO, RULES
 
     lines = ["# Several support patients: 1 vs 3 vs 5", "",
              f"Regenerated by `benchmarks/atlas.py` (raw numbers in atlas.json), commit {meta['commit']}.",
@@ -118,22 +189,35 @@ def render(results: dict, meta: dict) -> str:
              "patients fuses the k masks of a query (`Segmenter.segment_atlas`). For each query, every set",
              f"of k patients among the other cases is scored (a fixed random sample of {MAX_SETS} where there",
              "are more); the table gives 3D Dice averaged over sets, then over queries, then over classes;",
-             "*worst* is the worst query's mean over sets. k = 1 is the all-supports benchmark.", "",
+             "*worst* is the worst query's mean over sets; *end error* (full protocol) is the mean number",
+             "of slices by which the result's first and last slice miss the reference's (the presence",
+             "decision's error). k = 1 is the all-supports benchmark.", "",
              "Fusion rules: " + "; ".join(f"`{r}`: {d}" for r, d in RULES.items()) + ".", ""]
     for key, per_protocol in results.items():
         title, _, classes = DATASETS[key]
         cls = list(classes)
-        lines += [f"## {title}", "", "| protocol | rule | supports | " + " | ".join(cls) + " | mean | worst query |",
-                  "|---|---|---|" + "---|" * (len(cls) + 2)]
+        lines += [f"## {title}", "", "| protocol | rule | supports | " + " | ".join(cls)
+                  + " | mean | worst query | end error (slices) |", "|---|---|---|" + "---|" * (len(cls) + 3)]
         for protocol, per_rule in per_protocol.items():
             for rule, per_k in per_rule.items():
                 for k, per_class in per_k.items():
                     s = summarise(per_class)
                     worst = min(v["worst_query"] for v in s["classes"].values())
+                    end = "" if protocol == "ep1" or s["end_error"] is None else f"{s['end_error']:.2f}"
                     lines.append(f"| {protocol} | {rule} | {k} | "
                                  + " | ".join(f"{s['classes'][c]['mean']:.3f}" for c in cls)
-                                 + f" | **{s['mean']:.3f}** | {worst:.3f} |")
+                                 + f" | **{s['mean']:.3f}** | {worst:.3f} | {end} |")
         lines.append("")
+        if warn.get(key):
+            lines += [f"Run-time warning (a support whose run agrees with the vote less than {OUTLIER_RATIO} x the "
+                      f"others' median), against the truth (a support's own run below Dice {BAD_RUN}):", "",
+                      "| protocol | supports | members | bad runs | flagged | flagged that were bad | bad that were flagged |",
+                      "|---|---|---|---|---|---|---|"]
+            for protocol, rows in warn[key].items():
+                for w in rows:
+                    lines.append(f"| {protocol} | {w['k']} | {w['members']} | {w['bad']} | {w['flagged']} | "
+                                 f"{w['precision']} | {w['recall']} |")
+            lines.append("")
     lines += [f"Scoring took {meta['seconds']:.0f} s; the pair runs are cached under the runs folder.", ""]
     return "\n".join(lines)
 
@@ -170,7 +254,8 @@ def main(argv=None):
                 run_pairs(seg, data, key, protocol, runs)
     t0 = time.perf_counter()
     out = Path(args.out)
-    results = json.loads(out.with_suffix(".json").read_text()).get("results", {}) if out.with_suffix(".json").is_file() else {}
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    results, warn = old.get("results", {}), old.get("warnings", {})
     for key in args.datasets:
         _, _, classes = DATASETS[key]
         for protocol in args.protocols:
@@ -181,14 +266,17 @@ def main(argv=None):
             rng = np.random.default_rng(0)
             r = score(cases, refs, masks, classes, args.sizes, list(RULES), rng)
             results.setdefault(key, {})[protocol] = r
+            warn.setdefault(key, {})[protocol] = [warnings_check(cases, refs, masks, classes, k, rng)
+                                                  for k in args.sizes if k >= 3]
+            print(key, protocol, "warnings", warn[key][protocol], flush=True)
             for rule, per_k in r.items():
                 print(key, protocol, rule, " ".join(f"k={k}: {summarise(v)['mean']:.3f}" for k, v in per_k.items()),
                       flush=True)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     meta = {"commit": commit, "seconds": time.perf_counter() - t0}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    out.write_text(render(results, meta))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "warnings": warn}, indent=1))
+    out.write_text(render(results, meta, warn))
     print(f"wrote {out}")
     return 0
 
