@@ -768,6 +768,11 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
         self._remember(run, inputs, segmenter)
         logging.info(f"FoBSegment: atlas of {len(inputs.atlas)} supports finished in {time.time() - start:.1f} s")
+        for s in results[0].supports:
+            if s["unlike_others"]:
+                logging.warning(f"FoBSegment: atlas support {s['support']} ({atlas[s['support'] - 1][0].GetName()}) "
+                                f"disagrees with the others (Dice {s['dice_to_fused']:.2f} to the fused result): "
+                                "its annotation or its anatomy is unlike the rest; check it or leave it out.")
         return run.segment_ids[0]
 
     def _remember(self, run, inputs, segmenter) -> None:

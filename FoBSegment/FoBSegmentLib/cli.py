@@ -86,7 +86,6 @@ def _print_written(out, name, res, seg) -> None:
 def _segment_atlas(args) -> int:
     """Several support patients: ``--support-volume A --support-mask A_mask --support-volume B ...``."""
     from . import io
-    from .pipeline.atlas import outliers
     from .pipeline.segmenter import Segmenter
 
     masks, volumes = args.support_mask, args.support_volume or []
@@ -114,9 +113,8 @@ def _segment_atlas(args) -> int:
     name = f"{sm.name} (FoB)"
     io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
     _print_written(inp.output, name, res, seg)
-    odd = outliers(res.supports)
     for s in res.supports:
-        mark = "  <- unlike the others: check this support's annotation" if s["support"] in odd else ""
+        mark = "  <- unlike the others: check this support's annotation" if s["unlike_others"] else ""
         print(f"  support {s['support']} ({Path(masks[s['support'] - 1]).name}): Dice to the fused mask "
               f"{s['dice_to_fused']:.3f}, {s['slices_segmented']} slices{mark}")
     return 0

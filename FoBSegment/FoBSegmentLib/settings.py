@@ -100,6 +100,15 @@ class RingStructureSettings:
 
 
 @dataclass(frozen=True)
+class AtlasSettings:
+    """Several support patients for one query (``pipeline.atlas``)."""
+
+    #: A support whose own run agrees with the fused mask (Dice) less than this times the other
+    #: supports' median is reported as unlike them (docs/benchmarks/atlas.md, "run-time warning").
+    outlier_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
 class SegmenterSettings:
     """All tunables of :class:`FoBSegmentLib.Segmenter`, grouped by pipeline step."""
 
@@ -108,6 +117,7 @@ class SegmenterSettings:
     seed: SeedSettings = field(default_factory=SeedSettings)
     walk: WalkSettings = field(default_factory=WalkSettings)
     ring: RingStructureSettings = field(default_factory=RingStructureSettings)
+    atlas: AtlasSettings = field(default_factory=AtlasSettings)
     #: Largest size (MB) of the in-memory embedding cache (fp16, 2 MB per slice).
     memory_cache_mb: float = 1024.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FoBInputError
+from ..geometry import SliceView, occupied_slices
 
 RULES = {
     "vote": "a voxel is kept where at least half of the supports' masks hold it",
@@ -53,10 +54,68 @@ def agreement(masks) -> np.ndarray:
     return score / max(1, k - 1)
 
 
-OUTLIER_RATIO = 0.5  # docs/benchmarks/atlas.md: how often a flagged run was the atlas's bad one
+
+def check_supports(query, supports) -> list:
+    """``[(volume, mask[, support slices]), ...]`` -> ``[(volume, mask, slices)]``, every
+    support checked before the first run so that a bad one costs no work."""
+    from .segmenter import _check_volume
+
+    items = list(supports) if supports is not None else []
+    if not items:
+        raise FoBInputError("An atlas needs at least one support: pass [(support volume, support mask), ...].")
+    out = []
+    for j, item in enumerate(items, 1):
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise FoBInputError(f"Atlas support {j} must be (volume, mask) or (volume, mask, support slices), "
+                                f"not {type(item).__name__}.")
+        vol, mask, slices = (*item, None) if len(item) == 2 else item
+        _check_volume(vol, f"support {j} of the atlas")
+        if vol is query or (query.same_grid(vol) and np.shares_memory(query.array, vol.array)):
+            raise FoBInputError(f"Atlas support {j} is the query itself: an atlas holds other patients' "
+                                "annotations. Segment with segment() to use the query's own painting.")
+        m = np.asarray(mask)
+        if m.shape != vol.array.shape:
+            raise FoBInputError(f"Atlas support {j}: the mask has shape {m.shape} but its image has "
+                                f"{vol.array.shape}; the mask must be drawn on its own support image's grid.")
+        if not m.any():
+            raise FoBInputError(f"Atlas support {j}: the support mask is empty; paint the structure on at "
+                                "least one slice of that support image, or leave it out of the atlas.")
+        out.append((vol, m, slices))
+    return out
 
 
-def outliers(supports: list, ratio: float = OUTLIER_RATIO) -> list:
+def fused_result(query, runs: list, rule: str, settings):
+    """The supports' results -> one SegmentationResult: the fused mask, the prompts of the run
+    that agrees best with the others, per slice how many runs kept it, per support its run's
+    Dice to the fused mask and whether it is unlike the others (``settings.outlier_ratio``)."""
+    from ..evaluation import dice
+    from .run import SegmentationResult
+
+    fused = fuse([r.mask for r in runs], rule)
+    n = len(runs)
+    agree = agreement([r.mask for r in runs]) if n > 1 else np.ones(1)
+    best = runs[int(np.argmax(agree))]
+    view = SliceView.for_volume(query)
+    fused_st = view.to_stack(fused)
+    kept = [view.to_stack(r.mask > 0).reshape(fused_st.shape[0], -1).any(1) for r in runs]
+    res = SegmentationResult(fused, prompts=best.prompts, backbone=best.backbone, device=best.device,
+                             prompt_strategy=best.prompt_strategy, prompt_source=best.prompt_source,
+                             slices_total=best.slices_total)
+    for i in range(fused_st.shape[0]):
+        votes = int(sum(k[i] for k in kept))
+        if votes:
+            res.slice_info[i] = {"kept": bool(fused_st[i].any()), "reason": "atlas", "votes": votes, "of": n}
+    res.supports = [{"support": j + 1, "dice_to_fused": round(dice(r.mask, fused), 4),
+                     "agreement": round(float(a), 4), "slices_segmented": r.slices_segmented}
+                    for j, (r, a) in enumerate(zip(runs, agree))]
+    odd = outliers(res.supports, settings.outlier_ratio)
+    for s in res.supports:
+        s["unlike_others"] = s["support"] in odd
+    res.slices_segmented = len(occupied_slices(fused_st))
+    return res
+
+
+def outliers(supports: list, ratio: float) -> list:
     """The supports (numbers as in ``result.supports``) whose run agrees with the fused mask
     less than ``ratio`` x the median of the others': with three or more, a support that is
     unlike the query or the rest of the atlas."""

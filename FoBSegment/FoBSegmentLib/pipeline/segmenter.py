@@ -137,68 +137,31 @@ class Segmenter:
 
         ``supports``: ``[(support volume, support mask), ...]`` or ``(volume, mask,
         support_slices)`` triples, each annotated on another patient than the query.
-        ``result.supports`` says how each support's own run agrees with the fused mask (Dice):
-        a support far below the others is unlike the query or the rest of the atlas.
+        ``result.supports`` says how each support's own run agrees with the fused mask (Dice)
+        and flags (``unlike_others``) a support far below the others: unlike the query or the
+        rest of the atlas.
         Progress runs over all the supports' runs; a cancel stops at the current slice."""
-        from .atlas import agreement, fuse
+        from .atlas import check_supports, fused_result
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
-        items = list(supports) if supports is not None else []
-        if not items:
-            raise FoBInputError("An atlas needs at least one support: pass [(support volume, support mask), ...].")
-        runs = []
-        for j, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-                raise FoBInputError(f"Atlas support {j + 1} must be (volume, mask) or (volume, mask, support slices), "
-                                    f"not {type(item).__name__}.")
-            vol, mask, slices = (*item, None) if len(item) == 2 else item
-            _check_volume(vol, f"support {j + 1} of the atlas")
-            if vol is query or (query.same_grid(vol) and np.shares_memory(query.array, vol.array)):
-                raise FoBInputError(f"Atlas support {j + 1} is the query itself: an atlas holds other patients' "
-                                    "annotations. Segment with segment() to use the query's own painting.")
-            # Every support is checked before the first run, so a bad one costs no work.
-            m = np.asarray(mask)
-            if m.shape != vol.array.shape:
-                raise FoBInputError(f"Atlas support {j + 1}: the mask has shape {m.shape} but its image has "
-                                    f"{vol.array.shape}; the mask must be drawn on its own support image's grid.")
-            if not m.any():
-                raise FoBInputError(f"Atlas support {j + 1}: the support mask is empty; paint the structure on at "
-                                    "least one slice of that support image, or leave it out of the atlas.")
-        n = len(items)
+        triples = check_supports(query, supports)
+        n = len(triples)
 
         def run_progress(j):
             if progress is None:
                 return None
             return lambda done, total: progress(j * total + done, n * total)
 
-        for j, item in enumerate(items):
-            vol, mask, slices = (*item, None) if len(item) == 2 else item
+        runs = []
+        for j, (vol, mask, slices) in enumerate(triples):
             try:
                 runs.append(self.segment(query, vol, mask, support_slices=slices, slice_range=slice_range,
                                          query_slices=query_slices, progress=run_progress(j),
                                          is_cancelled=is_cancelled, holes=holes))
             except FoBInputError as e:
                 raise FoBInputError(f"Atlas support {j + 1}: {e}") from None
-        fused = fuse([r.mask for r in runs], rule)
-        agree = agreement([r.mask for r in runs]) if n > 1 else np.ones(1)
-        best = runs[int(np.argmax(agree))]
-        view = SliceView.for_volume(query)
-        fused_st = view.to_stack(fused)
-        kept_st = [view.to_stack(r.mask > 0).reshape(fused_st.shape[0], -1).any(1) for r in runs]
-        res = SegmentationResult(fused, prompts=best.prompts, backbone=best.backbone, device=best.device,
-                                 prompt_strategy=best.prompt_strategy, prompt_source=best.prompt_source,
-                                 slices_total=best.slices_total)
-        for i in range(fused_st.shape[0]):
-            votes = int(sum(k[i] for k in kept_st))
-            if votes:
-                res.slice_info[i] = {"kept": bool(fused_st[i].any()), "reason": "atlas", "votes": votes, "of": n}
-        from ..evaluation import dice
-
-        res.supports = [{"support": j + 1, "dice_to_fused": round(dice(r.mask, fused), 4),
-                         "agreement": round(float(a), 4), "slices_segmented": r.slices_segmented}
-                        for j, (r, a) in enumerate(zip(runs, agree))]
-        res.slices_segmented = len(occupied_slices(fused_st))
+        res = fused_result(query, runs, rule, self.settings.atlas)
         res.slices_encoded = self.encoded_count - started[1]
         res.seconds = time.perf_counter() - started[0]
         return res

@@ -301,7 +301,7 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
                 calls.append(slice_range)
                 progress(1, 1)
                 return SimpleNamespace(mask=mask.astype(np.uint8), prompts=[], device="cpu",
-                                       slices_segmented=1, slices_encoded=1)
+                                       slices_segmented=1, slices_encoded=1, supports=[])
             def segment_atlas(self, query, supports, rule="vote", slice_range=None, progress=None,
                               is_cancelled=None):
                 calls.append(("atlas", len(supports), rule))

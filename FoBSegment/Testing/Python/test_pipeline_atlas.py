@@ -30,7 +30,7 @@ def test_fusion_rules_on_organ_masks(ct):
     assert a[2] < 0.01 and a[0] > 0.4 and abs(a[0] - a[1]) < 1e-9  # (Dice 0.92 + 0) / 2
     assert np.array_equal(fuse(masks, "consensus") > 0, liver)  # first of the two that agree best
     rows = [{"support": n + 1, "dice_to_fused": dice(m, voted)} for n, m in enumerate(masks)]
-    assert outliers(rows) == [3] and outliers(rows[:2]) == []
+    assert outliers(rows, 0.5) == [3] and outliers(rows[:2], 0.5) == []
     with pytest.raises(FoBInputError, match="different grids"):
         fuse([liver, liver[1:]])
     with pytest.raises(FoBInputError, match="Unknown atlas fusion rule"):
@@ -54,7 +54,7 @@ def test_atlas_outvotes_a_support_unlike_the_others(ct, segmenter):
     d_single = [dice(r.mask, gt) for r in singles]
     assert d_single[2] < 0.2 < min(d_single[:2])  # the spleen support does mislead its own run
     assert dice(res.mask, gt) >= min(d_single[:2]) - 0.02
-    assert outliers(res.supports) == [3]
+    assert [s["unlike_others"] for s in res.supports] == [False, False, True]
     assert [s["support"] for s in res.supports] == [1, 2, 3]
     assert seen and seen[-1][0] == seen[-1][1] and all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
     kept = [i for i, v in res.slice_info.items() if v["kept"]]
