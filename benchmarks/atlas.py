@@ -87,6 +87,19 @@ def load_masks(data: Path, key: str, protocol: str, runs: Path):
     return cases, refs, masks
 
 
+def support_sets(cases, refs, masks, name: str, k: int, rng):
+    """For each query holding class ``name``: every set of k support patients among the other
+    cases (a fixed random sample of MAX_SETS where there are more)."""
+    for q in cases:
+        if (name, q) not in refs:
+            continue
+        others = [s for s in cases if s != q and (name, q, s) in masks]
+        sets = list(itertools.combinations(others, k))
+        if len(sets) > MAX_SETS:
+            sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
+        yield q, sets
+
+
 def score(cases, refs, masks, classes, sizes, rules, rng) -> dict:
     """Mean 3D Dice over support sets, per query, class, size and rule."""
     from FoBSegmentLib.evaluation import dice
@@ -98,13 +111,7 @@ def score(cases, refs, masks, classes, sizes, rules, rng) -> dict:
             per_class = {}
             for name in classes:
                 per_query = {}
-                for q in cases:
-                    if (name, q) not in refs:
-                        continue
-                    others = [s for s in cases if s != q and (name, q, s) in masks]
-                    sets = list(itertools.combinations(others, k))
-                    if len(sets) > MAX_SETS:
-                        sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
+                for q, sets in support_sets(cases, refs, masks, name, k, rng):
                     d, ends = [], []
                     for st in sets:
                         fused = fuse([masks[(name, q, s)] for s in st], rule)
@@ -130,15 +137,9 @@ def warnings_check(cases, refs, masks, classes, k: int, rng) -> dict:
     from FoBSegmentLib.settings import DEFAULT_SETTINGS
 
     own = {key: dice(m, refs[key[:2]]) for key, m in masks.items()}
-    flagged = flagged_bad = bad = bad_flagged = members = 0
+    flagged = flagged_bad = bad = members = 0
     for name in classes:
-        for q in cases:
-            if (name, q) not in refs:
-                continue
-            others = [s for s in cases if s != q and (name, q, s) in masks]
-            sets = list(itertools.combinations(others, k))
-            if len(sets) > MAX_SETS:
-                sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
+        for q, sets in support_sets(cases, refs, masks, name, k, rng):
             for st in sets:
                 ms = [masks[(name, q, s)] for s in st]
                 fused = fuse(ms, "vote")
@@ -151,10 +152,9 @@ def warnings_check(cases, refs, masks, classes, k: int, rng) -> dict:
                     if j + 1 in odd:
                         flagged += 1
                         flagged_bad += is_bad
-                        bad_flagged += is_bad
     return {"k": k, "members": members, "bad": bad, "flagged": flagged,
             "precision": round(flagged_bad / flagged, 3) if flagged else None,
-            "recall": round(bad_flagged / bad, 3) if bad else None}
+            "recall": round(flagged_bad / bad, 3) if bad else None}
 
 
 def end_errors(mask_st: np.ndarray, ref_st: np.ndarray) -> list:
