@@ -54,12 +54,13 @@ def agreement(masks) -> np.ndarray:
     return score / max(1, k - 1)
 
 
-
-def check_supports(query, supports) -> list:
+def check_supports(query, supports, rule: str = "vote") -> list:
     """``[(volume, mask[, support slices]), ...]`` -> ``[(volume, mask, slices)]``, every
     support checked before the first run so that a bad one costs no work."""
     from .segmenter import _check_volume
 
+    if rule not in RULES:
+        raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")
     items = list(supports) if supports is not None else []
     if not items:
         raise FoBInputError("An atlas needs at least one support: pass [(support volume, support mask), ...].")

@@ -145,7 +145,7 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
-        triples = check_supports(query, supports)
+        triples = check_supports(query, supports, rule)
         n = len(triples)
 
         def run_progress(j):

@@ -70,6 +70,8 @@ def test_atlas_inputs_are_checked_before_work(ct, segmenter):
         segmenter.segment_atlas(vol, [(v, m), (vol, labels == 5)])
     with pytest.raises(FoBInputError, match="at least one support"):
         segmenter.segment_atlas(vol, [])
+    with pytest.raises(FoBInputError, match="Unknown atlas fusion rule"):
+        segmenter.segment_atlas(vol, [(v, m)], rule="mean")
     with pytest.raises(FoBInputError, match="support 2 of the atlas"):
         segmenter.segment_atlas(vol, [(v, m), (labels, m)])
     with pytest.raises(FoBInputError, match=r"Atlas support 2: the support mask is empty"):
