@@ -742,7 +742,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         logging.info(f"FoBSegment: finished in {time.time() - start:.1f} s")
         return run.segment_ids
 
-    def processAtlas(self, volumeNode, atlas, outputSegmentationNode=None, rule="vote", backbone="litemedsam",
+    def processAtlas(self, volumeNode, atlas, outputSegmentationNode=None, rule=None, backbone="litemedsam",
                      device="auto", sliceRange=None, showPrompts=False, checkpointPath=None, progressCallback=None,
                      isCancelled=None) -> str:
         """Segment ``volumeNode`` from several other patients' painted segments (an atlas) and
@@ -750,8 +750,8 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
         :param atlas: ``[(supportVolumeNode, segmentationNode, segmentId), ...]``, one per
             annotated patient; the result is named after the first one's segment.
-        :param rule: ``vote`` (kept where at least half of the supports' runs agree) or
-            ``consensus`` (the run that agrees best with the others).
+        :param rule: ``consensus`` (default: the run that agrees best with the others) or
+            ``vote`` (kept where at least half of the supports' runs agree).
         :param outputSegmentationNode: where the result goes (None: a new segmentation node).
         :return: the new segment id; ``lastRun.results[0].supports`` gives each support's
             agreement with the fused result (a support far below the others is unlike them).

@@ -16,7 +16,7 @@ A manifest (CSV with a header, or JSON lines) lists one case per row:
                    (default: all)
 ``oracle``         ``true``: segment only the slices where the reference has the structure
                    (the EP1 evaluation protocol; needs ``reference``)
-``atlas_fusion``   with several supports: ``vote`` (default) or ``consensus``
+``atlas_fusion``   with several supports: ``consensus`` (default) or ``vote``
 =================  ==========================================================================
 
 Several support patients (an atlas, :meth:`Segmenter.segment_atlas`): list them in
@@ -65,7 +65,7 @@ class Case:
     support_slices: tuple[int, ...] | None = None
     oracle: bool = False
     more_supports: tuple = ()  # ((support volume, support mask), ...) after the first: an atlas
-    atlas_fusion: str = "vote"
+    atlas_fusion: str | None = None  # None: the Segmenter's settings.atlas.fusion
 
 
 @dataclass

@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of several annotated patients")
     s.add_argument("--support-mask", required=True, action="append",
                    help="labelmap or .seg.nrrd annotated on the support volume (one per --support-volume)")
-    s.add_argument("--atlas-fusion", default="vote", choices=["vote", "consensus"],
-                   help="with several supports: vote (kept where at least half of the runs agree) or consensus "
-                        "(the run that agrees best with the others)")
+    s.add_argument("--atlas-fusion", choices=["consensus", "vote"],
+                   help="with several supports: consensus (default: the run that agrees best with the others) or "
+                        "vote (kept where at least half of the runs agree)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--label", type=int, help="label value of the structure in the support mask")
     g.add_argument("--segment", help="segment name in a .seg.nrrd support mask")

@@ -103,6 +103,9 @@ class RingStructureSettings:
 class AtlasSettings:
     """Several support patients for one query (``pipeline.atlas``)."""
 
+    #: How the supports' masks are fused: ``consensus`` (the run that agrees best with the
+    #: others) or ``vote`` (docs/benchmarks/atlas.md: consensus is as good or better everywhere).
+    fusion: str = "consensus"
     #: A support whose own run agrees with the fused mask (Dice) less than this times the other
     #: supports' median is reported as unlike them (docs/benchmarks/atlas.md, "run-time warning").
     outlier_ratio: float = 0.5

@@ -497,7 +497,7 @@ class NodeInputs:
     same_volume: bool
     skipped: list = field(default_factory=list)
     atlas: list = field(default_factory=list)  # [(Volume, mask)] of other patients: one fused result
-    atlas_rule: str = "vote"
+    atlas_rule: str | None = None  # None: the Segmenter's settings.atlas.fusion
 
 
 def _segment_color(segment) -> tuple:
@@ -562,7 +562,7 @@ def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolu
                       support, bool(same_volume), skipped)
 
 
-def read_atlas_inputs(volumeNode, atlas, rule: str = "vote") -> NodeInputs:
+def read_atlas_inputs(volumeNode, atlas, rule: str | None = None) -> NodeInputs:
     """The query and an atlas of other patients' painted segments (main thread).
 
     ``atlas``: ``[(support volume node, segmentation node, segment id), ...]``; the result is
@@ -572,7 +572,7 @@ def read_atlas_inputs(volumeNode, atlas, rule: str = "vote") -> NodeInputs:
 
     if volumeNode is None:
         raise FoBInputError("No input volume selected. Choose the volume to segment.")
-    if rule not in RULES:
+    if rule is not None and rule not in RULES:
         raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")
     items = list(atlas or [])
     if not items:

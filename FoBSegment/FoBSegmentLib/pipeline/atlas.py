@@ -14,12 +14,12 @@ from ..errors import FoBInputError
 from ..geometry import SliceView, occupied_slices
 
 RULES = {
-    "vote": "a voxel is kept where at least half of the supports' masks hold it",
     "consensus": "the one support's mask that agrees best (mean Dice) with the others' is kept whole",
+    "vote": "a voxel is kept where at least half of the supports' masks hold it",
 }
 
 
-def fuse(masks, rule: str = "vote") -> np.ndarray:
+def fuse(masks, rule: str) -> np.ndarray:
     """k masks of the same grid -> one uint8 mask (see :data:`RULES`)."""
     if rule not in RULES:
         raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")
@@ -54,7 +54,7 @@ def agreement(masks) -> np.ndarray:
     return score / max(1, k - 1)
 
 
-def check_supports(query, supports, rule: str = "vote") -> list:
+def check_supports(query, supports, rule: str) -> list:
     """``[(volume, mask[, support slices]), ...]`` -> ``[(volume, mask, slices)]``, every
     support checked before the first run so that a bad one costs no work."""
     from .segmenter import _check_volume

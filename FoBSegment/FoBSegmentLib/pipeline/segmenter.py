@@ -129,11 +129,12 @@ class Segmenter:
         return self._segment_structure(query, support, support_mask, support_slices, slice_range, query_slices,
                                        progress, is_cancelled)
 
-    def segment_atlas(self, query: Volume, supports, rule: str = "vote", slice_range=None, query_slices=None,
+    def segment_atlas(self, query: Volume, supports, rule: str | None = None, slice_range=None, query_slices=None,
                       progress=None, is_cancelled=None, holes: str = "auto") -> SegmentationResult:
         """Segment ``query`` from several annotated support patients (an atlas): one run of
-        :meth:`segment` per support, then the masks fused by ``rule`` (see
-        :mod:`.atlas`; ``vote``: kept where at least half of the runs agree).
+        :meth:`segment` per support, then the masks fused by ``rule`` (default
+        ``settings.atlas.fusion``, ``consensus``: the run that agrees best with the others;
+        ``vote``: kept where at least half of the runs agree; see :mod:`.atlas`).
 
         ``supports``: ``[(support volume, support mask), ...]`` or ``(volume, mask,
         support_slices)`` triples, each annotated on another patient than the query.
@@ -145,6 +146,7 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
+        rule = rule or self.settings.atlas.fusion
         triples = check_supports(query, supports, rule)
         n = len(triples)
 

@@ -177,7 +177,7 @@ def test_manifest_atlas_of_several_supports(cohort, tmp_path, litemedsam):
     cases = read_manifest(atlas)
     assert cases[0].support_volume == tmp_path / "q1.nii.gz" and cases[0].support_mask == tmp_path / "m1.nii.gz"
     assert cases[0].more_supports == ((tmp_path / "q3.nii.gz", tmp_path / "m3.nii.gz"),)
-    assert cases[0].atlas_fusion == "vote" and cases[1].atlas_fusion == "consensus"
+    assert cases[0].atlas_fusion is None and cases[1].atlas_fusion == "consensus"  # None: the settings' default
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.evaluation import dice
 
