@@ -130,8 +130,9 @@ BAD_RUN = 0.5  # a support's own run below this Dice is one the user should be w
 
 
 def warnings_check(cases, refs, masks, classes, k: int, rng) -> dict:
-    """Does :func:`outliers` (the run-time warning) name the atlas members whose own run is
-    bad (Dice < BAD_RUN)?  Over every set of k supports of every query and class."""
+    """Does :func:`outliers` (the run-time warning, on the default fusion) name the atlas
+    members whose own run is bad (Dice < BAD_RUN)?  Over every set of k supports of every
+    query and class."""
     from FoBSegmentLib.evaluation import dice
     from FoBSegmentLib.pipeline.atlas import fuse, outliers
     from FoBSegmentLib.settings import DEFAULT_SETTINGS
@@ -142,7 +143,7 @@ def warnings_check(cases, refs, masks, classes, k: int, rng) -> dict:
         for q, sets in support_sets(cases, refs, masks, name, k, rng):
             for st in sets:
                 ms = [masks[(name, q, s)] for s in st]
-                fused = fuse(ms, "vote")
+                fused = fuse(ms, DEFAULT_SETTINGS.atlas.fusion)
                 rows = [{"support": j + 1, "dice_to_fused": dice(m, fused)} for j, m in enumerate(ms)]
                 odd = set(outliers(rows, DEFAULT_SETTINGS.atlas.outlier_ratio))
                 for j, s in enumerate(st):
@@ -212,8 +213,8 @@ def render(results: dict, meta: dict, warn: dict) -> str:
         lines.append("")
         if warn.get(key):
             ratio = DEFAULT_SETTINGS.atlas.outlier_ratio
-            lines += [f"Run-time warning (a support whose run agrees with the vote less than {ratio} x the "
-                      f"others' median), against the truth (a support's own run below Dice {BAD_RUN}):", "",
+            lines += [f"Run-time warning (a support whose run agrees with the fused mask, default fusion "
+                      f"`{DEFAULT_SETTINGS.atlas.fusion}`, less than {ratio} x the others' median), against the truth (a support's own run below Dice {BAD_RUN}):", "",
                       "| protocol | supports | members | bad runs | flagged | flagged that were bad | bad that were flagged |",
                       "|---|---|---|---|---|---|---|"]
             for protocol, rows in warn[key].items():
