@@ -141,8 +141,8 @@ def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output
             return path
     except OSError as exc:
         log.warning("Cached ONNX model %s is unreadable (%s); exporting it again.", path, exc)
-    verified.unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+    # No unlink before exporting: another process (a second batch worker) may be exporting the
+    # same model; each export replaces the file atomically and is checked before it is recorded.
     try:
         if not isinstance(module, torch.nn.Module):  # a factory: the module is built only to export
             module = module()
@@ -165,8 +165,12 @@ def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output
         return None
     from ..files import atomic_write
 
-    digest = sha256_file(path)
-    atomic_write(verified, lambda tmp: tmp.write_text(digest), suffix=".part")
+    try:
+        digest = sha256_file(path)
+        atomic_write(verified, lambda tmp: tmp.write_text(digest), suffix=".part")
+    except OSError as exc:  # replaced or removed by another process meanwhile: use eager this time
+        log.warning("ONNX export %s could not be recorded (%s); using eager PyTorch.", path, exc)
+        return None
     return path
 
 
