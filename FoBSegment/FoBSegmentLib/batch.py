@@ -242,10 +242,8 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
                                           case.segment, also_inputs=[*([case.reference] if case.reference else []),
                                                                      *more], what=f" of case {case.id}")
         query, support, sm = inp.query, inp.support, inp.support_mask
-        atlas = [(support, sm.mask)] if case.more_supports else []
-        for n, (v, m) in enumerate(case.more_supports, 2):
-            vol = io.read_volume(v, f"support volume {n} of case {case.id}")
-            atlas.append((vol, io.read_support_mask(m, vol, label=case.label, segment=case.segment).mask))
+        atlas = [(support, sm.mask), *io.read_more_supports(case.more_supports, case.label, case.segment,
+                                                            f" of case {case.id}")] if case.more_supports else []
         reference = _read_reference(case, query) if case.reference is not None else None
         query_slices = None
         if case.oracle:

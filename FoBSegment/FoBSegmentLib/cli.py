@@ -98,10 +98,8 @@ def _segment_atlas(args) -> int:
                             "annotated slice of each is used. Drop --support-slices, or crop the masks.")
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0], args.label, args.segment,
                                       args.series, also_inputs=[*masks[1:], *volumes[1:]])
-    supports = [(inp.support, inp.support_mask.mask)]
-    for n, (v, m) in enumerate(zip(volumes[1:], masks[1:]), 2):
-        vol = io.read_volume(v, f"support volume {n}")
-        supports.append((vol, io.read_support_mask(m, vol, label=args.label, segment=args.segment).mask))
+    supports = [(inp.support, inp.support_mask.mask),
+                *io.read_more_supports(zip(volumes[1:], masks[1:]), args.label, args.segment)]
     seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     update, close = _progress_bar(f"segmenting from {len(supports)} supports")
     try:

@@ -59,6 +59,11 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
+    def is_same_image(self, other: "Volume") -> bool:
+        """The same image (not a copy of it): the same object, or the same grid over the same
+        voxel memory."""
+        return other is self or (self.same_grid(other) and np.shares_memory(self.array, other.array))
+
     def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
         """The same geometry with another voxel array (e.g. a mask)."""
         if array.shape != self.array.shape:

@@ -326,6 +326,16 @@ def read_segmentation_inputs(output, volume, support_mask, support_volume=None, 
     return SegmentationInputs(out, query, support, sm)
 
 
+def read_more_supports(pairs, label=None, segment=None, what: str = "") -> list:
+    """An atlas's further supports: (volume path, mask path) pairs -> [(Volume, bool mask)],
+    numbered from 2 in messages (the first support is read with the query)."""
+    out = []
+    for n, (v, m) in enumerate(pairs, 2):
+        vol = read_volume(v, f"support volume {n}{what}")
+        out.append((vol, read_support_mask(m, vol, label=label, segment=segment).mask))
+    return out
+
+
 def check_output_geometry(path: str | Path, query: Volume) -> None:
     """Refuse a geometry the output format cannot hold, before any work."""
     if _suffix(Path(path)) in _ORTHONORMAL_ONLY:

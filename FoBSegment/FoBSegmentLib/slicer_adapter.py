@@ -516,6 +516,10 @@ def result_color(color) -> tuple:
     return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s2, v2))
 
 
+def _same_node(a, b) -> bool:
+    return a is b or bool(a.GetID() and a.GetID() == b.GetID())
+
+
 def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolumeNode=None,
                 segmentIds=None) -> NodeInputs:
     """Read the query, the support and the painted masks from the scene (main thread).
@@ -530,8 +534,7 @@ def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolu
         raise FoBInputError("No support segment selected. Paint the structure on one slice and choose its segment.")
     several = len(ids) > 1
     segments = [_require_segment(supportSegmentationNode, sid) for sid in ids]
-    same_volume = supportVolumeNode is None or supportVolumeNode is volumeNode or (
-        supportVolumeNode.GetID() and supportVolumeNode.GetID() == volumeNode.GetID())
+    same_volume = supportVolumeNode is None or _same_node(supportVolumeNode, volumeNode)
     query = volume_from_node(volumeNode, "input volume")
     support = query if same_volume else volume_from_node(supportVolumeNode, "support volume")
     support_node = volumeNode if same_volume else supportVolumeNode
@@ -584,7 +587,7 @@ def read_atlas_inputs(volumeNode, atlas, rule: str | None = None) -> NodeInputs:
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             raise FoBInputError(f"Atlas entry {n} must be (support volume node, segmentation node, segment id).")
         vnode, seg_node, sid = item
-        if vnode is None or vnode is volumeNode or (vnode.GetID() and vnode.GetID() == volumeNode.GetID()):
+        if vnode is None or _same_node(vnode, volumeNode):
             raise FoBInputError(f"Atlas entry {n}: its support volume is the input volume itself; an atlas holds "
                                 "other patients. Use Apply (or process()) for a segment painted on this volume.")
         segment = _require_segment(seg_node, sid)

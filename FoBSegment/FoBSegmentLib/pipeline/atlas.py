@@ -19,8 +19,9 @@ RULES = {
 }
 
 
-def fuse(masks, rule: str) -> np.ndarray:
-    """k masks of the same grid -> one uint8 mask (see :data:`RULES`)."""
+def fuse(masks, rule: str, agree=None) -> np.ndarray:
+    """k masks of the same grid -> one uint8 mask (see :data:`RULES`); ``agree``: their
+    :func:`agreement`, when already computed."""
     if rule not in RULES:
         raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")
     masks = [np.asarray(m) > 0 for m in masks]
@@ -36,7 +37,7 @@ def fuse(masks, rule: str) -> np.ndarray:
         for m in masks:
             count += m
         return (2 * count.astype(np.int32) >= len(masks)).astype(np.uint8)
-    return masks[int(np.argmax(agreement(masks)))].astype(np.uint8)
+    return masks[int(np.argmax(agreement(masks) if agree is None else agree))].astype(np.uint8)
 
 
 def agreement(masks) -> np.ndarray:
@@ -71,7 +72,7 @@ def check_supports(query, supports, rule: str) -> list:
                                 f"not {type(item).__name__}.")
         vol, mask, slices = (*item, None) if len(item) == 2 else item
         _check_volume(vol, f"support {j} of the atlas")
-        if vol is query or (query.same_grid(vol) and np.shares_memory(query.array, vol.array)):
+        if query.is_same_image(vol):
             raise FoBInputError(f"Atlas support {j} is the query itself: an atlas holds other patients' "
                                 "annotations. Segment with segment() to use the query's own painting.")
         m = np.asarray(mask)
@@ -92,9 +93,9 @@ def fused_result(query, runs: list, rule: str, settings):
     from ..evaluation import dice
     from .run import SegmentationResult
 
-    fused = fuse([r.mask for r in runs], rule)
     n = len(runs)
     agree = agreement([r.mask for r in runs]) if n > 1 else np.ones(1)
+    fused = fuse([r.mask for r in runs], rule, agree)
     best = runs[int(np.argmax(agree))]
     view = SliceView.for_volume(query)
     fused_st = view.to_stack(fused)

@@ -138,10 +138,8 @@ class Segmenter:
 
         ``supports``: ``[(support volume, support mask), ...]`` or ``(volume, mask,
         support_slices)`` triples, each annotated on another patient than the query.
-        ``result.supports`` says how each support's own run agrees with the fused mask (Dice)
-        and flags (``unlike_others``) a support far below the others: unlike the query or the
-        rest of the atlas.
-        Progress runs over all the supports' runs; a cancel stops at the current slice."""
+        ``result.supports``: each support's run's Dice to the fused mask, and ``unlike_others``
+        where it is far below the others'.  Progress runs over all the runs."""
         from .atlas import check_supports, fused_result
 
         started = (time.perf_counter(), self.encoded_count)
@@ -176,8 +174,7 @@ class Segmenter:
         validate_image_content(query, "query image")
         if support is not None and support is not query:
             validate_image_content(support, "support image")
-        same = support is None or support is query or (
-            query.same_grid(support) and np.shares_memory(query.array, support.array))
+        same = support is None or query.is_same_image(support)
         run = QueryRun(self, query, slice_range, progress, is_cancelled, started)
         sup = self.prepare_support(query if support is None else support, support_mask, support_slices,
                                    on_encoded=lambda _n: run.heartbeat())
