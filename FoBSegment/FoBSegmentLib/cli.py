@@ -50,7 +50,6 @@ def _progress_bar(desc: str):
 
 def cmd_segment(args) -> int:
     from . import io
-    from .pipeline.segmenter import Segmenter
 
     masks, volumes = args.support_mask, args.support_volume or []
     if len(masks) > 1:
@@ -62,31 +61,37 @@ def cmd_segment(args) -> int:
     slice_range = _parse_range(args.slices)
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0] if volumes else None,
                                       args.label, args.segment, args.series)
-    out, query, support, sm = inp.output, inp.query, inp.support, inp.support_mask
-    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
-    update, close = _progress_bar("segmenting")
-    try:
-        res = seg.segment(query, support, sm.mask, support_slices=support_slices, slice_range=slice_range,
-                          progress=update)
-    finally:
-        close()
-    name = f"{sm.name} (FoB)"
-    io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
-    _print_written(out, name, res, seg)
+    _segment_and_write(args, inp, "segmenting", lambda seg, update: seg.segment(
+        inp.query, inp.support, inp.support_mask.mask, support_slices=support_slices, slice_range=slice_range,
+        progress=update))
     return 0
 
 
-def _print_written(out, name, res, seg) -> None:
+def _segment_and_write(args, inp, desc: str, run):
+    """Build the model, run ``run(segmenter, progress)`` under a progress bar, write the result
+    as ``<name> (FoB)`` in the support's colour and say what was done -> the result."""
+    from . import io
+    from .pipeline.segmenter import Segmenter
+
+    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
+    update, close = _progress_bar(desc)
+    try:
+        res = run(seg, update)
+    finally:
+        close()
+    sm = inp.support_mask
+    name = f"{sm.name} (FoB)"
+    io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
     runtime = getattr(seg.backbone, "runtime", "torch")
-    print(f"wrote {out}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
+    print(f"wrote {inp.output}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
           f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone} in {runtime}, "
           f"prompts: {res.prompt_source}/{res.prompt_strategy})")
+    return res
 
 
 def _segment_atlas(args) -> int:
     """Several support patients: ``--support-volume A --support-mask A_mask --support-volume B ...``."""
     from . import io
-    from .pipeline.segmenter import Segmenter
 
     masks, volumes = args.support_mask, args.support_volume or []
     if len(volumes) != len(masks):
@@ -100,17 +105,10 @@ def _segment_atlas(args) -> int:
                                       args.series, also_inputs=[*masks[1:], *volumes[1:]])
     supports = [(inp.support, inp.support_mask.mask),
                 *io.read_more_supports(zip(volumes[1:], masks[1:]), args.label, args.segment)]
-    seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
-    update, close = _progress_bar(f"segmenting from {len(supports)} supports")
-    try:
-        res = seg.segment_atlas(inp.query, supports, rule=args.atlas_fusion, slice_range=_parse_range(args.slices),
-                                progress=update)
-    finally:
-        close()
-    sm = inp.support_mask
-    name = f"{sm.name} (FoB)"
-    io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
-    _print_written(inp.output, name, res, seg)
+    slice_range = _parse_range(args.slices)
+    res = _segment_and_write(args, inp, f"segmenting from {len(supports)} supports", lambda seg, update:
+                             seg.segment_atlas(inp.query, supports, rule=args.atlas_fusion, slice_range=slice_range,
+                                               progress=update))
     for s in res.supports:
         mark = "  <- unlike the others: check this support's annotation" if s["unlike_others"] else ""
         print(f"  support {s['support']} ({Path(masks[s['support'] - 1]).name}): Dice to the fused mask "

@@ -231,8 +231,10 @@ class LiteMedSAMBackbone(Backbone):
 
     def recorded_runtime(self) -> cpu_runtime.Choice | None:
         """The runtime recorded for this machine, without exporting or measuring anything."""
-        key = f"{self.weights_id()}-encoder{self.input_size}"
-        return cpu_runtime.recorded_choice(onnx_runtime.export_path(key, self.cache_dir))
+        return cpu_runtime.recorded_choice(onnx_runtime.export_path(self._encoder_key(), self.cache_dir))
+
+    def _encoder_key(self) -> str:
+        return f"{self.weights_id()}-encoder{self.input_size}"
 
     def _probe_image(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
@@ -241,7 +243,7 @@ class LiteMedSAMBackbone(Backbone):
     def _encoder_export(self):
         if "_encoder_path" not in self.__dict__:  # verified once per process (a 28 MB hash)
             self._encoder_path = onnx_runtime.exported_onnx(
-                lambda: self.model.image_encoder, f"{self.weights_id()}-encoder{self.input_size}",
+                lambda: self.model.image_encoder, self._encoder_key(),
                 (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
         return self._encoder_path
 
