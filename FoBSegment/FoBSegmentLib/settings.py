@@ -57,6 +57,10 @@ class ContrastSettings:
     per_level: int = 5
     #: Margin (px) of the box drawn around the chosen region.
     box_pad_px: float = 2.0
+    #: Where a higher contrast level cuts the chosen region into parts of at least this
+    #: fraction of its area each, the best part is taken instead (None: never; measured in
+    #: docs/benchmarks/benchmark_all_supports.md against the previous version's figures).
+    split_fraction: float | None = 0.2
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,12 @@ class SeedSettings:
     side_min: float = 0.15
     #: Score factor of a region on the other side.
     side_penalty: float = 0.1
+    #: Seeds walked on another patient's volume, each on a different structure
+    #: (docs/benchmarks/seed_walks.md).
+    walks: int = 2
+    #: The walk from the clearest seed is kept unless another holds this many times its
+    #: evidence (``seed.walked_evidence``).
+    walk_margin: float = 1.5
 
 
 @dataclass(frozen=True)

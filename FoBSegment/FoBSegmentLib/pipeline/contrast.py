@@ -62,11 +62,14 @@ def contrast_region(embedding, anchor, settings: ContrastSettings) -> np.ndarray
     lowest, an organ touching a look-alike (spleen and left kidney) merges with it into one
     region whose centre lies between the two; a higher level splits them.  A candidate scores
     its total contrast, discounted by its distance from where the support has the structure,
-    times how much its surroundings look like the support's."""
+    times how much its surroundings look like the support's.  A merged region outscores each
+    of its parts (more contrast in total, and its border runs along neither organ's
+    neighbour), so where a higher level splits the best region into sizeable parts
+    (``split_fraction``), the best part is the structure."""
     cm = contrast_map(embedding, anchor)
     cy, cx = ndimage.center_of_mass(anchor.mask_sq)
-    best, best_score = None, -np.inf
-    for level in settings.levels:
+    candidates = []  # (level index, region, score)
+    for li, level in enumerate(settings.levels):
         above = cm > level
         lab, n = ndimage.label(above)
         if n == 0:
@@ -81,8 +84,24 @@ def contrast_region(embedding, anchor, settings: ContrastSettings) -> np.ndarray
             region = lab == idx[k]
             total = float(score[k]) * float(np.exp(settings.context_weight
                                                    * surroundings_likeness(embedding, region, anchor)))
-            if total > best_score:
-                best, best_score = region, total
+            candidates.append((li, region, total))
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda c: c[2])
+    if settings.split_fraction is not None:
+        best = _split(best, candidates, settings.split_fraction)
+    return best[1]
+
+
+def _split(best, candidates, fraction: float):
+    """The best part of ``best`` at the first higher level that cuts it into two or more parts
+    of at least ``fraction`` of its area each; ``best`` itself where none does."""
+    li, region, _ = best
+    area = region.sum()
+    for level in sorted({c[0] for c in candidates if c[0] > li}):
+        parts = [c for c in candidates if c[0] == level and (c[1] & region).sum() >= fraction * area]
+        if len(parts) >= 2:
+            return max(parts, key=lambda c: c[2])
     return best
 
 

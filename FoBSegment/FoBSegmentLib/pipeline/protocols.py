@@ -13,7 +13,7 @@ import numpy as np
 
 from ..preprocessing import body_columns
 from ..settings import WORK_SIZE
-from .seed import find_seed
+from .seed import ranked_seeds, seed_scores, walked_evidence
 from .walk import walk
 
 
@@ -32,18 +32,44 @@ def oracle_slices(run, support, query_slices) -> None:
     def support_at(i):
         return support.nearest_rel(0.5 if q1 == q0 else (i - q0) / (q1 - q0))
 
+    def walk_all(b, mid):
+        mid_pos = qs.index(mid)
+        for order in (qs[mid_pos - 1::-1] if mid_pos > 0 else [], qs[mid_pos + 1:]):
+            prev = b.kept.get(mid)
+            for i in order:
+                b.segment_slice(i, support_at(i), prev, decide_presence=False)
+                prev = b.kept.get(i, prev)
+
     middle = qs[len(qs) // 4: len(qs) - len(qs) // 4] or qs
     # Every slice here holds the structure: no side prior (measured without; it changed nothing).
-    mid = find_seed(run, support.central(), middle, given="oracle")
-    if mid is None:
+    anchor = support.central()
+    if not best_walk(run, anchor, seed_scores(run, anchor, middle), walk_all, support_at, given="oracle"):
         mid = qs[len(qs) // 2]
         run.segment_slice(mid, support_at(mid), None, decide_presence=False)
-    mid_pos = qs.index(mid)
-    for order in (qs[mid_pos - 1::-1] if mid_pos > 0 else [], qs[mid_pos + 1:]):
-        prev = run.kept.get(mid)
-        for i in order:
-            run.segment_slice(i, support_at(i), prev, decide_presence=False)
-            prev = run.kept.get(i, prev)
+        walk_all(run, mid)
+
+
+def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", body=None, walks=1) -> bool:
+    """Walk from the best seed of ``scored`` ({slice: (score, mask)}) and, with ``walks`` > 1,
+    from the next best ones that lie on another structure.  The clearest seed's walk is kept
+    unless another holds ``seed.walk_margin`` times its evidence (:func:`walked_evidence`).
+    False where no slice shows the structure."""
+    tried = []
+    for seed in ranked_seeds(scored):
+        if len(tried) == walks:
+            break
+        mask = scored[seed][1]
+        if any(seed in b.kept and (mask & b.kept[seed]).sum() >= 0.5 * mask.sum() for b, _ in tried):
+            continue  # a structure already walked
+        b = run.branch()
+        b.segment_slice(seed, anchor, None, decide_presence=False, given=given)
+        walk_from(b, seed)
+        run.done = b.done  # the next walk's progress goes on from here
+        tried.append((b, walked_evidence(b, support_for, body) if walks > 1 else 0.0))
+    if tried:
+        best = max(tried, key=lambda t: t[1])
+        run.adopt(best[0] if best[1] >= run.settings.seed.walk_margin * tried[0][1] else tried[0][0])
+    return bool(tried)
 
 
 def same_volume(run, support, support_mask: np.ndarray) -> None:
@@ -68,18 +94,21 @@ def same_volume(run, support, support_mask: np.ndarray) -> None:
 
 def other_patient(run, support) -> None:
     """Find the structure anywhere in the slice range (keeping to the support's side of the
-    body), then walk both ways from there."""
+    body), then walk both ways from there.  With ``seed.walks`` > 1 the next best seeds that
+    lie on another structure are walked too, and the walk with the most evidence is kept."""
     lo, hi = run.lo, run.hi
     body = None
     if run.settings.seed.side_prior:
         to_sq = WORK_SIZE / max(run.rows, run.cols)
         body = tuple(x * to_sq for x in body_columns(run.stack, run.norm))  # (midline, half-width), work grid
-    seed = find_seed(run, support.central(), list(range(lo, hi + 1)), body=body)
-    if seed is None:
-        return
+    anchor = support.central()
+    scored = seed_scores(run, anchor, list(range(lo, hi + 1)), body)
 
     def support_for(i):  # the support at the same relative position of the slice range
         return support.nearest_rel((i - lo) / max(1, hi - lo))
 
-    walk(run, seed, -1, lo, support_for)
-    walk(run, seed, +1, hi, support_for)
+    def walk_both(b, seed):
+        walk(b, seed, -1, lo, support_for)
+        walk(b, seed, +1, hi, support_for)
+
+    best_walk(run, anchor, scored, walk_both, support_for, body=body, walks=run.settings.seed.walks)

@@ -6,6 +6,8 @@ work on it, and :meth:`QueryRun.result` assembles the volume at the end.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -124,6 +126,17 @@ class QueryRun:
             self.result.prompts.append(self.prompt_record(i, pred.prompt))
         self._tick()
         return info["kept"]
+
+    def branch(self) -> "QueryRun":
+        """A fresh start on the same query (slices, embeddings, progress) to try another seed."""
+        b = copy.copy(self)
+        b.out, b.kept = np.zeros_like(self.out), {}
+        b.result = dataclasses.replace(self.result, mask=b.out, prompts=[], slice_info={})
+        return b
+
+    def adopt(self, other: "QueryRun") -> None:
+        """Take ``other``'s slices and output as this run's."""
+        self.out, self.kept, self.result, self.done = other.out, other.kept, other.result, max(self.done, other.done)
 
     def keep(self, i: int, mask_sq: np.ndarray) -> None:
         self.kept[i] = mask_sq

@@ -5,9 +5,8 @@ from __future__ import annotations
 from .contrast import seed_score
 
 
-def find_seed(run, anchor, candidates: list, given: str = "seed", body=None) -> int | None:
-    """Score the ``candidates`` slices, segment the best one (recorded with reason ``given``)
-    and return its index; None when the structure shows nowhere.
+def seed_scores(run, anchor, candidates: list, body=None) -> dict:
+    """Score the ``candidates`` slices -> {slice: (score, SAM's mask on the work grid)}.
 
     On another patient's volume the candidates are the whole slice range: fields of view
     differ between patients, so the support's relative position says little (CHAOS case 13's
@@ -18,24 +17,33 @@ def find_seed(run, anchor, candidates: list, given: str = "seed", body=None) -> 
     by their neighbours.  ``body`` turns on the side prior."""
     s = run.settings
     stride = max(1, len(candidates) // s.seed.scan_slices)
-    scores: dict[int, float] = {}
+    scored: dict[int, tuple] = {}
 
     def score(i):
-        if i not in scores:
+        if i not in scored:
             emb = run.embedding(i)
             pred = run.segmenter.predictor.predict(emb, anchor, None)
-            scores[i] = seed_score(emb, pred.mask, pred.iou, anchor, s.presence, s.contrast, s.seed, body)
+            scored[i] = (seed_score(emb, pred.mask, pred.iou, anchor, s.presence, s.contrast, s.seed, body), pred.mask)
             run.heartbeat()
-        return scores[i]
 
     for i in candidates[::stride]:
         score(i)
     if stride > 1:
-        top = candidates.index(max(scores, key=scores.get))
+        top = candidates.index(max(scored, key=lambda k: scored[k][0]))
         for i in candidates[max(0, top - stride + 1): top + stride]:
             score(i)
-    best = max(scores, key=scores.get)
-    if scores[best] <= 0:
-        return None
-    run.segment_slice(best, anchor, None, decide_presence=False, given=given)
-    return best
+    return scored
+
+
+def ranked_seeds(scored: dict) -> list:
+    """The slices worth starting from (a positive score), best first."""
+    return sorted((i for i in scored if scored[i][0] > 0), key=lambda i: -scored[i][0])
+
+
+def walked_evidence(run, support_for, body=None) -> float:
+    """The seed score summed over every slice a walk kept: a structure that goes on looking
+    like the support for as many slices as it has beats a look-alike that shows clearly on a
+    few (the colon below the liver)."""
+    s = run.settings
+    return sum(seed_score(run.embedding(i), m, run.result.slice_info[i]["iou"], support_for(i), s.presence,
+                          s.contrast, s.seed, body) for i, m in run.kept.items())

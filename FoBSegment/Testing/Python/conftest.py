@@ -107,6 +107,15 @@ def ct(example_ct):
     return read_volume(img), np.rint(read_volume(lab).array).astype(np.int64)
 
 
+def other_field_of_view(vol, lab: np.ndarray, k0: int, k1: int):
+    """Another field of view of the same body (slices k0:k1 of the acquisition axis), as a
+    separate patient's volume: its own array, its own origin -> (Volume, labels)."""
+    from FoBSegmentLib.geometry import Volume
+
+    origin = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ np.array([0, 0, k0 * vol.spacing[2]])
+    return Volume(vol.array[k0:k1].copy(), vol.spacing, tuple(origin), vol.direction), lab[k0:k1]
+
+
 def one_slice_support(vol, gt, which="middle"):
     """What a user paints: one slice of the reference (the middle or the largest) -> (mask in
     the volume's geometry, its stack index, the volume's SliceView)."""

@@ -3,17 +3,9 @@
 import numpy as np
 import pytest
 
-from conftest import dice, one_slice_support
+from conftest import dice, one_slice_support, other_field_of_view as crop
 from FoBSegmentLib.errors import CancelledError, FoBInputError
-from FoBSegmentLib.geometry import Volume
 from FoBSegmentLib.pipeline.atlas import agreement, fuse, outliers
-
-
-def crop(vol: Volume, lab: np.ndarray, k0: int, k1: int) -> tuple[Volume, np.ndarray]:
-    """Another field of view of the same body (slices k0:k1 of the acquisition axis), as a
-    separate patient's volume: its own array, its own origin."""
-    origin = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ np.array([0, 0, k0 * vol.spacing[2]])
-    return Volume(vol.array[k0:k1].copy(), vol.spacing, tuple(origin), vol.direction), lab[k0:k1]
 
 
 def test_fusion_rules_on_organ_masks(ct):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import dice, one_slice_support, shared_pair
+from conftest import dice, one_slice_support, other_field_of_view, shared_pair
 from FoBSegmentLib.geometry import occupied_slices
 
 
@@ -35,6 +35,30 @@ def test_oracle_slices_segment_exactly_the_given_slices(ct, segmenter):
     assert sorted(res.slice_info) == given
     assert occupied_slices(view.to_stack(res.mask > 0)) == given
     assert all(v["kept"] for v in res.slice_info.values())
+
+
+def test_another_patient_keeps_one_walk_whole(ct, segmenter):
+    """Another field of view of the example CT as the support (the spleen painted on one
+    slice), whole-volume search with two walks: the result is exactly one walk, the one with
+    most evidence unless the clearest seed's is within the margin: its slices, prompts and mask
+    agree, nothing of the other walk is left, progress only goes forward."""
+    vol, labels = ct
+    gt = labels == 1
+    v, lab = other_field_of_view(vol, labels, 0, 100)
+    support = one_slice_support(v, lab == 1)[0]
+    seen = []
+    res = segmenter.segment(vol, v, support, progress=lambda d, t: seen.append((d, t)))
+    kept = sorted(i for i, x in res.slice_info.items() if x["kept"])
+    seeds = [i for i, x in res.slice_info.items() if x["reason"] == "seed"]
+    assert len(seeds) == 1 and kept[0] <= seeds[0] <= kept[-1]
+    assert kept == list(range(kept[0], kept[-1] + 1))  # one walk: contiguous slices
+    assert sorted(p.slice_index for p in res.prompts) == kept
+    from FoBSegmentLib.geometry import SliceView
+    assert set(occupied_slices(SliceView.for_volume(vol).to_stack(res.mask > 0))) <= set(kept)
+    assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:])) and seen[-1][0] == seen[-1][1]
+    assert dice(res.mask, gt) > 0.85
+    one = segmenter.with_settings(**{"seed.walks": 1}).segment(vol, v, support)
+    assert dice(res.mask, gt) >= dice(one.mask, gt) - 0.01
 
 
 @pytest.mark.slow
