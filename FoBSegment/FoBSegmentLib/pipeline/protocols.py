@@ -94,8 +94,8 @@ def same_volume(run, support, support_mask: np.ndarray) -> None:
 
 def other_patient(run, support) -> None:
     """Find the structure anywhere in the slice range (keeping to the support's side of the
-    body), then walk both ways from there.  With ``seed.walks`` > 1 the next best seeds that
-    lie on another structure are walked too, and the walk with the most evidence is kept."""
+    body), then walk both ways from there; with ``seed.walks`` > 1 also from the next seeds
+    on other structures (:func:`best_walk`)."""
     lo, hi = run.lo, run.hi
     body = None
     if run.settings.seed.side_prior:

@@ -3,7 +3,7 @@
 One box or one outer ring of background points cannot describe a wall around a cavity, and
 localising the filled structure fails because its prototype mixes wall and cavity (measured).
 So the cavity is segmented as its own structure and the wall is drawn around it at the
-thickness measured on the support.
+thickness (mm) measured on the support.
 """
 
 from __future__ import annotations
@@ -24,13 +24,18 @@ def split_ring(mask_stack: np.ndarray, hole_ratio: float) -> np.ndarray | None:
     return hole if hole.sum() > hole_ratio * filled.sum() else None
 
 
-def wall_thickness(mask_stack: np.ndarray, hole: np.ndarray, slices, default_px: float) -> float:
-    """Median wall thickness (pixels) over the given support slices: for a ring of thickness
-    t the mean distance of its pixels from the cavity is t / 2."""
-    thick = [2.0 * float(ndimage.distance_transform_edt(~hole[i])[mask_stack[i]].mean()) for i in slices]
-    return float(np.median(thick)) if thick else default_px
+def wall_thickness(mask_stack: np.ndarray, hole: np.ndarray, slices, default_px: float,
+                   spacing=(1.0, 1.0)) -> float:
+    """Median wall thickness over the given support slices, in the units of ``spacing`` (the
+    (row, col) pixel spacing; pixels by default): for a ring of thickness t the mean distance
+    of its pixels from the cavity is t / 2.  ``default_px`` pixels where no slice has a wall."""
+    thick = [2.0 * float(ndimage.distance_transform_edt(~hole[i], sampling=spacing)[mask_stack[i]].mean())
+             for i in slices]
+    return float(np.median(thick)) if thick else default_px * float(np.mean(spacing))
 
 
-def wall_around(cavity: np.ndarray, thickness_px: float) -> np.ndarray:
-    """The band of ``thickness_px`` around a 2D cavity mask (the cavity excluded)."""
-    return (ndimage.distance_transform_edt(~cavity) <= thickness_px) & ~cavity
+def wall_around(cavity: np.ndarray, thickness: float, spacing=(1.0, 1.0)) -> np.ndarray:
+    """The band of ``thickness`` (in the units of ``spacing``, the (row, col) pixel spacing)
+    around a 2D cavity mask, the cavity excluded.  Support and query measured in millimetres,
+    a wall keeps its thickness between images of different resolution."""
+    return (ndimage.distance_transform_edt(~cavity, sampling=spacing) <= thickness) & ~cavity

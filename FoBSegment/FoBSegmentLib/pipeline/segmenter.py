@@ -226,13 +226,13 @@ class Segmenter:
         hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
         inner = self._segment_structure(query, support, s_view.from_stack(hole), hole_sup, slice_range,
                                         query_slices, progress, is_cancelled)
-        t = wall_thickness(ms, hole, hole_sup, self.settings.ring.default_thickness_px)
+        t_mm = wall_thickness(ms, hole, hole_sup, self.settings.ring.default_thickness_px, s_view.pixel_spacing)
         view = SliceView.for_volume(query)
         inner_st = view.to_stack(inner.mask > 0)
         out = np.zeros(inner_st.shape, np.uint8)
         for i, info in inner.slice_info.items():
             if info.get("kept") and inner_st[i].any():
-                out[i] = wall_around(inner_st[i], t)
+                out[i] = wall_around(inner_st[i], t_mm, view.pixel_spacing)
         if support is None or support is query:  # the user's own annotation stays exactly as drawn
             for i in occupied_slices(ms):
                 out[i] = ms[i]
