@@ -90,6 +90,16 @@ def main(argv=None):
     return 0
 
 
+def _version() -> str:
+    import subprocess
+
+    from FoBSegmentLib import __version__
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return f"v{__version__}, commit {commit}" if commit else f"v{__version__}"
+
+
 def render(results: dict, seconds: float, variant: str = "default") -> str:
     title = "# The default method with every support patient"
     command = "benchmarks/all_supports.py"
@@ -105,6 +115,14 @@ def render(results: dict, seconds: float, variant: str = "default") -> str:
         "every other case of the dataset is a query: 3D Dice per query volume, mean over queries,",
         "then over classes. The last rows give the mean and the spread (standard deviation, minimum)",
         "over support patients.",
+        "",
+        f"Measured with FoBSegment {_version()}. Where a protocol was run at another commit, the",
+        "CHANGELOG says so; earlier settings over the same supports:",
+        "[one walk, no split](benchmark_all_supports_one_walk_no_split.md) (commit e0b87e0),",
+        "[previous rules](benchmark_all_supports_previous_rules.md),",
+        "[before box settling](benchmark_all_supports_start_search.md),",
+        "[seed position prior 40 px](benchmark_all_supports_seed_position_prior_40_px.md).",
+        "The full protocol of the current default on every pair: [seed_walks.md](seed_walks.md).",
         "",
     ]
     for key, per_protocol in results.items():
