@@ -62,7 +62,7 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.pipeline import protocols
-    from FoBSegmentLib.pipeline.contrast import seed_score
+    from FoBSegmentLib.pipeline.seed import walk_scores
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
@@ -71,9 +71,7 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     current: dict = {}
 
     def evidence(run, support_for, body=None):
-        s = run.settings
-        sc = {int(i): float(seed_score(run.embedding(i), m, run.result.slice_info[i]["iou"], support_for(i),
-                                       s.presence, s.contrast, s.seed, body)) for i, m in run.kept.items()}
+        sc = {int(i): float(v) for i, v in walk_scores(run, support_for, body).items()}
         out, gt = run.out > 0, current["gt"]
         current["walks"].append({"scores": sc, "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
         return sum(sc.values())

@@ -40,10 +40,15 @@ def ranked_seeds(scored: dict) -> list:
     return sorted((i for i in scored if scored[i][0] > 0), key=lambda i: -scored[i][0])
 
 
+def walk_scores(run, support_for, body=None) -> dict:
+    """The seed score of every slice a walk kept -> {slice: score}."""
+    s = run.settings
+    return {i: seed_score(run.embedding(i), m, run.result.slice_info[i]["iou"], support_for(i), s.presence,
+                          s.contrast, s.seed, body) for i, m in run.kept.items()}
+
+
 def walked_evidence(run, support_for, body=None) -> float:
     """The seed score summed over every slice a walk kept: a structure that goes on looking
     like the support for as many slices as it has beats a look-alike that shows clearly on a
     few (the colon below the liver)."""
-    s = run.settings
-    return sum(seed_score(run.embedding(i), m, run.result.slice_info[i]["iou"], support_for(i), s.presence,
-                          s.contrast, s.seed, body) for i, m in run.kept.items())
+    return sum(walk_scores(run, support_for, body).values())
