@@ -58,16 +58,14 @@ RULES = {
 def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> None:
     """Every support against every other case, every walk recorded (resumable); ``only``:
     the class names to record (default all)."""
-    from FoBSegmentLib.evaluation import ep1_support_slices
+    from FoBSegmentLib.evaluation import _load_case, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView
-    from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.pipeline import protocols
     from FoBSegmentLib.pipeline.seed import walk_scores
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
-    vols = {c: (read_volume(data / folder / f"image_{c}.nii.gz"),
-                np.rint(read_volume(data / folder / f"label_{c}.nii.gz").array).astype(int)) for c in cases}
+    vols = {c: _load_case(data / folder, c) for c in cases}
     current: dict = {}
 
     def evidence(run, support_for, body=None):

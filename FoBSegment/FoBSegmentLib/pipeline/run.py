@@ -135,8 +135,9 @@ class QueryRun:
         return b
 
     def adopt(self, other: "QueryRun") -> None:
-        """Take ``other``'s slices and output as this run's."""
-        self.out, self.kept, self.result, self.done = other.out, other.kept, other.result, max(self.done, other.done)
+        """Take ``other``'s slices and output as this run's (progress is the caller's: each
+        walk goes on from the one before)."""
+        self.out, self.kept, self.result = other.out, other.kept, other.result
 
     def keep(self, i: int, mask_sq: np.ndarray) -> None:
         self.kept[i] = mask_sq
