@@ -38,9 +38,12 @@ def child(variant: str, device: str, batches: list[int], repeats: int) -> dict:
     if variant.startswith("litemedsam"):
         from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
 
-        bb = LiteMedSAMBackbone(dev)
+        bb = LiteMedSAMBackbone(str(dev))
         bb.runtime = variant.split("_", 1)[1] if "_" in variant else bb.runtime  # litemedsam: the chosen one
-        size, encode = 256, bb.encode
+        size = 256
+
+        def encode(x):
+            return bb.encode(x.numpy())
     else:
         from segment_anything.build_sam import sam_model_registry
 

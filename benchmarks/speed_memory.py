@@ -61,6 +61,7 @@ code = main(sys.argv[1:])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forked parent across exec.
 hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 print(f"BENCH_PEAK_RSS_KB {hwm}", file=sys.stderr, flush=True)
+print(f"BENCH_TORCH_LOADED {'torch' in sys.modules}", file=sys.stderr, flush=True)
 sys.exit(code)
 """
 
@@ -120,17 +121,15 @@ def machine(report):
     sig = cpu_runtime.machine_signature()
     report["machine"] = sig
     print(f"CPU: {cpu_line()}")
-    print(f"torch threads {torch.get_num_threads()}; versions: "
+    print(f"threads {cpu_runtime.threads()}; versions: "
           + ", ".join(f"{k} {v}" for k, v in sig["versions"].items()))
     print(f"GPU: {'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (GPU figures not measured)'}")
 
 
 def backbone(cache_dir=None, runtime=None):
-    import torch
-
     from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
 
-    bb = LiteMedSAMBackbone(torch.device("cpu"), cache_dir=cache_dir)
+    bb = LiteMedSAMBackbone("cpu", cache_dir=cache_dir)
     if runtime:
         bb.runtime = runtime
     return bb
@@ -272,14 +271,16 @@ def run_cli(args, cache: Path) -> dict:
     wall = time.time() - t0
     if p.returncode != 0:
         raise SystemExit(f"fobsegment {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    first = rss = None
+    first = rss = torch_loaded = None
     for line in p.stderr.splitlines():
         if line.startswith("BENCH_FIRST_ENCODE"):
             first = float(line.split()[1]) - t0
         elif line.startswith("BENCH_PEAK_RSS_KB"):
             rss = int(line.split()[1]) / 2**20
+        elif line.startswith("BENCH_TORCH_LOADED"):
+            torch_loaded = line.split()[1] == "True"
     return {"seconds": round(wall, 2), "first_encode_s": round(first, 2) if first else None,
-            "peak_rss_gib": round(rss, 3) if rss else None, "stdout": p.stdout.strip()}
+            "peak_rss_gib": round(rss, 3) if rss else None, "torch_loaded": torch_loaded, "stdout": p.stdout.strip()}
 
 
 def support_case(tmp: Path):
@@ -315,7 +316,7 @@ def processes(tmp: Path, exports: Path) -> dict:
         out[name] = r
         first = f"{r['first_encode_s']:.2f} s" if r["first_encode_s"] is not None else "never (nothing to encode)"
         print(f"  {name:<7} {r['seconds']:6.2f} s, first slice encoding after {first}, peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB | {r['stdout']}")
+              f"{r['peak_rss_gib']:.2f} GiB, PyTorch {'loaded' if r['torch_loaded'] else 'not loaded'} | {r['stdout']}")
     out["cold_over_cached"] = round(out["cold"]["seconds"] / out["cached"]["seconds"], 2)
     print(f"  cold / cached: {out['cold_over_cached']:.2f}x")
     return out

@@ -41,8 +41,6 @@ def spearman(a, b) -> float:
 
 
 def support_signals(seg, folder: Path, case: str, value: int, slices: list[int]) -> dict:
-    import torch.nn.functional as F
-
     from FoBSegmentLib.io import read_volume
     from FoBSegmentLib.pipeline.slice_prompting import box_from_mask, choose_mask
 
@@ -51,7 +49,8 @@ def support_signals(seg, folder: Path, case: str, value: int, slices: list[int])
     sup = seg.prepare_support(vol, mask, slices)
     distinct, self_iou = [], []
     for s in sup.slices:
-        distinct.append(1.0 - float(F.cosine_similarity(s.proto_fg, s.proto_bg, 0)))
+        fg, bg = s.proto_fg, s.proto_bg
+        distinct.append(1.0 - float(fg @ bg) / max(float(np.linalg.norm(fg) * np.linalg.norm(bg)), 1e-8))
         dec = seg.backbone.decode(s.embedding, box=box_from_mask(s.mask_sq))
         logits, _ = choose_mask(dec.logits, dec.iou)
         pred = logits > 0

@@ -296,9 +296,9 @@ def _read_reference(case: Case, query):
 
 def _dask_case(case: Case, out_dir: str, options: dict, threads: int) -> dict:
     """What a Dask worker runs: one case with the worker's own Segmenter."""
-    import torch
+    from .backbones.cpu_runtime import set_threads
 
-    torch.set_num_threads(max(1, threads))
+    set_threads(threads)
     return asdict(run_case(case, Path(out_dir), options))
 
 

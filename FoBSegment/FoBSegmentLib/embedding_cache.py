@@ -19,7 +19,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import FoBError
 from .files import atomic_write
@@ -34,13 +33,13 @@ class EmbeddingCache:
     """``get(key)`` / ``put(key, embedding)``; both hand back the stored (fp16-rounded) values
     as float32, so results never depend on whether an embedding came from the cache."""
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=torch.float16):
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16):
         # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
         # the mask decoder's own activations dominate the rounding error.
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.memory_bytes = int(memory_mb * 2**20)
-        self.dtype = dtype
-        self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.dtype = np.dtype(dtype)
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
         self._used = 0
         self.hits = 0
         self.misses = 0
@@ -51,11 +50,11 @@ class EmbeddingCache:
         self._lock = threading.RLock()
 
     @staticmethod
-    def key(model_input: torch.Tensor, backbone_id: str) -> str:
+    def key(model_input: np.ndarray, backbone_id: str) -> str:
         h = hashlib.blake2b(digest_size=20)
         h.update(backbone_id.encode())
         h.update(str(tuple(model_input.shape)).encode())
-        h.update(np.ascontiguousarray(model_input.numpy(), dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(model_input, dtype=np.float32).tobytes())
         return h.hexdigest()
 
     def _path(self, key: str) -> Path | None:
@@ -63,7 +62,7 @@ class EmbeddingCache:
             return None
         return self.cache_dir / "embeddings" / "v2" / key[:2] / f"{key}.emb"
 
-    def get(self, key: str, shape: tuple | None = None) -> torch.Tensor | None:
+    def get(self, key: str, shape: tuple | None = None) -> np.ndarray | None:
         """The cached embedding (float32) or None; ``shape``: the shape it must have."""
         with self._lock:
             return self._get(key, shape)
@@ -73,15 +72,14 @@ class EmbeddingCache:
         if t is not None:
             self._mem.move_to_end(key)
             self.hits += 1
-            return t.float()
+            return t.astype(np.float32)
         p = self._path(key)
         if p is not None and p.is_file():
             arr = self._read(p, shape)
             if arr is not None:
-                t = torch.from_numpy(arr)
-                self._remember(key, t)
+                self._remember(key, arr)
                 self.hits += 1
-                return t.float()
+                return arr.astype(np.float32)
         self.misses += 1
         return None
 
@@ -95,7 +93,7 @@ class EmbeddingCache:
             if hashlib.blake2b(payload, digest_size=_DIGEST).digest() != digest:
                 raise ValueError("checksum mismatch")
             arr = np.load(io.BytesIO(payload), allow_pickle=False)
-            if arr.dtype != np.dtype(str(self.dtype).replace("torch.", "")):
+            if arr.dtype != self.dtype:
                 raise ValueError(f"dtype {arr.dtype}")
             if shape is not None and tuple(arr.shape) != tuple(shape):
                 raise ValueError(f"shape {arr.shape}, expected {tuple(shape)}")
@@ -112,19 +110,19 @@ class EmbeddingCache:
                 pass
             return None
 
-    def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
+    def put(self, key: str, embedding: np.ndarray) -> np.ndarray:
         """Store an embedding; returns it as stored (rounded to the cache's precision), float32."""
-        t = embedding.detach().to("cpu", self.dtype).contiguous()
+        t = np.ascontiguousarray(embedding, dtype=self.dtype)
         with self._lock:
             self._remember(key, t)
         p = self._path(key)
         if p is not None and self._disk_ok and not p.exists():
             self._write(p, t)
-        return t.float()
+        return t.astype(np.float32)
 
-    def _write(self, p: Path, t: torch.Tensor) -> None:
+    def _write(self, p: Path, t: np.ndarray) -> None:
         buf = io.BytesIO()
-        np.save(buf, t.numpy(), allow_pickle=False)
+        np.save(buf, t, allow_pickle=False)
         payload = buf.getvalue()
         data = _MAGIC + hashlib.blake2b(payload, digest_size=_DIGEST).digest() + payload
 
@@ -140,17 +138,17 @@ class EmbeddingCache:
             log.warning("FoBSegment: the embedding cache folder %s cannot be written (%s); embeddings are "
                         "kept in memory only for this process.", self.cache_dir, exc)
 
-    def _remember(self, key: str, t: torch.Tensor) -> None:
+    def _remember(self, key: str, t: np.ndarray) -> None:
         if key in self._mem:
             return
-        size = t.numel() * t.element_size()
+        size = t.nbytes
         if size > self.memory_bytes:
             return
         self._mem[key] = t
         self._used += size
         while self._used > self.memory_bytes:
             _, old = self._mem.popitem(last=False)
-            self._used -= old.numel() * old.element_size()
+            self._used -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._mem)

@@ -22,21 +22,24 @@ BACKBONES = {
 
 
 def resolve_device(device: str = "auto"):
-    """'auto' | 'cpu' | 'cuda' -> torch.device, with a clear error when CUDA is absent."""
-    import torch
+    """'auto' | 'cpu' | 'cuda' -> the :class:`~.device.Device`, with a clear error when CUDA
+    is absent.  PyTorch is imported only where a CUDA GPU may be present."""
+    from .device import Device, cuda_present
 
     d = (device or "auto").lower()
+    if d == "cpu" or (d == "auto" and cuda_present() is False):
+        return Device("cpu")
+    import torch
+
     if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda"):
         if not torch.cuda.is_available():
             raise FoBInputError(
                 "Device 'cuda' was requested but PyTorch sees no CUDA GPU (torch "
                 f"{torch.__version__}). Use --device cpu (or auto), or install a CUDA build of PyTorch."
             )
-        return torch.device(d)
-    if d == "cpu":
-        return torch.device("cpu")
+        return Device(d)
     raise FoBInputError(f"Unknown device {device!r}: use 'auto', 'cpu' or 'cuda'.")
 
 

@@ -10,6 +10,12 @@ grid of the same square, so it never needs to know the backbone's input size.
 
 Masks come back as logits on a ``work_size x work_size`` grid of that square (256 for every
 backbone); :func:`square_to_slice` crops and resizes them to the slice.
+
+Arrays
+------
+Everything crossing this interface is a numpy array: model inputs, embeddings, logits.  A
+backbone whose exports are ready runs without importing PyTorch at all (``import torch`` is
+1.3 s and 540 MB of a command-line run); backbones that run in PyTorch convert at their edge.
 """
 
 from __future__ import annotations
@@ -18,10 +24,9 @@ import abc
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..settings import WORK_SIZE  # noqa: F401 - re-exported: the grid masks come back on
+from .device import Device
 
 EMBED_SHAPE = (256, 64, 64)
 
@@ -30,12 +35,12 @@ EMBED_SHAPE = (256, 64, 64)
 class Decoded:
     """Output of :meth:`Backbone.decode` for one slice.
 
-    logits: (M, WORK_SIZE, WORK_SIZE) float tensor, M = 3 with multimask else 1
-    iou:    (M,) predicted IoU of each mask
+    logits: (M, WORK_SIZE, WORK_SIZE) float32, M = 3 with multimask else 1
+    iou:    (M,) float32, predicted IoU of each mask
     """
 
-    logits: torch.Tensor
-    iou: torch.Tensor
+    logits: np.ndarray
+    iou: np.ndarray
 
 
 class Backbone(abc.ABC):
@@ -48,8 +53,8 @@ class Backbone(abc.ABC):
     #: True for models trained with box prompts only (LiteMedSAM, MedSAM)
     box_trained: bool = False
 
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
+    def __init__(self, device: str = "cpu"):
+        self.device = Device(str(device))
 
     # --- identity -------------------------------------------------------------------
     @abc.abstractmethod
@@ -62,7 +67,7 @@ class Backbone(abc.ABC):
         return f"{type(self).__name__}-in{self.input_size}-v1"
 
     # --- preprocessing ---------------------------------------------------------------
-    def prepare(self, slice2d: np.ndarray) -> torch.Tensor:
+    def prepare(self, slice2d: np.ndarray) -> np.ndarray:
         """One intensity-normalised slice (rows, cols) float32 in [0, 1] -> (3, S, S) model
         input on the CPU, resized (longer side S) and zero-padded bottom/right.
 
@@ -70,21 +75,21 @@ class Backbone(abc.ABC):
         :mod:`FoBSegmentLib.preprocessing`, because it depends on the whole volume.
         """
         t = _resize_pad(slice2d, self.input_size)
-        return self.normalise_input(t[None].expand(3, -1, -1).contiguous())
+        return self.normalise_input(np.repeat(t[None], 3, axis=0))
 
-    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise_input(self, x: np.ndarray) -> np.ndarray:
         """Model-specific pixel normalisation of a (3, S, S) tensor in [0, 1]."""
         return x
 
     # --- model -----------------------------------------------------------------------
     @abc.abstractmethod
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) prepared slices -> (B, 256, 64, 64) embeddings (float32, CPU)."""
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) prepared slices -> (B, 256, 64, 64) float32 embeddings."""
 
     @abc.abstractmethod
     def decode(
         self,
-        embedding: torch.Tensor,
+        embedding: np.ndarray,
         points: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         box: np.ndarray | None = None,
@@ -102,34 +107,57 @@ class Backbone(abc.ABC):
         return np.asarray(xy, dtype=np.float32) * self.input_size
 
 
-def square_to_slice(square: np.ndarray | torch.Tensor, shape: tuple, mode: str = "bilinear") -> np.ndarray:
+def square_to_slice(square: np.ndarray, shape: tuple) -> np.ndarray:
     """Crop the padded square grid (..., N, N) to the slice content and resize to ``shape``."""
-    t = torch.as_tensor(square, dtype=torch.float32)
-    squeeze = t.ndim == 2
-    if squeeze:
-        t = t[None]
-    n = t.shape[-1]
+    a = np.asarray(square, dtype=np.float32)
+    n = a.shape[-1]
     rows, cols = shape
     scale = n / max(rows, cols)
     nr, nc = max(1, round(rows * scale)), max(1, round(cols * scale))
-    t = t[..., :nr, :nc][None]
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    t = F.interpolate(t, size=(rows, cols), mode=mode, **kw)[0]
-    out = t.numpy()
-    return out[0] if squeeze else out
+    return resize(a[..., :nr, :nc], (rows, cols))
 
 
-def _resize_pad(image: np.ndarray, n: int) -> torch.Tensor:
-    """(rows, cols) -> (n, n) float tensor: longer side resized to n (bilinear), zero-padded
+def _resize_pad(image: np.ndarray, n: int) -> np.ndarray:
+    """(rows, cols) -> (n, n) float32: longer side resized to n (bilinear), zero-padded
     bottom/right: the padded square every SAM-family model expects."""
-    t = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
-    rows, cols = t.shape[-2:]
+    a = np.asarray(image, dtype=np.float32)
+    rows, cols = a.shape[-2:]
     scale = n / max(rows, cols)
     nr, nc = max(1, round(rows * scale)), max(1, round(cols * scale))
-    t = F.interpolate(t, size=(nr, nc), mode="bilinear", align_corners=False)
-    return F.pad(t, (0, n - nc, 0, n - nr))[0, 0]
+    out = np.zeros((n, n), np.float32)
+    out[:nr, :nc] = resize(a, (nr, nc))
+    return out
 
 
 def slice_to_square(mask: np.ndarray, n: int = WORK_SIZE) -> np.ndarray:
     """A (rows, cols) mask -> (n, n) float array on the padded square grid."""
-    return _resize_pad(mask, n).numpy()
+    return _resize_pad(mask, n)
+
+
+def _source_pixels(n_in: int, n_out: int):
+    """Per output pixel along one axis: the two source pixels and their weights, with pixel
+    centres aligned (``align_corners=False``), as PyTorch's ``interpolate`` samples."""
+    out = np.arange(n_out, dtype=np.float32)
+    if n_in == n_out:
+        i = np.arange(n_out)
+        return i, i, np.ones(n_out, np.float32), np.zeros(n_out, np.float32)
+    # scale * (i + 0.5) - 0.5 rounded once, as PyTorch's fused multiply-add computes it
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = np.maximum((scale * (out + np.float32(0.5)) - 0.5).astype(np.float32), np.float32(0))
+    i0 = src.astype(np.int64)
+    w1 = np.clip(src - i0, 0, 1).astype(np.float32)
+    return i0, np.where(i0 < n_in - 1, i0 + 1, i0), np.float32(1) - w1, w1
+
+
+def resize(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """(..., rows, cols) float32 -> (..., *shape), bilinear over the last two axes: the sampling
+    of PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, to float32 rounding."""
+    a = np.asarray(a, dtype=np.float32)
+    if tuple(a.shape[-2:]) == tuple(shape):
+        return a.copy()
+    r0, r1, wr0, wr1 = _source_pixels(a.shape[-2], shape[0])
+    c0, c1, wc0, wc1 = _source_pixels(a.shape[-1], shape[1])
+    top, bottom = a[..., r0, :], a[..., r1, :]
+    top = top[..., c0] * wc0 + top[..., c1] * wc1
+    bottom = bottom[..., c0] * wc0 + bottom[..., c1] * wc1
+    return top * wr0[:, None] + bottom * wr1[:, None]

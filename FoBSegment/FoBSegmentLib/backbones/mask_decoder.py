@@ -1,8 +1,9 @@
 """SAM's prompt encoder + mask decoder, shared by every SAM-family backbone.
 
-:func:`sam_style_decode` turns normalised prompts into SAM's inputs and runs the decoder
-(optionally through an exported twin, :class:`MaskPredictor`); :func:`dense_pe` caches the
-positional encoding that never changes for a model.
+:func:`sam_style_decode` turns normalised prompts into SAM's inputs and runs the eager
+decoder; :class:`MaskPredictor` is its exportable twin (prompt encoding included), which
+:mod:`.prompt_tokens` feeds without PyTorch; :func:`dense_pe` caches the positional encoding
+that never changes for a model.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import numpy as np
 import torch
 
 from .base import Backbone, Decoded
+from .prompt_tokens import GRAPH_VERSION
 
 
 class MaskPredictor(torch.nn.Module):
-    """SAM's mask decoder as one exportable graph for prompts without a mask input (the only
-    kind FoBSegment uses): (embedding, sparse prompt tokens) -> (all 4 masks, their IoU).
+    """SAM's prompt encoder and mask decoder as one exportable graph for prompts without a
+    mask input (the only kind FoBSegment uses): (embedding, prompt coordinates and labels) ->
+    (all 4 masks, their IoU).  With the prompt encoding inside, a run whose exports are ready
+    decodes without PyTorch (:mod:`.prompt_tokens` builds the inputs).
 
     Same weights and function as ``MaskDecoder.predict_masks``, arranged for a CPU, where
     the image side (4096 tokens) is the whole cost and the prompt side has ~7 tokens:
@@ -32,14 +36,14 @@ class MaskPredictor(torch.nn.Module):
       the transposes between them; the masks are put back in pixel order once, at the end.
 
     The positional grid and the "no mask" dense embedding are constants inside the graph, so
-    only the embedding and a few tokens cross into ONNX Runtime per call.  Speed: docs/benchmarks/speed.md."""
+    only the embedding and a few prompt points cross into ONNX Runtime per call.  Speed:
+    docs/benchmarks/speed.md."""
 
-    #: part of the exported file's name: bump it whenever the graph changes, so that a cached
-    #: export of an older graph is never loaded (its inputs may be the same).
-    GRAPH_VERSION = 2
+    GRAPH_VERSION = GRAPH_VERSION
 
-    def __init__(self, mask_decoder, image_pe: torch.Tensor, no_mask_dense: torch.Tensor):
+    def __init__(self, prompt_encoder, mask_decoder, image_pe: torch.Tensor, no_mask_dense: torch.Tensor):
         super().__init__()
+        self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         up = mask_decoder.output_upscaling
         conv1, norm, self.act1, conv2, self.act2 = up[0], up[1], up[2], up[3], up[4]
@@ -56,8 +60,25 @@ class MaskPredictor(torch.nn.Module):
         self.norm_weight, self.norm_bias, self.norm_eps = norm.weight, norm.bias, float(norm.eps)
         self.c1, self.c2 = conv1.out_channels, conv2.out_channels
 
-    def forward(self, embedding, sparse):
-        """embedding (1, 256, 64, 64), sparse (1, T, 256) -> masks (1, 4, 256, 256), iou (1, 4)."""
+    def sparse_tokens(self, coords, labels):
+        """SAM's ``PromptEncoder`` for points and box corners given as points: coords (1, T, 2)
+        in model input pixels, labels (1, T) int64: 1 foreground, 0 background, 2 and 3 a box's
+        corners, -1 padding -> (1, T, 256)."""
+        pe_enc = self.prompt_encoder
+        h, w = pe_enc.input_image_size
+        xy = (coords + 0.5) / torch.tensor([w, h], dtype=coords.dtype)
+        tokens = pe_enc.pe_layer._pe_encoding(xy)
+        lab = labels[..., None]
+        tokens = torch.where(lab == -1, torch.zeros_like(tokens), tokens)
+        tokens = tokens + (lab == -1).to(tokens.dtype) * pe_enc.not_a_point_embed.weight
+        for k, emb in enumerate(pe_enc.point_embeddings):
+            tokens = tokens + (lab == k).to(tokens.dtype) * emb.weight
+        return tokens
+
+    def forward(self, embedding, coords, labels):
+        """embedding (1, 256, 64, 64), coords (1, T, 2), labels (1, T) -> masks (1, 4, 256, 256),
+        iou (1, 4)."""
+        sparse = self.sparse_tokens(coords, labels)
         md = self.mask_decoder
         tr = md.transformer
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)[None]
@@ -141,11 +162,11 @@ def dense_pe(backbone: Backbone, prompt_encoder) -> torch.Tensor:
     return backbone._dense_pe
 
 
+@torch.inference_mode()
 def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding, points, labels, box,
-                     multimask, predict_masks=None) -> Decoded:
-    """Shared by every backbone built from segment-anything's prompt encoder and mask decoder.
-    ``predict_masks`` (an ONNX Runtime twin of the decoder, see :class:`MaskPredictor`)
-    replaces the eager mask decoder when given."""
+                     multimask) -> Decoded:
+    """Eager decoding, shared by every backbone built from segment-anything's prompt encoder
+    and mask decoder."""
     dev = backbone.device
     emb = torch.as_tensor(embedding, dtype=torch.float32)
     if emb.ndim == 3:
@@ -160,19 +181,13 @@ def sam_style_decode(backbone: Backbone, prompt_encoder, mask_decoder, embedding
     if box is not None:
         boxes = torch.as_tensor(backbone.to_model_coords(np.asarray(box).reshape(2, 2)).reshape(1, 1, 4), device=dev)
     sparse, dense = prompt_encoder(points=pts, boxes=boxes, masks=None)
-    if predict_masks is not None:
-        # The dense "no mask" embedding and the positional grid are constants of the graph.
-        masks, iou = predict_masks(emb, sparse)
-        keep = slice(1, None) if multimask else slice(0, 1)  # as SAM's MaskDecoder.forward selects
-        low_res, iou = masks[:, keep], iou[:, keep]
-    else:
-        low_res, iou = mask_decoder(
-            image_embeddings=emb,
-            image_pe=dense_pe(backbone, prompt_encoder),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+    low_res, iou = mask_decoder(
+        image_embeddings=emb,
+        image_pe=dense_pe(backbone, prompt_encoder),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
     # low_res covers the padded model input at 1/4 resolution: 256 x 256 for both the
     # 256-input LiteMedSAM and the 1024-input SAM, i.e. exactly the WORK_SIZE grid.
-    return Decoded(logits=low_res[0].float().cpu(), iou=iou[0].float().cpu())
+    return Decoded(logits=low_res[0].float().cpu().numpy(), iou=iou[0].float().cpu().numpy())

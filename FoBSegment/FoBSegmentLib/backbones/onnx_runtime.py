@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..checkpoints import default_cache_dir, sha256_file
 
@@ -52,16 +51,39 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def torch_version() -> str:
+    """The installed PyTorch's version, read from its metadata (no ``import torch``): exports
+    made by another version are exported again."""
+    import sys
+    from importlib import metadata
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__.split("+")[0]
+    try:
+        return metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 class OnnxModel:
-    """Callable ``(*tensors) -> list of float32 CPU tensors`` backed by an ONNX Runtime session."""
+    """Callable ``(*arrays) -> list of float32 arrays`` backed by an ONNX Runtime session."""
 
     def __init__(self, session, input_names: list[str]):
         self.session = session
         self.input_names = input_names
+        self.input_types = {i.name: i.type for i in session.get_inputs()}
 
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        feed = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in zip(self.input_names, inputs)}
-        return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+    def __call__(self, *inputs) -> list[np.ndarray]:
+        feed = {n: _as_input(x, self.input_types[n]) for n, x in zip(self.input_names, inputs)}
+        return [np.asarray(o) for o in self.session.run(None, feed)]
+
+
+def _as_input(x, onnx_type: str) -> np.ndarray:
+    """A numpy array (or a CPU tensor, from the checks against eager PyTorch) as ONNX Runtime
+    takes it: float32 unless the graph's input is an integer."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.int64 if "int64" in onnx_type else np.float32)
 
 
 def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
@@ -81,6 +103,8 @@ def _clean_stale_parts(folder: Path, max_age_s: float = 3600.0) -> None:
 
 
 def _export(module, probe, dest: Path, input_names, output_names, dynamic_axes) -> None:
+    import torch
+
     from ..files import current_umask
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +143,20 @@ def _session(path: Path, threads: int, disabled_optimizers=()):
 
 def export_path(key: str, cache_dir: str | Path | None = None) -> Path:
     """Where the export of ``key`` lives (the torch version and opset are part of the name)."""
-    return onnx_cache_dir(cache_dir) / f"{key}-torch{torch.__version__.split('+')[0]}-opset{_OPSET}.onnx"
+    return onnx_cache_dir(cache_dir) / f"{key}-torch{torch_version()}-opset{_OPSET}.onnx"
+
+
+def verified_export(key: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The export of ``key`` if it exists and its checksum is the one recorded when it was
+    verified against eager PyTorch; None otherwise (then :func:`exported_onnx` makes it)."""
+    path = export_path(key, cache_dir)
+    verified = path.with_name(path.name + ".sha256")
+    try:
+        if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
+            return path
+    except OSError as exc:
+        log.warning("Cached ONNX model %s is unreadable (%s); exporting it again.", path, exc)
+    return None
 
 
 def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output_names: list[str],
@@ -134,13 +171,13 @@ def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output
     if not onnxruntime_available():
         log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
         return None
+    found = verified_export(key, cache_dir)
+    if found is not None:
+        return found
+    import torch
+
     path = export_path(key, cache_dir)
     verified = path.with_name(path.name + ".sha256")
-    try:
-        if path.is_file() and verified.is_file() and verified.read_text().strip() == sha256_file(path):
-            return path
-    except OSError as exc:
-        log.warning("Cached ONNX model %s is unreadable (%s); exporting it again.", path, exc)
     # No unlink before exporting: another process (a second batch worker) may be exporting the
     # same model; each export replaces the file atomically and is checked before it is recorded.
     try:
@@ -153,7 +190,7 @@ def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output
         with torch.no_grad():
             _export(module, probe, path, input_names, output_names, dynamic_axes)
         model = onnx_model(path, input_names, disabled_optimizers)
-        diff = max(float((o - e.float()).abs().max()) for o, e in zip(model(*probe), expected))
+        diff = max(float(np.abs(o - e.float().numpy()).max()) for o, e in zip(model(*probe), expected))
     except Exception as exc:  # noqa: BLE001 - any failure means "use eager"
         log.warning("ONNX Runtime unavailable for %s (%s: %s); using eager PyTorch.", key, type(exc).__name__, exc)
         path.unlink(missing_ok=True)
@@ -177,7 +214,9 @@ def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output
 def onnx_model(path: Path, input_names: list[str], disabled_optimizers=()) -> OnnxModel:
     """An ONNX Runtime session of an exported file; raises if the file does not load or has
     other inputs than ``input_names``."""
-    session = _session(path, torch.get_num_threads(), disabled_optimizers)
+    from .cpu_runtime import threads
+
+    session = _session(path, threads(), disabled_optimizers)
     if [i.name for i in session.get_inputs()] != list(input_names):
         raise ValueError(f"{path.name} has inputs {[i.name for i in session.get_inputs()]}, expected {input_names}")
     return OnnxModel(session, list(input_names))

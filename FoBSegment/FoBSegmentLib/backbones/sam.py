@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..checkpoints import file_sha256
@@ -124,8 +125,8 @@ class SamBackbone(Backbone):
             self._sha = digest
         build = builder or _registry_builder(variant)
         self.model = self._load(build, checkpoint).to(self.device).eval()
-        self._mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+        self._mean = np.asarray(SAM_PIXEL_MEAN, np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(SAM_PIXEL_STD, np.float32).reshape(3, 1, 1)
 
     def _load(self, build: Callable[[], torch.nn.Module], checkpoint: Path) -> torch.nn.Module:
         try:
@@ -164,17 +165,16 @@ class SamBackbone(Backbone):
         return f"{type(self).__name__}-in{self.input_size}-{self.pixel_norm}-v1"
 
     # --- model --------------------------------------------------------------------------
-    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise_input(self, x: np.ndarray) -> np.ndarray:
         if self.pixel_norm == "unit":  # MedSAM: [0, 1] as is
             return x
-        return (x * 255.0 - self._mean.to(x)) / self._std.to(x)
+        return (x * np.float32(255.0) - self._mean) / self._std
 
     @torch.inference_mode()
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        emb = self.model.image_encoder(batch.to(self.device, torch.float32))
-        return emb.float().cpu()
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        emb = self.model.image_encoder(torch.as_tensor(np.asarray(batch, np.float32)).to(self.device))
+        return emb.float().cpu().numpy()
 
-    @torch.inference_mode()
     def decode(self, embedding, points=None, labels=None, box=None, multimask=False) -> Decoded:
         return sam_style_decode(self, self.model.prompt_encoder, self.model.mask_decoder,
                                 embedding, points, labels, box, multimask)

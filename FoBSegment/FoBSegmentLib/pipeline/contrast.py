@@ -4,10 +4,9 @@ support's structure rather than what borders it, and where on a slice that regio
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
+from ..backbones.base import resize
 from ..preprocessing import side_of_midline
 from ..settings import WORK_SIZE, ContrastSettings, PresenceSettings, SeedSettings
 
@@ -15,7 +14,7 @@ from ..settings import WORK_SIZE, ContrastSettings, PresenceSettings, SeedSettin
 BAND_INNER_PX, BAND_OUTER_PX = 4, 12
 
 
-def prototypes(embedding: torch.Tensor, mask_sq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def prototypes(embedding: np.ndarray, mask_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(256, 64, 64) embedding and (256, 256) mask -> (structure, surroundings) prototypes (256,):
     the masked mean of the embedding, and its mean over the band around the mask."""
     # City-block distance = what 4 and 12 dilations with the 3x3 cross reach; 100x cheaper,
@@ -26,8 +25,19 @@ def prototypes(embedding: torch.Tensor, mask_sq: np.ndarray) -> tuple[torch.Tens
 
 
 def _pool(embedding, mask_sq):
-    w = F.adaptive_avg_pool2d(torch.as_tensor(mask_sq, dtype=torch.float32)[None, None], embedding.shape[-1])[0, 0]
-    return embedding.reshape(embedding.shape[0], -1) @ w.reshape(-1) / w.sum().clamp_min(1e-6)
+    """Mean of the embedding weighted by the mask's coverage of each embedding cell."""
+    grid = embedding.shape[-1]
+    cell = mask_sq.shape[-1] // grid
+    w = np.asarray(mask_sq, np.float32).reshape(grid, cell, grid, cell).mean((1, 3), dtype=np.float32)
+    return embedding.reshape(embedding.shape[0], -1) @ w.reshape(-1) / max(float(w.sum()), 1e-6)
+
+
+def _cosine(a, b) -> float:
+    return float(a @ b) / max(float(np.linalg.norm(a)) * float(np.linalg.norm(b)), 1e-8)
+
+
+def _unit(a, axis=0):
+    return a / np.maximum(np.linalg.norm(a, axis=axis, keepdims=True), 1e-12)
 
 
 def prototype_contrast(embedding, mask_sq, anchor) -> float:
@@ -38,21 +48,20 @@ def prototype_contrast(embedding, mask_sq, anchor) -> float:
     if fg is None or not mask_sq.any():
         return 0.0
     f = _pool(embedding, mask_sq)
-    return float(F.cosine_similarity(f, fg, 0) - F.cosine_similarity(f, bg, 0))
+    return _cosine(f, fg) - _cosine(f, bg)
 
 
 def surroundings_likeness(embedding, mask_sq, anchor) -> float:
     """cos(band around the region, band around the support's structure): what borders a
     region tells look-alike organs apart."""
-    return float(F.cosine_similarity(prototypes(embedding, mask_sq)[1], anchor.proto_bg, 0))
+    return _cosine(prototypes(embedding, mask_sq)[1], anchor.proto_bg)
 
 
-def contrast_map(embedding: torch.Tensor, anchor) -> np.ndarray:
+def contrast_map(embedding: np.ndarray, anchor) -> np.ndarray:
     """Per-pixel prototype contrast (256, 256) on the work grid."""
-    en = F.normalize(embedding, dim=0)
-    c = (en * F.normalize(anchor.proto_fg, dim=0)[:, None, None]).sum(0) \
-        - (en * F.normalize(anchor.proto_bg, dim=0)[:, None, None]).sum(0)
-    return F.interpolate(c[None, None], size=WORK_SIZE, mode="bilinear", align_corners=False)[0, 0].numpy()
+    en = _unit(embedding.reshape(embedding.shape[0], -1))
+    c = _unit(anchor.proto_fg) @ en - _unit(anchor.proto_bg) @ en
+    return resize(c.reshape(embedding.shape[1:]).astype(np.float32), (WORK_SIZE, WORK_SIZE))
 
 
 def contrast_region(embedding, anchor, settings: ContrastSettings) -> np.ndarray | None:

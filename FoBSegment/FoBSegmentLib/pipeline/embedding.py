@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..backbones.base import EMBED_SHAPE, Backbone
 from ..embedding_cache import EmbeddingCache
@@ -47,7 +46,7 @@ class Embedder:
                 out[i] = e
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            emb = self.backbone.encode(torch.stack([x for _, x, _ in chunk]))
+            emb = self.backbone.encode(np.stack([x for _, x, _ in chunk]))
             self.encoded_count += len(chunk)
             for (i, _, key), e in zip(chunk, emb):
                 out[i] = self.cache.put(key, e)

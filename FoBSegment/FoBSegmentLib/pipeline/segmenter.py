@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones.base import Backbone
+from ..backbones.cpu_runtime import single_threaded_blas
 from ..embedding_cache import EmbeddingCache
 from ..errors import FoBInputError
 from ..geometry import SliceView, Volume, occupied_slices, validate_image_content, validate_volume
@@ -101,6 +102,7 @@ class Segmenter:
         return self.encoded_count - before
 
     # ---------------------------------------------------------------- volume
+    @single_threaded_blas
     def segment(self, query: Volume, support: Volume | None, support_mask: np.ndarray, support_slices=None,
                 slice_range=None, query_slices=None, progress=None, is_cancelled=None,
                 holes: str = "auto") -> SegmentationResult:

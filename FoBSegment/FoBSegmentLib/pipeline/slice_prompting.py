@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..background_ring import ring_points
 from ..settings import RING_INNER_PX, RING_OUTER_PX, WORK_SIZE, SegmenterSettings
@@ -67,10 +66,8 @@ def box_from_mask(mask: np.ndarray, pad_px: float = 0.0, size: int = WORK_SIZE) 
 
 def choose_mask(logits, iou) -> tuple[np.ndarray, float]:
     """(M, N, N) logits and (M,) predicted IoU -> the logit map SAM rates best, and its IoU."""
-    if logits.shape[0] == 1:
-        return logits[0].numpy(), float(iou[0])
-    idx = int(np.argmax(iou.numpy()))
-    return logits[idx].numpy(), float(iou[idx])
+    idx = int(np.argmax(iou)) if logits.shape[0] > 1 else 0
+    return logits[idx], float(iou[idx])
 
 
 class ContrastPrompter:
@@ -104,7 +101,6 @@ class SlicePredictor:
         self.settings = settings
         self.start_prompter = start_prompter
 
-    @torch.inference_mode()
     def decode(self, q_emb, prompt: SlicePrompt) -> tuple[np.ndarray, float]:
         # A point prompt alone is ambiguous (part, organ, organ + neighbour): let SAM offer three.
         multimask = not self.backbone.box_trained and prompt.box is None

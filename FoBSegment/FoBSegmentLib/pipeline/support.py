@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..backbones.base import slice_to_square
 from ..errors import FoBInputError
@@ -20,10 +19,10 @@ class SupportSlice:
 
     index: int  # slice index in the support stack
     rel: float  # relative position within the annotated extent, 0..1
-    embedding: torch.Tensor  # (256, 64, 64)
+    embedding: np.ndarray  # (256, 64, 64) float32
     mask_sq: np.ndarray  # (256, 256) bool on the work grid
-    proto_fg: torch.Tensor  # (256,) what the structure looks like
-    proto_bg: torch.Tensor  # (256,) what its immediate surroundings look like
+    proto_fg: np.ndarray  # (256,) what the structure looks like
+    proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
 
 

@@ -69,8 +69,9 @@ class GeneratorPrompter:
         """The generator on one (support, query) pair -> GeneratorOutput with B = 1."""
         dev = self.device
         return self.generator(
-            sup.embedding[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
-            torch.as_tensor(self._support_ring(sup), dtype=torch.float32)[None].to(dev), q_emb[None].to(dev))
+            torch.as_tensor(sup.embedding)[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
+            torch.as_tensor(self._support_ring(sup), dtype=torch.float32)[None].to(dev),
+            torch.as_tensor(q_emb)[None].to(dev))
 
     def start_prompt(self, q_emb, sup) -> tuple[SlicePrompt, np.ndarray]:
         from .prompt_generator import foreground_points

@@ -143,7 +143,7 @@ def prepare_volume(image_path: str | Path, backbone, out_dir: str | Path, label_
     for i in range(stack.shape[0]):
         sl = norm.apply(stack[i])
         x = backbone.prepare(sl)
-        embs.append(backbone.encode(x[None])[0].half().numpy())
+        embs.append(backbone.encode(x[None])[0].astype(np.float16))
         imgs.append(slice_to_square(sl).astype(np.float16))
     image_sq = np.stack(imgs)
     px = max(stack.shape[1:]) / WORK_SIZE * view.pixel_spacing[0]

@@ -57,7 +57,7 @@ def litemedsam():
     from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return LiteMedSAMBackbone(torch.device("cpu"))
+    return LiteMedSAMBackbone("cpu")
 
 
 @pytest.fixture()

@@ -120,3 +120,25 @@ def test_body_columns_find_the_midline_of_an_off_centre_body():
     centre, half = body_columns(stack, Normalisation("MR", 0.0, 1.0))
     assert centre == pytest.approx(40.0) and half == pytest.approx(20.0)
     assert body_columns(np.zeros((3, 8, 10)), Normalisation("MR", 0.0, 1.0)) == (4.5, 5.0)  # all air: the image centre
+
+
+@pytest.mark.parametrize("src,dst", [((320, 260), (256, 208)), ((122, 101), (256, 212)), ((64, 64), (256, 256)),
+                                     ((256, 256), (320, 260)), ((1, 5), (3, 7)), ((256, 256), (256, 256))])
+def test_square_grid_resize_samples_as_torch_interpolate(src, dst):
+    """Slices, masks and logits are resized in numpy (a run from the exports never imports
+    PyTorch); the sampling must stay PyTorch's bilinear one, or the embeddings, hence the
+    cache keys and the masks, would change with the runtime."""
+    torch = pytest.importorskip("torch")
+    from FoBSegmentLib.backbones.base import resize, slice_to_square, square_to_slice
+
+    a = np.random.default_rng(0).random((2, *src), dtype=np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(a)[None], size=dst, mode="bilinear",
+                                          align_corners=False)[0].numpy()
+    out = resize(a, dst)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert float(np.abs(out - ref).max()) <= 2.5e-7  # float32 rounding, not another sampling
+    sq = slice_to_square(a[0] + 1)
+    nr, nc = (max(1, round(n * 256 / max(src))) for n in src)
+    assert sq.shape == (256, 256) and sq[:nr, :nc].min() >= 1  # the slice, resized: top left
+    assert not sq[nr:].any() and not sq[:, nc:].any()  # zero padding: bottom and right
+    assert np.allclose(square_to_slice(sq, src), resize(sq[:nr, :nc], src))

@@ -98,7 +98,7 @@ def test_damaged_cache_entries_are_dropped_and_reencoded(ct, litemedsam, tmp_pat
     damaged[-5000:-4000] = bytes(1000)  # a valid header with damaged values
     entries[1].write_bytes(bytes(damaged))
     wrong = EmbeddingCache(tmp_path)
-    wrong._write(entries[2], torch.zeros(3, 4).half())  # a valid entry of the wrong shape
+    wrong._write(entries[2], np.zeros((3, 4), np.float16))  # a valid entry of the wrong shape
     with caplog.at_level(logging.WARNING):
         again = Segmenter(litemedsam, cache_dir=tmp_path).segment(vol, vol, support, slice_range=rng)
     assert again.slices_encoded == 3, "each damaged entry is encoded again"
@@ -117,7 +117,7 @@ def test_fresh_and_cached_embeddings_are_identical(ct, litemedsam):
     e = Embedder(litemedsam, EmbeddingCache())
     fresh = e.embed(stack, fit_normalisation(vol.array), [50])[50]
     cached = e.embed(stack, fit_normalisation(vol.array), [50])[50]
-    assert e.encoded_count == 1 and torch.equal(fresh, cached)
+    assert e.encoded_count == 1 and np.array_equal(fresh, cached)
 
 
 # 4 ------------------------------------------------------------------ unusable cache folder
@@ -126,9 +126,9 @@ def test_unusable_cache_folder_falls_back_to_memory(tmp_path, caplog):
     blocker.write_text("not a folder")
     cache = EmbeddingCache(blocker / "cache")
     with caplog.at_level(logging.WARNING):
-        out = cache.put("ab" * 20, torch.ones(2, 2))
-        cache.put("cd" * 20, torch.ones(2, 2))
-    assert torch.equal(out, torch.ones(2, 2)) and cache.get("cd" * 20) is not None
+        out = cache.put("ab" * 20, np.ones((2, 2), np.float32))
+        cache.put("cd" * 20, np.ones((2, 2), np.float32))
+    assert np.array_equal(out, np.ones((2, 2))) and cache.get("cd" * 20) is not None
     assert sum("kept in memory only" in r.message for r in caplog.records) == 1
 
 
@@ -186,7 +186,7 @@ def test_outputs_and_cache_honour_the_umask(small, tmp_path):
     old = os.umask(0o022)
     try:
         out = write_result(tmp_path / "r.seg.nrrd", vol, _mask(vol))
-        EmbeddingCache(tmp_path / "cache").put("ef" * 20, torch.ones(2))
+        EmbeddingCache(tmp_path / "cache").put("ef" * 20, np.ones(2, np.float32))
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644

@@ -3,7 +3,6 @@
 import dataclasses
 
 import numpy as np
-import torch
 
 from conftest import shared_pair
 from FoBSegmentLib.backbones.base import slice_to_square
@@ -18,8 +17,8 @@ def test_prototype_contrast_tells_structure_from_surroundings():
     contrasts positive against its own prototypes, the band around it negative."""
     yy, xx = np.mgrid[:256, :256]
     disk = (yy - 128) ** 2 + (xx - 128) ** 2 <= 40 ** 2
-    emb = torch.zeros(256, 64, 64)
-    inside = torch.as_tensor(slice_to_square(disk.astype(np.float32), 64) > 0.5)
+    emb = np.zeros((256, 64, 64), np.float32)
+    inside = slice_to_square(disk.astype(np.float32), 64) > 0.5
     emb[:128][:, inside] = 1.0
     emb[128:][:, ~inside] = 1.0
     fg, bg = prototypes(emb, disk)
