@@ -57,17 +57,17 @@ def test_pipeline_finds_where_the_structure_ends(ct, segmenter):
 @pytest.mark.slow
 def test_propagated_box_settles_on_this_slices_organ(segmenter):
     """Standard protocol, patient 8's liver from patient 13's annotation.  Toward the liver's
-    tip each slice's organ is smaller than its neighbour's and SAM fills the neighbour's box
-    (1.8x the liver's volume with the neighbour's box alone).  Re-fitting the box to SAM's own
-    mask keeps it on this slice's organ."""
+    tip each slice's organ is smaller than its neighbour's and SAM fills the neighbour's box;
+    re-fitting the box to SAM's own mask keeps it on this slice's organ.  (With the walk of
+    v0.1.0 the neighbour's box alone gave 1.8x the liver's volume; with today's seed and walk
+    it overshoots less, and settling still gains 0.03.)"""
     s, q, liver, gt, sup, ref = shared_pair("chaos_t2spir_mri", 13, 8, label=1)
     res = segmenter.segment(q, s, liver, support_slices=sup, query_slices=ref)
-    assert dice(res.mask, gt) > 0.8  # measured 0.853
-    assert (res.mask > 0).sum() < 1.4 * gt.sum()  # measured 1.26
+    assert dice(res.mask, gt) > 0.85  # measured 0.870
     before = segmenter.with_settings(**{"walk.max_settle_prompts": 0}).segment(
         q, s, liver, support_slices=sup, query_slices=ref)
-    assert dice(before.mask, gt) < 0.75  # measured 0.687
-    assert (before.mask > 0).sum() > 1.6 * gt.sum()  # measured 1.82
+    assert dice(res.mask, gt) > dice(before.mask, gt) + 0.02  # measured 0.870 vs 0.839
+    assert (before.mask > 0).sum() > 1.04 * (res.mask > 0).sum()  # measured 1.03 vs 0.97 of the truth
 
 
 def test_review_rows_point_at_the_structures_ends(ct, segmenter):

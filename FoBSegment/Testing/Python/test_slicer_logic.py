@@ -259,7 +259,7 @@ def test_chaos_liver_end_to_end(scene, segmenter):
     assert run.output_node is seg and len(run.segment_ids) == 1
     segment = seg.GetSegmentation().GetSegment(run.segment_ids[0])
     assert segment.GetName() == "liver (FoB)"
-    np.testing.assert_allclose(segment.GetColor(), LIVER_COLOR, atol=1e-6)
+    np.testing.assert_allclose(segment.GetColor(), sa.result_color(LIVER_COLOR), atol=1e-6)
     out = sa.segment_mask_on_volume(seg, run.segment_ids[0], vnode)
     assert out.shape == vol.array.shape
     np.testing.assert_array_equal(out, run.results[0].mask > 0)  # written voxel for voxel
