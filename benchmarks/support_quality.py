@@ -42,6 +42,7 @@ def spearman(a, b) -> float:
 
 def support_signals(seg, folder: Path, case: str, value: int, slices: list[int]) -> dict:
     from FoBSegmentLib.io import read_volume
+    from FoBSegmentLib.pipeline.contrast import cosine
     from FoBSegmentLib.pipeline.slice_prompting import box_from_mask, choose_mask
 
     vol = read_volume(folder / f"image_{case}.nii.gz")
@@ -49,8 +50,7 @@ def support_signals(seg, folder: Path, case: str, value: int, slices: list[int])
     sup = seg.prepare_support(vol, mask, slices)
     distinct, self_iou = [], []
     for s in sup.slices:
-        fg, bg = s.proto_fg, s.proto_bg
-        distinct.append(1.0 - float(fg @ bg) / max(float(np.linalg.norm(fg) * np.linalg.norm(bg)), 1e-8))
+        distinct.append(1.0 - cosine(s.proto_fg, s.proto_bg))
         dec = seg.backbone.decode(s.embedding, box=box_from_mask(s.mask_sq))
         logits, _ = choose_mask(dec.logits, dec.iou)
         pred = logits > 0

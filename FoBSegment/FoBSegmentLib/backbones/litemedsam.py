@@ -296,11 +296,9 @@ class LiteMedSAMBackbone(Backbone):
 
     def _encoder_export(self):
         if "_encoder_path" not in self.__dict__:  # verified once per process (a 28 MB hash)
-            self._encoder_path = onnx_runtime.verified_export(self._encoder_key(), self.cache_dir)
-            if self._encoder_path is None and onnx_runtime.onnxruntime_available():
-                self._encoder_path = onnx_runtime.exported_onnx(
-                    lambda: self.model.image_encoder, self._encoder_key(),
-                    (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
+            self._encoder_path = onnx_runtime.exported_onnx(
+                lambda: self.model.image_encoder, self._encoder_key(),
+                lambda: (self._probe_image(),), ["image"], ["embedding"], cache_dir=self.cache_dir)
         return self._encoder_path
 
     def _encoder_model(self):
@@ -328,7 +326,7 @@ class LiteMedSAMBackbone(Backbone):
         if self._decoder is None:
             self._decoder = False
             if self._decodes_exported() and self.runtime != "torch":
-                path = self._decoder_path or (self._export_decoder() if onnx_runtime.onnxruntime_available() else None)
+                path = self._decoder_path or self._export_decoder()
                 try:
                     self._decoder = onnx_runtime.onnx_model(path, DECODER_INPUTS, DECODER_NO_FUSION) if path else False
                 except Exception as exc:  # noqa: BLE001 - eager decoding is always there

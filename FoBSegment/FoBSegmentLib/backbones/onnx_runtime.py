@@ -159,23 +159,27 @@ def verified_export(key: str, cache_dir: str | Path | None = None) -> Path | Non
     return None
 
 
-def exported_onnx(module, key: str, probe: tuple, input_names: list[str], output_names: list[str],
+def exported_onnx(module, key: str, probe, input_names: list[str], output_names: list[str],
                   dynamic_axes: dict | None = None, cache_dir: str | Path | None = None,
                   disabled_optimizers=()) -> Path | None:
     """The verified ONNX export of ``module`` (an eval-mode module, or a function that builds
     one only if an export is needed), or ``None`` where it cannot be exported or does not
-    reproduce the eager outputs on ``probe``.  ``key`` names the weights and the part (e.g.
+    reproduce the eager outputs on ``probe`` (a tuple of inputs, or a function making one only
+    if an export is needed).  ``key`` names the weights and the part (e.g.
     ``litemedsam-<sha>-encoder256``); ``disabled_optimizers`` names ONNX Runtime graph
-    rewrites that make this graph slower.  A cached export is only re-hashed: no session is
-    created, so a process that never runs this part pays nothing more."""
-    if not onnxruntime_available():
-        log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
-        return None
+    rewrites that make this graph slower.  A cached export is only re-hashed: neither PyTorch
+    nor onnx is imported and no session is created, so a process that never runs this part
+    pays nothing more."""
     found = verified_export(key, cache_dir)
     if found is not None:
         return found
+    if not onnxruntime_available():
+        log.info("onnxruntime/onnx not installed: %s runs in eager PyTorch.", key)
+        return None
     import torch
 
+    if callable(probe):
+        probe = probe()
     path = export_path(key, cache_dir)
     verified = path.with_name(path.name + ".sha256")
     # No unlink before exporting: another process (a second batch worker) may be exporting the

@@ -32,7 +32,8 @@ def _pool(embedding, mask_sq):
     return embedding.reshape(embedding.shape[0], -1) @ w.reshape(-1) / max(float(w.sum()), 1e-6)
 
 
-def _cosine(a, b) -> float:
+def cosine(a, b) -> float:
+    """Cosine similarity of two prototypes (256,)."""
     return float(a @ b) / max(float(np.linalg.norm(a)) * float(np.linalg.norm(b)), 1e-8)
 
 
@@ -48,13 +49,13 @@ def prototype_contrast(embedding, mask_sq, anchor) -> float:
     if fg is None or not mask_sq.any():
         return 0.0
     f = _pool(embedding, mask_sq)
-    return _cosine(f, fg) - _cosine(f, bg)
+    return cosine(f, fg) - cosine(f, bg)
 
 
 def surroundings_likeness(embedding, mask_sq, anchor) -> float:
     """cos(band around the region, band around the support's structure): what borders a
     region tells look-alike organs apart."""
-    return _cosine(prototypes(embedding, mask_sq)[1], anchor.proto_bg)
+    return cosine(prototypes(embedding, mask_sq)[1], anchor.proto_bg)
 
 
 def contrast_map(embedding: np.ndarray, anchor) -> np.ndarray:
