@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .base import Backbone, Decoded
-from .prompt_tokens import GRAPH_VERSION
+from .prompt_tokens import GRAPH_VERSION, PADDING
 
 
 class MaskPredictor(torch.nn.Module):
@@ -69,8 +69,8 @@ class MaskPredictor(torch.nn.Module):
         xy = (coords + 0.5) / torch.tensor([w, h], dtype=coords.dtype)
         tokens = pe_enc.pe_layer._pe_encoding(xy)
         lab = labels[..., None]
-        tokens = torch.where(lab == -1, torch.zeros_like(tokens), tokens)
-        tokens = tokens + (lab == -1).to(tokens.dtype) * pe_enc.not_a_point_embed.weight
+        tokens = torch.where(lab == PADDING, torch.zeros_like(tokens), tokens)
+        tokens = tokens + (lab == PADDING).to(tokens.dtype) * pe_enc.not_a_point_embed.weight
         for k, emb in enumerate(pe_enc.point_embeddings):
             tokens = tokens + (lab == k).to(tokens.dtype) * emb.weight
         return tokens
