@@ -321,6 +321,13 @@ def _add_train(sub):
     t.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
     t.add_argument("--threads", type=int)
     t.add_argument("--default-prompt", help="prompt strategy recorded as this generator's default")
+    t.add_argument("--episodes", default="adjacent", choices=["adjacent", "relocate", "mixed"],
+                   help="adjacent slices (default), relocation (the structure elsewhere in the volume or in "
+                        "another volume, strong augmentation) or both")
+    t.add_argument("--prior-dropout", type=float, default=0.0,
+                   help="chance of training a relocation episode without the support ring's position prior")
+    t.add_argument("--init", help="generator weights (.pt) to start from (fine-tuning)")
+    t.add_argument("--snapshot-every", type=int, help="also write <output>.itNNNNNN.pt every N iterations")
     t.add_argument("--cache-dir")
     t.set_defaults(func=_lazy("research.training:cmd_train"))
 

@@ -25,11 +25,12 @@ class GeneratorPrompter:
     ``strategy``: ``points`` (foreground points + the ring as background points, the paper's
     setting for point-trained SAM), ``box`` (the box the ring encloses, shrunk by the ring
     margin: for box-trained models), ``box+points`` (both), ``auto`` (the one the weights were
-    trained for, else by backbone).  ``use_spr=False`` is the ablation without ring refinement."""
+    trained for, else by backbone).  ``use_spr=False`` is the ablation without ring refinement;
+    ``prior_weight=0`` searches the query without the support ring's position prior."""
 
     name = "fob"
 
-    def __init__(self, backbone, weights=None, strategy: str = "auto", use_spr: bool = True):
+    def __init__(self, backbone, weights=None, strategy: str = "auto", use_spr: bool = True, prior_weight: float = 1.0):
         from ..pipeline.segmenter import default_weights
         from .prompt_generator import load_generator
 
@@ -55,6 +56,7 @@ class GeneratorPrompter:
             raise FoBInputError(f"Unknown prompt strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
         self.strategy = strategy
         self.device = backbone.device
+        self.prior_weight = prior_weight
         self._rings: dict = {}
 
     def _support_ring(self, sup) -> np.ndarray:
@@ -71,7 +73,7 @@ class GeneratorPrompter:
         return self.generator(
             torch.as_tensor(sup.embedding)[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
             torch.as_tensor(self._support_ring(sup), dtype=torch.float32)[None].to(dev),
-            torch.as_tensor(q_emb)[None].to(dev))
+            torch.as_tensor(q_emb)[None].to(dev), torch.tensor([self.prior_weight], dtype=torch.float32).to(dev))
 
     def start_prompt(self, q_emb, sup) -> tuple[SlicePrompt, np.ndarray]:
         from .prompt_generator import foreground_points

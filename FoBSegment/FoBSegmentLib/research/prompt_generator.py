@@ -247,7 +247,7 @@ class BackgroundContext(nn.Module):
         self.prior_gain = nn.Parameter(torch.tensor(1.0))
         self.prior_sigma = 8.0  # px at 256: wide enough to be a prior, not an answer
 
-    def forward(self, feats, proto_fg, proto_bg, cos_fg=None, ring_prior=None):
+    def forward(self, feats, proto_fg, proto_bg, cos_fg=None, ring_prior=None, prior_weight=None):
         if cos_fg is None:
             cos_fg = cosine_map(feats, proto_fg)
         f_sup = (1.0 - cos_fg)[:, None] * feats
@@ -261,6 +261,8 @@ class BackgroundContext(nn.Module):
         heatmaps = F.interpolate(logits, size=(self.work_size, self.work_size), mode="bilinear", align_corners=False)
         if ring_prior is not None:
             prior = gaussian_heatmaps_torch(ring_prior, size=self.work_size, sigma=self.prior_sigma)
+            if prior_weight is not None:  # (B,): 0 drops the prior for that episode
+                prior = prior * prior_weight.to(prior.dtype)[:, None, None, None]
             heatmaps = heatmaps + self.prior_gain * prior
         points = soft_argmax(heatmaps, self.log_beta.exp())
         return phi, heatmaps, points, ctx
@@ -397,9 +399,10 @@ class FoBPromptGenerator(nn.Module):
     """The complete FoB prompt generator on SAM-family embeddings.
 
     forward(support_emb (B, 256, 64, 64), support_mask (B, 256, 256), support_ring (B, Np, 2),
-            query_emb (B, 256, 64, 64)) -> GeneratorOutput
+            query_emb (B, 256, 64, 64), prior_weight (B,) or None) -> GeneratorOutput
     ``support_ring`` comes from :func:`FoBSegmentLib.background_ring.ring_points` (canonical
-    angular order); masks are on the 256 work grid.
+    angular order); masks are on the 256 work grid.  ``prior_weight`` scales the support ring's
+    position prior per episode (None: 1; 0: the query is searched without it).
     """
 
     def __init__(
@@ -442,7 +445,7 @@ class FoBPromptGenerator(nn.Module):
         )
         self.foreground = ForegroundPrior(channels)
 
-    def forward(self, support_emb, support_mask, support_ring, query_emb) -> GeneratorOutput:
+    def forward(self, support_emb, support_mask, support_ring, query_emb, prior_weight=None) -> GeneratorOutput:
         if support_mask.ndim == 4 and support_mask.shape[1] == 1:
             support_mask = support_mask[:, 0]
         b = support_emb.shape[0]
@@ -456,7 +459,8 @@ class FoBPromptGenerator(nn.Module):
         f_s, f_q = feats[:b], feats[b:]
         proto_fg, proto_bg, _ = self.prototypes(f_s, support_mask, support_ring)
         cos_fg = cosine_map(f_q, proto_fg)
-        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg, ring_prior=support_ring)
+        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg, ring_prior=support_ring,
+                                                 prior_weight=prior_weight)
         refined = self.refiner(ctx, proto_bg, coarse) if self.refiner is not None else []
         fg_prob, fg_logits, t = self.foreground(f_q, proto_fg, cos_fg)
         return GeneratorOutput(

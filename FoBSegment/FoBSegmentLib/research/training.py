@@ -7,6 +7,13 @@ are cached: a small random affine (rotation +-5 deg, scale 0.9-1.2, shear, shift
 to the query's embedding and mask together.  (Intensity gamma would need re-encoding and is
 left out; see the model card.)
 
+Adjacent episodes teach the generator to copy the support's ring, because the organ barely
+moves between neighbours.  ``episodes="relocate"`` forces it to find the structure elsewhere:
+the same supervoxel two or more slices away, or the supervoxel of another volume that matches
+it (:func:`training_data.matched_supervoxels`), with a strong affine (rotation +-15 deg,
+scale 0.8-1.25, shift +-15 % of the width) and the support ring's position prior dropped at
+random (``prior_dropout``).  ``"mixed"`` draws either kind with equal odds.
+
 Resumable: ``<output>.ckpt`` holds model, optimiser, scheduler, iteration and RNG states
 and is rewritten atomically every ``--save-every`` iterations.  Multi-GPU goes through
 PyTorch's own DistributedDataParallel under ``torchrun``.
@@ -32,37 +39,76 @@ from ..errors import FoBInputError
 log = logging.getLogger(__name__)
 
 
-class EpisodeSampler:
-    """Draws FoB episodes from prepared volumes (see :mod:`training_data`)."""
+EPISODES = ("adjacent", "relocate", "mixed")
 
-    def __init__(self, volumes, rng: np.random.Generator, augment: bool = True):
-        self.volumes = []
+# (rotation deg, scale range, shear deg, shift in normalised units: 2 = the image's width)
+AFFINE = {"adjacent": (5.0, (0.9, 1.2), 3.0, 0.05), "relocate": (15.0, (0.8, 1.25), 5.0, 0.3)}
+
+
+class EpisodeSampler:
+    """Draws FoB episodes from prepared volumes (see :mod:`training_data` and the module
+    docstring for the kinds).  ``sample`` returns the batch with one prior weight per episode."""
+
+    def __init__(self, volumes, rng: np.random.Generator, augment: bool = True, episodes: str = "adjacent",
+                 prior_dropout: float = 0.0, match_cosine: float = 0.85):
+        from .training_data import matched_supervoxels
+
+        if episodes not in EPISODES:
+            raise FoBInputError(f"Unknown episode kind {episodes!r}: use one of {', '.join(EPISODES)}.")
+        self.volumes, self.distant = [], []
+        kept = []
         for pv, exclude in volumes:
             cands = pv.episodes_candidates(exclude)
             if cands:
                 self.volumes.append((pv, cands))
+                self.distant.append(pv.distant_candidates(exclude))
+                kept.append((pv, exclude))
         if not self.volumes:
             raise FoBInputError("No training episodes: no supervoxel spans two adjacent slices with >= 200 px. "
                                 "Check the training images (or lower the supervoxel size).")
+        self.matches = matched_supervoxels(kept, match_cosine) if episodes != "adjacent" else []
+        if episodes != "adjacent" and not self.matches and not any(self.distant):
+            raise FoBInputError("No relocation episodes: no supervoxel recurs two slices apart and none matches "
+                                "another volume's. Give more training volumes or use --episodes adjacent.")
         self.rng = rng
         self.augment = augment
+        self.episodes = episodes
+        self.prior_dropout = prior_dropout
 
     def __len__(self):
-        return sum(len(c) for _, c in self.volumes)
+        return sum(len(c) for _, c in self.volumes) + sum(len(d) for d in self.distant) + len(self.matches)
+
+    def _pair(self):
+        """-> (support volume, slice, label, query volume, slice, label, kind)."""
+        r = self.rng
+        kind = self.episodes if self.episodes != "mixed" else ("adjacent" if r.random() < 0.5 else "relocate")
+        if kind == "relocate":
+            distant = [(k, d) for k, d in enumerate(self.distant) if d]
+            if self.matches and (not distant or r.random() < 0.7):
+                i, a, la, j, b, lb = self.matches[r.integers(len(self.matches))]
+                if r.random() < 0.5:
+                    i, a, la, j, b, lb = j, b, lb, i, a, la
+                return self.volumes[i][0], a, la, self.volumes[j][0], b, lb, kind
+            k, d = distant[r.integers(len(distant))]
+            a, b, label = d[r.integers(len(d))]
+        else:
+            k = r.integers(len(self.volumes))
+            a, b, label = self.volumes[k][1][r.integers(len(self.volumes[k][1]))]
+        if r.random() < 0.5:
+            a, b = b, a
+        pv = self.volumes[k][0]
+        return pv, a, label, pv, b, label, kind
 
     def sample(self, batch: int):
-        s_emb, s_mask, s_ring, q_emb, q_mask, q_ring = [], [], [], [], [], []
+        s_emb, s_mask, s_ring, q_emb, q_mask, q_ring, prior = [], [], [], [], [], [], []
         while len(s_emb) < batch:
-            pv, cands = self.volumes[self.rng.integers(len(self.volumes))]
-            a, b, label = cands[self.rng.integers(len(cands))]
-            if self.rng.random() < 0.5:
-                a, b = b, a
-            se = torch.from_numpy(pv.embeddings[a].astype(np.float32))
-            qe = torch.from_numpy(pv.embeddings[b].astype(np.float32))
-            sm = torch.from_numpy(pv.pseudo[a] == label).float()
-            qm = torch.from_numpy(pv.pseudo[b] == label).float()
+            spv, a, la, qpv, b, lb, kind = self._pair()
+            se = torch.from_numpy(spv.embeddings[a].astype(np.float32))
+            qe = torch.from_numpy(qpv.embeddings[b].astype(np.float32))
+            sm = torch.from_numpy(spv.pseudo[a] == la).float()
+            qm = torch.from_numpy(qpv.pseudo[b] == lb).float()
             if self.augment:
-                qe, qm = self._affine(qe, qm)
+                qe, qm = self._affine(qe, qm, AFFINE[kind])
             if qm.sum() < 50:
                 continue
             try:
@@ -71,15 +117,18 @@ class EpisodeSampler:
                 continue
             s_emb.append(se), s_mask.append(sm), s_ring.append(torch.from_numpy(sr).float())
             q_emb.append(qe), q_mask.append(qm), q_ring.append(torch.from_numpy(qr).float())
+            prior.append(0.0 if kind == "relocate" and self.rng.random() < self.prior_dropout else 1.0)
         st = torch.stack
-        return st(s_emb), st(s_mask), st(s_ring), st(q_emb), st(q_mask), st(q_ring)
+        return (st(s_emb), st(s_mask), st(s_ring), st(q_emb), st(q_mask), st(q_ring),
+                torch.tensor(prior, dtype=torch.float32))
 
-    def _affine(self, emb: torch.Tensor, mask: torch.Tensor):
+    def _affine(self, emb: torch.Tensor, mask: torch.Tensor, strength=AFFINE["adjacent"]):
         r = self.rng
-        ang = math.radians(r.uniform(-5, 5))
-        scale = r.uniform(0.9, 1.2)
-        shear = math.radians(r.uniform(-3, 3))
-        tx, ty = r.uniform(-0.05, 0.05, 2)
+        rot, (s_lo, s_hi), sh, shift = strength
+        ang = math.radians(r.uniform(-rot, rot))
+        scale = r.uniform(s_lo, s_hi)
+        shear = math.radians(r.uniform(-sh, sh))
+        tx, ty = r.uniform(-shift, shift, 2)
         c, s = math.cos(ang), math.sin(ang)
         A = np.array([[c, -s], [s, c]]) @ np.array([[1, math.tan(shear)], [0, 1]]) / scale
         theta = torch.tensor([[A[0, 0], A[0, 1], tx], [A[1, 0], A[1, 1], ty]], dtype=torch.float32)[None]
@@ -101,7 +150,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
           batch: int = 8, lr: float = 1e-4, seed: int = 0, cache_dir=None, exclude_labels=None,
           supervoxel: str = "slic", supervoxel_mm: float = 30.0, use_spr: bool = True, save_every: int = 100,
           checkpoint=None, threads: int | None = None, log_every: int = 20, channels: int = 128,
-          max_minutes: float | None = None, default_prompt: str | None = None) -> Path:
+          max_minutes: float | None = None, default_prompt: str | None = None, episodes: str = "adjacent",
+          prior_dropout: float = 0.0, init=None, snapshot_every: int | None = None) -> Path:
     from ..backbones import create_backbone, resolve_device
     from .prompt_generator import FoBPromptGenerator, fob_loss, save_generator
     from .training_data import expand_images, label_for, load_prepared, prepare_volume
@@ -150,11 +200,20 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     del bb
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    sampler = EpisodeSampler(vols, rng)
+    sampler = EpisodeSampler(vols, rng, episodes=episodes, prior_dropout=prior_dropout)
     if rank == 0:
-        print(f"{len(vols)} volumes, {len(sampler)} episode candidates, preparation {time.time() - t_prep:.0f} s", flush=True)
+        print(f"{len(vols)} volumes, {len(sampler)} episode candidates ({len(sampler.matches)} matched across "
+              f"volumes), preparation {time.time() - t_prep:.0f} s", flush=True)
 
     model = FoBPromptGenerator(channels=channels, use_spr=use_spr).to(dev)
+    if init is not None:  # fine-tune: start from trained weights (the optimiser starts afresh)
+        from .prompt_generator import load_generator
+
+        start_model, _ = load_generator(init, device="cpu")
+        if start_model.config != model.config:
+            raise FoBInputError(f"--init {init}: its architecture {start_model.config} differs from this run's "
+                                f"{model.config}. Use the same --channels and SPR setting.")
+        model.load_state_dict(start_model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # The official schedule decays x0.98 every 3000 of 39k iterations; keep the same total decay.
     step_size = max(1, iterations // 13)
@@ -183,8 +242,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     running = {}
     it, stop = start, False
     for it in range(start, iterations):
-        se, sm, sr, qe, qm, qr = (t.to(dev) for t in sampler.sample(batch))
-        out = net(se, sm, sr, qe)
+        se, sm, sr, qe, qm, qr, pw = (t.to(dev) for t in sampler.sample(batch))
+        out = net(se, sm, sr, qe, pw)
         losses = fob_loss(out, qr, qm)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -210,6 +269,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "iteration": done, "elapsed": elapsed_before + time.time() - t0, "history": history,
                           "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt_path)
+        if rank == 0 and snapshot_every and done % snapshot_every == 0:
+            # Weights along the way, for a held-out curve (benchmarks/relocation.py).
+            save_generator(model, output.with_name(f"{output.stem}.it{done:06d}.pt"),
+                           {"backbone": backbone, "iterations": done, "episodes": episodes,
+                            "prior_dropout": prior_dropout, "default_prompt": default_prompt}, fp16=True)
         if stop:
             if rank == 0:
                 print(f"stopping after {max_minutes} min at iteration {done}; rerun the same command to resume", flush=True)
@@ -223,7 +287,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             "supervoxel": supervoxel, "supervoxel_mm": supervoxel_mm, "use_spr": use_spr,
             "train_seconds": round(elapsed_before + time.time() - t0, 1), "device": str(dev),
             "history": history[-20:], "default_prompt": default_prompt, "world_size": world,
-            "episodes_per_iteration": batch * world,
+            "episodes_per_iteration": batch * world, "episodes": episodes, "prior_dropout": prior_dropout,
+            "init": str(init) if init else None,
         }
         save_generator(model, output, meta, fp16=True)
         print(f"wrote {output}", flush=True)
@@ -245,5 +310,6 @@ def cmd_train(args) -> int:
           exclude_labels=[int(x) for x in args.exclude_labels.split(",")] if args.exclude_labels else None,
           supervoxel=args.supervoxel, supervoxel_mm=args.supervoxel_mm, use_spr=not args.no_spr,
           save_every=args.save_every, checkpoint=args.checkpoint, threads=args.threads,
-          max_minutes=args.max_minutes, default_prompt=args.default_prompt)
+          max_minutes=args.max_minutes, default_prompt=args.default_prompt, episodes=args.episodes,
+          prior_dropout=args.prior_dropout, init=args.init, snapshot_every=args.snapshot_every)
     return 0

@@ -120,6 +120,67 @@ class PreparedVolume:
                     out.append((a, a + 1, int(v)))
         return out
 
+    def distant_candidates(self, exclude: np.ndarray | None = None, min_gap: int = 2):
+        """(slice a, slice b, label) with |a - b| >= ``min_gap`` where both slices hold
+        >= MIN_PSEUDO_PX of the label: the same structure at another position of the volume."""
+        out = []
+        for label, slices in self.label_slices(exclude).items():
+            for i, a in enumerate(slices):
+                out.extend((a, b, label) for b in slices[i + 1:] if b - a >= min_gap)
+        return out
+
+    def label_slices(self, exclude: np.ndarray | None = None) -> dict:
+        """{supervoxel id: [slices holding >= MIN_PSEUDO_PX of it]}, excluded slices left out."""
+        out: dict = {}
+        for a in range(self.pseudo.shape[0]):
+            if exclude is not None and exclude[a]:
+                continue
+            counts = np.bincount(self.pseudo[a].ravel())
+            for v in np.nonzero(counts >= MIN_PSEUDO_PX)[0]:
+                if v != 0:
+                    out.setdefault(int(v), []).append(a)
+        return out
+
+    def prototypes(self, exclude: np.ndarray | None = None):
+        """Each supervoxel at its largest slice: ``(labels (k,), slices (k,), unit prototypes
+        (k, 256))``, the prototype being the mean embedding under the supervoxel there."""
+        labels, slices, protos = [], [], []
+        for label, idx in self.label_slices(exclude).items():
+            areas = [(self.pseudo[a] == label).sum() for a in idx]
+            a = idx[int(np.argmax(areas))]
+            g = self.embeddings.shape[-1]
+            f = self.pseudo.shape[-1] // g
+            m64 = (self.pseudo[a] == label).reshape(g, f, g, f).mean((1, 3)) >= 0.5
+            if not m64.any():
+                continue
+            p = self.embeddings[a][:, m64].astype(np.float32).mean(1)
+            labels.append(label), slices.append(a), protos.append(p / (np.linalg.norm(p) + 1e-8))
+        if not labels:
+            return np.zeros(0, int), np.zeros(0, int), np.zeros((0, self.embeddings.shape[1]), np.float32)
+        return np.array(labels), np.array(slices), np.stack(protos)
+
+
+def matched_supervoxels(volumes, min_cosine: float = 0.85) -> list:
+    """Supervoxels of different volumes that look alike: mutual nearest neighbours of their
+    prototypes (:meth:`PreparedVolume.prototypes`) with cosine >= ``min_cosine``.  These are
+    relocation episodes without labels: the support's region and, in another patient, the
+    region that matches it, wherever it lies.  ``volumes``: [(PreparedVolume, exclude)].
+    Returns [(volume i, slice a, label a, volume j, slice b, label b)]."""
+    protos = [pv.prototypes(ex) for pv, ex in volumes]
+    out = []
+    for i in range(len(volumes)):
+        for j in range(i + 1, len(volumes)):
+            (li, si, pi), (lj, sj, pj) = protos[i], protos[j]
+            if not len(li) or not len(lj):
+                continue
+            cos = pi @ pj.T
+            best_j, best_i = cos.argmax(1), cos.argmax(0)
+            for a in range(len(li)):
+                b = best_j[a]
+                if best_i[b] == a and cos[a, b] >= min_cosine:
+                    out.append((i, int(si[a]), int(li[a]), j, int(sj[b]), int(lj[b])))
+    return out
+
 
 def prepare_volume(image_path: str | Path, backbone, out_dir: str | Path, label_path: str | Path | None = None,
                    exclude_labels=None) -> Path:

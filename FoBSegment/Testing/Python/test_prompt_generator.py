@@ -218,3 +218,20 @@ def test_foreground_points():
     fb = foreground_points(weak)
     assert fb.shape == (1, 2) and np.allclose(fb[0], [60.5 / N, 50.5 / N])
     assert foreground_points(np.full((N, N), 0.3)).shape == (0, 2)
+
+
+def test_prior_weight_scales_only_the_position_prior(episode):
+    torch.manual_seed(0)
+    model = FoBPromptGenerator(**SMALL).eval()
+    with torch.no_grad():
+        model.context.prior_gain.fill_(5.0)  # a prior strong enough to move the points
+        default = run(model, episode)
+        one = model(episode["support_emb"], episode["support_mask"], episode["support_ring"], episode["query_emb"],
+                    torch.ones(1))
+        off = model(episode["support_emb"], episode["support_mask"], episode["support_ring"], episode["query_emb"],
+                    torch.zeros(1))
+    assert torch.equal(default.points, one.points) and torch.equal(default.fg_prob, one.fg_prob)
+    # Without the prior the heatmaps lose the support ring's Gaussians; the foreground is untouched.
+    assert (default.heatmaps - off.heatmaps).abs().max() > 1.0
+    assert (default.points - off.points).abs().max() > 0.01
+    assert torch.equal(default.fg_prob, off.fg_prob)

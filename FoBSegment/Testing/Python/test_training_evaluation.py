@@ -71,6 +71,17 @@ def test_training_runs_resumes_and_writes_loadable_weights(tmp_path):
     assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 4
     assert load_generator(out)[1]["iterations"] == 4
     assert out.stat().st_size < 20 * 2**20
+    # Relocation fine-tuning from those weights, with snapshots for a held-out curve.
+    tuned = tmp_path / "tuned.pt"
+    train(iterations=4, episodes="mixed", prior_dropout=0.5, init=out, snapshot_every=2,
+          **{**kw, "output": tuned})
+    snaps = sorted(tmp_path.glob("tuned.it*.pt"))
+    assert [p.name for p in snaps] == ["tuned.it000002.pt", "tuned.it000004.pt"]
+    assert load_generator(snaps[0])[1]["episodes"] == "mixed"
+    meta = load_generator(tuned)[1]
+    assert meta["episodes"] == "mixed" and meta["prior_dropout"] == 0.5 and meta["init"] == str(out)
+    with pytest.raises(FoBInputError, match="architecture"):
+        train(iterations=1, init=out, **{**kw, "output": tmp_path / "wide.pt", "channels": 64})
 
 
 def test_setting_two_excludes_slices_with_the_test_labels(tmp_path, litemedsam):
@@ -145,3 +156,64 @@ def test_distributed_training_with_torchrun_on_two_cpu_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stopping after 0.0 min at iteration 5" in r.stdout
     assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 5
+
+
+def _shifted_pair(shift=(0, 24, -16), seed=0):
+    """Two prepared volumes, the second the first moved in-plane: every supervoxel of one
+    lies elsewhere in the other, with the same embedding under it."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    blocks = rng.integers(1, 40, (n, 16, 16))  # 16 x 16 px supervoxels spanning every slice
+    blocks[:] = blocks[0]
+    pseudo = np.kron(blocks, np.ones((1, 16, 16), int)).astype(np.int32)
+    codes = rng.standard_normal((40, 256)).astype(np.float32)
+    lab64 = pseudo[:, ::4, ::4]
+    emb = (codes[lab64].transpose(0, 3, 1, 2) + 0.1 * rng.standard_normal((n, 256, 64, 64))).astype(np.float16)
+    a = PreparedVolume("a", emb, np.zeros((n, 256, 256), np.float16), pseudo, np.arange(n))
+    dz, dy, dx = shift
+    b = PreparedVolume("b", np.roll(emb, (dy // 4, dx // 4), axis=(2, 3)), a.image_sq,
+                       np.roll(pseudo, (dy, dx), axis=(1, 2)), np.arange(n))
+    return a, b
+
+
+def test_supervoxels_are_matched_across_volumes_wherever_they_lie():
+    from FoBSegmentLib.research.training_data import matched_supervoxels
+
+    a, b = _shifted_pair()
+    none = np.zeros(a.pseudo.shape[0], bool)
+    matches = matched_supervoxels([(a, none), (b, none)], min_cosine=0.85)
+    assert len(matches) >= 0.8 * len(a.prototypes(none)[0])
+    # The same supervoxel (same id, moved 24 / 16 px) is found in the other volume.
+    assert np.mean([la == lb for _, _, la, _, _, lb in matches]) > 0.95
+    assert all(i == 0 and j == 1 for i, _, _, j, _, _ in matches)
+    # Unrelated embeddings match nothing at this threshold.
+    c = PreparedVolume("c", np.random.default_rng(5).standard_normal(a.embeddings.shape).astype(np.float16),
+                       a.image_sq, a.pseudo, a.slice_index)
+    assert matched_supervoxels([(a, none), (c, none)], min_cosine=0.85) == []
+    # Distant candidates: the same supervoxel two or more slices apart.
+    dist = a.distant_candidates(none)
+    assert dist and all(s2 - s1 >= 2 for s1, s2, _ in dist)
+
+
+def test_relocation_episodes_move_the_structure_and_drop_the_prior():
+    from FoBSegmentLib.research.training import EpisodeSampler
+
+    a, b = _shifted_pair()
+    none = np.zeros(a.pseudo.shape[0], bool)
+    vols = [(a, none), (b, none)]
+    adj = EpisodeSampler(vols, np.random.default_rng(0), episodes="adjacent", prior_dropout=1.0)
+    *_, prior = adj.sample(8)
+    assert torch.equal(prior, torch.ones(8))  # adjacent episodes keep the prior
+    rel = EpisodeSampler(vols, np.random.default_rng(0), episodes="relocate", prior_dropout=1.0, augment=False)
+    assert rel.matches
+    se, sm, sr, qe, qm, qr, prior = rel.sample(16)
+    assert torch.equal(prior, torch.zeros(16))
+
+    def centre(m):
+        yy, xx = np.nonzero(m.numpy() > 0.5)
+        return np.array([yy.mean(), xx.mean()])
+
+    moved = [np.abs(centre(sm[k]) - centre(qm[k])).max() for k in range(16)]
+    assert np.mean([d > 8 for d in moved]) > 0.3  # cross-volume episodes: the structure sits elsewhere
+    with pytest.raises(FoBInputError):
+        EpisodeSampler(vols, np.random.default_rng(0), episodes="sideways")
