@@ -11,7 +11,9 @@ support slice at the same relative position by:
 
 - the support's own box (naive: no relocation at all),
 - the training-free contrast localisation (the default start prompt),
-- each generator given, with and without the support ring's position prior,
+- each generator given, with the support ring as its position prior (as trained), without a
+  prior, and with the ring around the contrast region on the query as its prior (the
+  generator refining the training-free localisation),
 - the ground-truth box (the ceiling).
 
 LiteMedSAM decodes every prompt; the figure is the 2D Dice of that mask on the 256 work grid
@@ -106,9 +108,9 @@ def main(argv=None) -> int:
     prompters = {}
     for w in args.weights:
         it = load_generator(w)[1].get("iterations", "?")
-        for prior in (1.0, 0.0):
-            prompters[f"{Path(w).name} ({it} it), prior {'on' if prior else 'off'}"] = GeneratorPrompter(
-                bb, w, "box", prior_weight=prior)
+        for prior, kw in (("support ring", {}), ("none", dict(prior_weight=0.0)),
+                          ("contrast region's ring", dict(prior="contrast"))):
+            prompters[f"{Path(w).name} ({it} it), prior: {prior}"] = GeneratorPrompter(bb, w, "box", **kw)
     rows: dict = {}
     t0 = time.perf_counter()
     for dname, d in DATASETS.items():

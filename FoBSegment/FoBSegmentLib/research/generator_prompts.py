@@ -14,7 +14,8 @@ import torch
 from ..background_ring import ring_points, ring_to_box
 from ..errors import FoBInputError
 from ..pipeline.slice_prompting import SlicePrompt
-from ..settings import RING_INNER_PX, RING_MARGIN_PX, RING_OUTER_PX
+from ..pipeline.contrast import contrast_region
+from ..settings import DEFAULT_SETTINGS, RING_INNER_PX, RING_MARGIN_PX, RING_OUTER_PX
 
 STRATEGIES = ("points", "box", "box+points")
 
@@ -26,11 +27,14 @@ class GeneratorPrompter:
     setting for point-trained SAM), ``box`` (the box the ring encloses, shrunk by the ring
     margin: for box-trained models), ``box+points`` (both), ``auto`` (the one the weights were
     trained for, else by backbone).  ``use_spr=False`` is the ablation without ring refinement;
-    ``prior_weight=0`` searches the query without the support ring's position prior."""
+    ``prior_weight=0`` searches the query without the support ring's position prior;
+    ``prior="contrast"`` takes the position prior from the query instead: the ring around the
+    training-free contrast region (:class:`ContrastPrompter`), which the generator refines."""
 
     name = "fob"
 
-    def __init__(self, backbone, weights=None, strategy: str = "auto", use_spr: bool = True, prior_weight: float = 1.0):
+    def __init__(self, backbone, weights=None, strategy: str = "auto", use_spr: bool = True, prior_weight: float = 1.0,
+                 prior: str = "support", settings=None):
         from ..pipeline.segmenter import default_weights
         from .prompt_generator import load_generator
 
@@ -57,6 +61,10 @@ class GeneratorPrompter:
         self.strategy = strategy
         self.device = backbone.device
         self.prior_weight = prior_weight
+        if prior not in ("support", "contrast"):
+            raise FoBInputError(f"Unknown generator prior {prior!r}: use support or contrast.")
+        self.prior = prior
+        self.contrast_settings = (settings or DEFAULT_SETTINGS).contrast
         self._rings: dict = {}
 
     def _support_ring(self, sup) -> np.ndarray:
@@ -66,6 +74,15 @@ class GeneratorPrompter:
                                                          inner_radius=RING_INNER_PX))
         return self._rings[key][1]
 
+    def _prior_ring(self, q_emb, sup):
+        if self.prior == "support":
+            return None
+        region = contrast_region(q_emb, sup, self.contrast_settings)
+        if region is None:
+            return None
+        ring = ring_points(region, outer_radius=RING_OUTER_PX, inner_radius=RING_INNER_PX)
+        return torch.as_tensor(ring, dtype=torch.float32)[None].to(self.device)
+
     @torch.inference_mode()
     def output(self, q_emb, sup):
         """The generator on one (support, query) pair -> GeneratorOutput with B = 1."""
@@ -73,7 +90,8 @@ class GeneratorPrompter:
         return self.generator(
             torch.as_tensor(sup.embedding)[None].to(dev), torch.as_tensor(sup.mask_sq, dtype=torch.float32)[None].to(dev),
             torch.as_tensor(self._support_ring(sup), dtype=torch.float32)[None].to(dev),
-            torch.as_tensor(q_emb)[None].to(dev), torch.tensor([self.prior_weight], dtype=torch.float32).to(dev))
+            torch.as_tensor(q_emb)[None].to(dev), torch.tensor([self.prior_weight], dtype=torch.float32).to(dev),
+            self._prior_ring(q_emb, sup))
 
     def start_prompt(self, q_emb, sup) -> tuple[SlicePrompt, np.ndarray]:
         from .prompt_generator import foreground_points

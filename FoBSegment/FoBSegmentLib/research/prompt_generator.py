@@ -399,10 +399,13 @@ class FoBPromptGenerator(nn.Module):
     """The complete FoB prompt generator on SAM-family embeddings.
 
     forward(support_emb (B, 256, 64, 64), support_mask (B, 256, 256), support_ring (B, Np, 2),
-            query_emb (B, 256, 64, 64), prior_weight (B,) or None) -> GeneratorOutput
+            query_emb (B, 256, 64, 64), prior_weight (B,) or None, prior_ring (B, Np, 2) or None)
+            -> GeneratorOutput
     ``support_ring`` comes from :func:`FoBSegmentLib.background_ring.ring_points` (canonical
-    angular order); masks are on the 256 work grid.  ``prior_weight`` scales the support ring's
-    position prior per episode (None: 1; 0: the query is searched without it).
+    angular order); masks are on the 256 work grid.  The position prior is ``prior_ring``
+    (default: the support ring), scaled per episode by ``prior_weight`` (None: 1; 0: the query
+    is searched without it); a ring found on the query itself, e.g. around the training-free
+    contrast region, relocates it.
     """
 
     def __init__(
@@ -445,7 +448,8 @@ class FoBPromptGenerator(nn.Module):
         )
         self.foreground = ForegroundPrior(channels)
 
-    def forward(self, support_emb, support_mask, support_ring, query_emb, prior_weight=None) -> GeneratorOutput:
+    def forward(self, support_emb, support_mask, support_ring, query_emb, prior_weight=None,
+                prior_ring=None) -> GeneratorOutput:
         if support_mask.ndim == 4 and support_mask.shape[1] == 1:
             support_mask = support_mask[:, 0]
         b = support_emb.shape[0]
@@ -459,8 +463,9 @@ class FoBPromptGenerator(nn.Module):
         f_s, f_q = feats[:b], feats[b:]
         proto_fg, proto_bg, _ = self.prototypes(f_s, support_mask, support_ring)
         cos_fg = cosine_map(f_q, proto_fg)
-        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg, ring_prior=support_ring,
-                                                 prior_weight=prior_weight)
+        prior = support_ring if prior_ring is None else prior_ring.to(support_ring.dtype)
+        phi, heatmaps, coarse, ctx = self.context(f_q, proto_fg, proto_bg, cos_fg, ring_prior=prior,
+                                                  prior_weight=prior_weight)
         refined = self.refiner(ctx, proto_bg, coarse) if self.refiner is not None else []
         fg_prob, fg_logits, t = self.foreground(f_q, proto_fg, cos_fg)
         return GeneratorOutput(

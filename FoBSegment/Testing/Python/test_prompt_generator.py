@@ -235,3 +235,19 @@ def test_prior_weight_scales_only_the_position_prior(episode):
     assert (default.heatmaps - off.heatmaps).abs().max() > 1.0
     assert (default.points - off.points).abs().max() > 0.01
     assert torch.equal(default.fg_prob, off.fg_prob)
+
+
+def test_a_prior_ring_found_on_the_query_moves_the_points_there(episode):
+    torch.manual_seed(0)
+    model = FoBPromptGenerator(**SMALL).eval()
+    with torch.no_grad():
+        model.context.prior_gain.fill_(50.0)  # the prior dominates the untrained heatmaps
+        model.refiner = None
+        own = run(model, episode)
+        moved_ring = episode["support_ring"] + torch.tensor([40.0 / N, 0.0])
+        moved = model(episode["support_emb"], episode["support_mask"], episode["support_ring"], episode["query_emb"],
+                      prior_ring=moved_ring)
+    shift = (moved.points - own.points)[0].mean(0) * N
+    assert 25 < float(shift[0]) < 45 and abs(float(shift[1])) < 5
+    # The support's prototypes still come from the support ring: the foreground is unchanged.
+    assert torch.equal(own.fg_prob, moved.fg_prob)

@@ -217,3 +217,37 @@ def test_relocation_episodes_move_the_structure_and_drop_the_prior():
     assert np.mean([d > 8 for d in moved]) > 0.3  # cross-volume episodes: the structure sits elsewhere
     with pytest.raises(FoBInputError):
         EpisodeSampler(vols, np.random.default_rng(0), episodes="sideways")
+
+
+def test_generator_takes_its_position_prior_from_the_contrast_region_on_the_query(segmenter, ct):
+    """The shipped generator copies the support ring's position; with ``prior='contrast'``
+    it rings the region the training-free localisation found on the query instead."""
+    from FoBSegmentLib.backbones.base import slice_to_square
+    from FoBSegmentLib.geometry import SliceView
+    from FoBSegmentLib.preprocessing import fit_normalisation
+    from FoBSegmentLib.research.generator_prompts import GeneratorPrompter
+
+    vol, lab = ct
+    view = SliceView.for_volume(vol)
+    liver = view.to_stack(lab == 5)
+    area = liver.sum((1, 2))
+    k_sup = int(np.argmax(area))
+    # A query slice where the liver has moved: the one whose liver overlaps the support's least.
+    cand = [k for k in range(len(area)) if area[k] > 0.3 * area[k_sup]]
+    k_q = min(cand, key=lambda k: (liver[k] & liver[k_sup]).sum() / liver[k].sum())
+    sup_mask = np.zeros_like(liver)
+    sup_mask[k_sup] = liver[k_sup]
+    sup = segmenter.prepare_support(vol, view.from_stack(sup_mask)).slices[0]
+    stack = view.to_stack(vol.array)
+    q_emb = segmenter.embedder.embed(stack, fit_normalisation(vol.array), [k_q])[k_q]
+    gt = slice_to_square(liver[k_q].astype(np.float32)) > 0.5
+    contrast_box = segmenter.start_prompter.start_prompt(q_emb, sup)[0].box
+    box = GeneratorPrompter(segmenter.backbone, prior="contrast").start_prompt(q_emb, sup)[0].box
+    n = gt.shape[0]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    assert gt[int(cy * n), int(cx * n)]
+    # Its box lies over the contrast region's, not over the support's.
+    centre = lambda b: np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+    assert np.abs(centre(box) - centre(contrast_box)).max() < 0.1
+    with pytest.raises(FoBInputError, match="prior"):
+        GeneratorPrompter(segmenter.backbone, prior="atlas")
