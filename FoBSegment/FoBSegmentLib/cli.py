@@ -326,6 +326,9 @@ def _add_train(sub):
                         "another volume, strong augmentation) or both")
     t.add_argument("--prior-dropout", type=float, default=0.0,
                    help="chance of training a relocation episode without the support ring's position prior")
+    t.add_argument("--prior-source", default="support", choices=["support", "contrast"],
+                   help="a relocation episode's position prior: the support ring (default) or the ring "
+                        "around the training-free contrast region on the query")
     t.add_argument("--init", help="generator weights (.pt) to start from (fine-tuning)")
     t.add_argument("--snapshot-every", type=int, help="also write <output>.itNNNNNN.pt every N iterations")
     t.add_argument("--cache-dir")

@@ -34,7 +34,7 @@ class GeneratorPrompter:
     name = "fob"
 
     def __init__(self, backbone, weights=None, strategy: str = "auto", use_spr: bool = True, prior_weight: float = 1.0,
-                 prior: str = "support", settings=None):
+                 prior: str | None = None, settings=None):
         from ..pipeline.segmenter import default_weights
         from .prompt_generator import load_generator
 
@@ -61,6 +61,7 @@ class GeneratorPrompter:
         self.strategy = strategy
         self.device = backbone.device
         self.prior_weight = prior_weight
+        prior = prior or self.meta.get("prior_source") or "support"  # as the weights were trained
         if prior not in ("support", "contrast"):
             raise FoBInputError(f"Unknown generator prior {prior!r}: use support or contrast.")
         self.prior = prior

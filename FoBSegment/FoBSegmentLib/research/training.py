@@ -12,7 +12,10 @@ moves between neighbours.  ``episodes="relocate"`` forces it to find the structu
 the same supervoxel two or more slices away, or the supervoxel of another volume that matches
 it (:func:`training_data.matched_supervoxels`), with a strong affine (rotation +-15 deg,
 scale 0.8-1.25, shift +-15 % of the width) and the support ring's position prior dropped at
-random (``prior_dropout``).  ``"mixed"`` draws either kind with equal odds.
+random (``prior_dropout``).  ``"mixed"`` draws either kind with equal odds.  With
+``prior_source="contrast"`` a relocation episode's position prior is instead the ring around
+the training-free contrast region on the (augmented) query, as ``GeneratorPrompter(prior=
+"contrast")`` gives it at run time: the generator learns to correct that localisation.
 
 Resumable: ``<output>.ckpt`` holds model, optimiser, scheduler, iteration and RNG states
 and is rewritten atomically every ``--save-every`` iterations.  Multi-GPU goes through
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 
 EPISODES = ("adjacent", "relocate", "mixed")
+PRIOR_SOURCES = ("support", "contrast")
 
 # (rotation deg, scale range, shear deg, shift in normalised units: 2 = the image's width)
 AFFINE = {"adjacent": (5.0, (0.9, 1.2), 3.0, 0.05), "relocate": (15.0, (0.8, 1.25), 5.0, 0.3)}
@@ -50,7 +54,7 @@ class EpisodeSampler:
     docstring for the kinds).  ``sample`` returns the batch with one prior weight per episode."""
 
     def __init__(self, volumes, rng: np.random.Generator, augment: bool = True, episodes: str = "adjacent",
-                 prior_dropout: float = 0.0, match_cosine: float = 0.85):
+                 prior_dropout: float = 0.0, match_cosine: float = 0.85, prior_source: str = "support"):
         from .training_data import matched_supervoxels
 
         if episodes not in EPISODES:
@@ -70,6 +74,9 @@ class EpisodeSampler:
         if episodes != "adjacent" and not self.matches and not any(self.distant):
             raise FoBInputError("No relocation episodes: no supervoxel recurs two slices apart and none matches "
                                 "another volume's. Give more training volumes or use --episodes adjacent.")
+        if prior_source not in PRIOR_SOURCES:
+            raise FoBInputError(f"Unknown prior source {prior_source!r}: use one of {', '.join(PRIOR_SOURCES)}.")
+        self.prior_source = prior_source
         self.rng = rng
         self.augment = augment
         self.episodes = episodes
@@ -99,8 +106,29 @@ class EpisodeSampler:
         pv = self.volumes[k][0]
         return pv, a, label, pv, b, label, kind
 
+    def _contrast_ring(self, se, sm, qe, fallback):
+        """The ring around the contrast region on the query, found from the support's
+        prototypes as the training-free start prompt finds it; ``fallback`` where none is."""
+        from types import SimpleNamespace
+
+        from ..pipeline.contrast import contrast_region, prototypes
+        from ..settings import DEFAULT_SETTINGS, RING_INNER_PX, RING_OUTER_PX
+
+        mask = sm.numpy() > 0.5
+        proto_fg, proto_bg = prototypes(se.numpy(), mask)
+        anchor = SimpleNamespace(mask_sq=mask, proto_fg=proto_fg, proto_bg=proto_bg)
+        region = contrast_region(qe.numpy(), anchor, DEFAULT_SETTINGS.contrast)
+        if region is None or not region.any():
+            return fallback
+        try:
+            return ring_points(region, outer_radius=RING_OUTER_PX, inner_radius=RING_INNER_PX)
+        except ValueError:
+            return fallback
+
     def sample(self, batch: int):
-        s_emb, s_mask, s_ring, q_emb, q_mask, q_ring, prior = [], [], [], [], [], [], []
+        """-> support (embedding, mask, ring), query (embedding, mask, ring), prior weight (B,)
+        and prior ring (B, Np, 2) of each episode."""
+        s_emb, s_mask, s_ring, q_emb, q_mask, q_ring, prior, p_ring = [], [], [], [], [], [], [], []
         while len(s_emb) < batch:
             spv, a, la, qpv, b, lb, kind = self._pair()
             se = torch.from_numpy(spv.embeddings[a].astype(np.float32))
@@ -118,9 +146,11 @@ class EpisodeSampler:
             s_emb.append(se), s_mask.append(sm), s_ring.append(torch.from_numpy(sr).float())
             q_emb.append(qe), q_mask.append(qm), q_ring.append(torch.from_numpy(qr).float())
             prior.append(0.0 if kind == "relocate" and self.rng.random() < self.prior_dropout else 1.0)
+            from_query = kind == "relocate" and self.prior_source == "contrast"
+            p_ring.append(torch.from_numpy(self._contrast_ring(se, sm, qe, sr) if from_query else sr).float())
         st = torch.stack
         return (st(s_emb), st(s_mask), st(s_ring), st(q_emb), st(q_mask), st(q_ring),
-                torch.tensor(prior, dtype=torch.float32))
+                torch.tensor(prior, dtype=torch.float32), st(p_ring))
 
     def _affine(self, emb: torch.Tensor, mask: torch.Tensor, strength=AFFINE["adjacent"]):
         r = self.rng
@@ -151,7 +181,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
           supervoxel: str = "slic", supervoxel_mm: float = 30.0, use_spr: bool = True, save_every: int = 100,
           checkpoint=None, threads: int | None = None, log_every: int = 20, channels: int = 128,
           max_minutes: float | None = None, default_prompt: str | None = None, episodes: str = "adjacent",
-          prior_dropout: float = 0.0, init=None, snapshot_every: int | None = None) -> Path:
+          prior_dropout: float = 0.0, init=None, snapshot_every: int | None = None,
+          prior_source: str = "support") -> Path:
     from ..backbones import create_backbone, resolve_device
     from .prompt_generator import FoBPromptGenerator, fob_loss, save_generator
     from .training_data import expand_images, label_for, load_prepared, prepare_volume
@@ -200,7 +231,7 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     del bb
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    sampler = EpisodeSampler(vols, rng, episodes=episodes, prior_dropout=prior_dropout)
+    sampler = EpisodeSampler(vols, rng, episodes=episodes, prior_dropout=prior_dropout, prior_source=prior_source)
     if rank == 0:
         print(f"{len(vols)} volumes, {len(sampler)} episode candidates ({len(sampler.matches)} matched across "
               f"volumes), preparation {time.time() - t_prep:.0f} s", flush=True)
@@ -242,8 +273,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     running = {}
     it, stop = start, False
     for it in range(start, iterations):
-        se, sm, sr, qe, qm, qr, pw = (t.to(dev) for t in sampler.sample(batch))
-        out = net(se, sm, sr, qe, pw)
+        se, sm, sr, qe, qm, qr, pw, pr = (t.to(dev) for t in sampler.sample(batch))
+        out = net(se, sm, sr, qe, pw, pr)
         losses = fob_loss(out, qr, qm)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -273,7 +304,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             # Weights along the way, for a held-out curve (benchmarks/relocation.py).
             save_generator(model, output.with_name(f"{output.stem}.it{done:06d}.pt"),
                            {"backbone": backbone, "iterations": done, "episodes": episodes,
-                            "prior_dropout": prior_dropout, "default_prompt": default_prompt}, fp16=True)
+                            "prior_dropout": prior_dropout, "prior_source": prior_source,
+                            "default_prompt": default_prompt}, fp16=True)
         if stop:
             if rank == 0:
                 print(f"stopping after {max_minutes} min at iteration {done}; rerun the same command to resume", flush=True)
@@ -288,7 +320,7 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
             "train_seconds": round(elapsed_before + time.time() - t0, 1), "device": str(dev),
             "history": history[-20:], "default_prompt": default_prompt, "world_size": world,
             "episodes_per_iteration": batch * world, "episodes": episodes, "prior_dropout": prior_dropout,
-            "init": str(init) if init else None,
+            "init": str(init) if init else None, "prior_source": prior_source,
         }
         save_generator(model, output, meta, fp16=True)
         print(f"wrote {output}", flush=True)
@@ -311,5 +343,6 @@ def cmd_train(args) -> int:
           supervoxel=args.supervoxel, supervoxel_mm=args.supervoxel_mm, use_spr=not args.no_spr,
           save_every=args.save_every, checkpoint=args.checkpoint, threads=args.threads,
           max_minutes=args.max_minutes, default_prompt=args.default_prompt, episodes=args.episodes,
-          prior_dropout=args.prior_dropout, init=args.init, snapshot_every=args.snapshot_every)
+          prior_dropout=args.prior_dropout, init=args.init, snapshot_every=args.snapshot_every,
+          prior_source=args.prior_source)
     return 0

@@ -163,10 +163,9 @@ def _shifted_pair(shift=(0, 24, -16), seed=0):
     lies elsewhere in the other, with the same embedding under it."""
     rng = np.random.default_rng(seed)
     n = 6
-    blocks = rng.integers(1, 40, (n, 16, 16))  # 16 x 16 px supervoxels spanning every slice
-    blocks[:] = blocks[0]
-    pseudo = np.kron(blocks, np.ones((1, 16, 16), int)).astype(np.int32)
-    codes = rng.standard_normal((40, 256)).astype(np.float32)
+    blocks = np.broadcast_to(1 + np.arange(256).reshape(16, 16), (n, 16, 16))  # 16 x 16 px supervoxels
+    pseudo = np.kron(blocks, np.ones((1, 16, 16), int)).astype(np.int32)  # spanning every slice
+    codes = rng.standard_normal((257, 256)).astype(np.float32)
     lab64 = pseudo[:, ::4, ::4]
     emb = (codes[lab64].transpose(0, 3, 1, 2) + 0.1 * rng.standard_normal((n, 256, 64, 64))).astype(np.float16)
     a = PreparedVolume("a", emb, np.zeros((n, 256, 256), np.float16), pseudo, np.arange(n))
@@ -202,11 +201,12 @@ def test_relocation_episodes_move_the_structure_and_drop_the_prior():
     none = np.zeros(a.pseudo.shape[0], bool)
     vols = [(a, none), (b, none)]
     adj = EpisodeSampler(vols, np.random.default_rng(0), episodes="adjacent", prior_dropout=1.0)
-    *_, prior = adj.sample(8)
-    assert torch.equal(prior, torch.ones(8))  # adjacent episodes keep the prior
+    _, _, sr, _, _, _, prior, prior_ring = adj.sample(8)
+    assert torch.equal(prior, torch.ones(8))  # adjacent episodes keep the prior: the support ring
+    assert torch.equal(prior_ring, sr)
     rel = EpisodeSampler(vols, np.random.default_rng(0), episodes="relocate", prior_dropout=1.0, augment=False)
     assert rel.matches
-    se, sm, sr, qe, qm, qr, prior = rel.sample(16)
+    se, sm, sr, qe, qm, qr, prior, _ = rel.sample(16)
     assert torch.equal(prior, torch.zeros(16))
 
     def centre(m):
@@ -215,6 +215,15 @@ def test_relocation_episodes_move_the_structure_and_drop_the_prior():
 
     moved = [np.abs(centre(sm[k]) - centre(qm[k])).max() for k in range(16)]
     assert np.mean([d > 8 for d in moved]) > 0.3  # cross-volume episodes: the structure sits elsewhere
+    # The contrast region's ring as the prior: found on the query, so it follows the structure.
+    found = EpisodeSampler(vols, np.random.default_rng(1), episodes="relocate", augment=False,
+                           prior_source="contrast")
+    se, sm, sr, qe, qm, qr, prior, prior_ring = found.sample(16)
+    assert torch.equal(prior, torch.ones(16))
+    to_query = (prior_ring - qr).abs().mean((1, 2))
+    to_support = (prior_ring - sr).abs().mean((1, 2))
+    far = torch.tensor([np.abs(centre(sm[k]) - centre(qm[k])).max() > 8 for k in range(16)])
+    assert far.any() and bool((to_query[far] < to_support[far]).all())
     with pytest.raises(FoBInputError):
         EpisodeSampler(vols, np.random.default_rng(0), episodes="sideways")
 
