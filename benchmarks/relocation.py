@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     prompters = {}
     for w in args.weights:
         it = load_generator(w)[1].get("iterations", "?")
-        for prior, kw in (("support ring", {}), ("none", dict(prior_weight=0.0)),
+        for prior, kw in (("support ring", dict(prior="support")),
+                          ("none", dict(prior="support", prior_weight=0.0)),
                           ("contrast region's ring", dict(prior="contrast"))):
             prompters[f"{Path(w).name} ({it} it), prior: {prior}"] = GeneratorPrompter(bb, w, "box", **kw)
     rows: dict = {}
