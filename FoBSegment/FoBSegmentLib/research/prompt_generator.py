@@ -632,7 +632,9 @@ def load_generator(path, device="cpu") -> tuple:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint problem
-        raise CheckpointError(f"{path} is not a readable FoB prompt generator checkpoint ({type(e).__name__}: {e}).") from e
+        # PyTorch's own message advises loading untrusted files unsafely: not repeated here.
+        raise CheckpointError(f"{path} is not a readable FoB prompt generator checkpoint (not a PyTorch weights file, "
+                              f"or damaged: {type(e).__name__}). Give weights written by `fobsegment train` (.pt).") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a FoB prompt generator checkpoint (expected a dict with 'config' and 'state_dict').")
     if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:

@@ -205,6 +205,19 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     output = Path(output)
     if not output.parent.exists():
         raise FoBInputError(f"The output folder {output.parent} does not exist. Create it first.")
+    if not 0.0 <= prior_dropout <= 1.0:
+        raise FoBInputError(f"--prior-dropout is a probability: give a value from 0 to 1 (got {prior_dropout}).")
+    if snapshot_every is not None and snapshot_every < 1:
+        raise FoBInputError(f"--snapshot-every must be at least 1 iteration (got {snapshot_every}).")
+    start_weights = None
+    if init is not None:  # read before the (long) preparation, so a bad file fails at once
+        from .prompt_generator import load_generator
+
+        start_weights, _ = load_generator(init, device="cpu")
+    # What a checkpoint must have been trained with to be resumed by this command.
+    recipe = dict(batch=batch, lr=lr, seed=seed, episodes=episodes, prior_dropout=prior_dropout,
+                  prior_source=prior_source, init=str(init) if init else None, channels=channels, use_spr=use_spr,
+                  supervoxel=supervoxel, supervoxel_mm=supervoxel_mm)
     files = expand_images(images)
     if not files:
         raise FoBInputError(f"No training images match {images!r}. Give a glob such as 'DIR/image_*.nii.gz'.")
@@ -237,14 +250,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
               f"volumes), preparation {time.time() - t_prep:.0f} s", flush=True)
 
     model = FoBPromptGenerator(channels=channels, use_spr=use_spr).to(dev)
-    if init is not None:  # fine-tune: start from trained weights (the optimiser starts afresh)
-        from .prompt_generator import load_generator
-
-        start_model, _ = load_generator(init, device="cpu")
-        if start_model.config != model.config:
-            raise FoBInputError(f"--init {init}: its architecture {start_model.config} differs from this run's "
+    if start_weights is not None:  # fine-tune: start from trained weights (the optimiser starts afresh)
+        if start_weights.config != model.config:
+            raise FoBInputError(f"--init {init}: its architecture {start_weights.config} differs from this run's "
                                 f"{model.config}. Use the same --channels and SPR setting.")
-        model.load_state_dict(start_model.state_dict())
+        model.load_state_dict(start_weights.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # The official schedule decays x0.98 every 3000 of 39k iterations; keep the same total decay.
     step_size = max(1, iterations // 13)
@@ -253,6 +263,11 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
     start, elapsed_before, history = 0, 0.0, []
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        made_with = state.get("recipe")
+        if made_with is not None and made_with != recipe:
+            changed = ", ".join(f"{k} {made_with.get(k)!r} -> {v!r}" for k, v in recipe.items() if made_with.get(k) != v)
+            raise FoBInputError(f"{ckpt_path} is a run with other settings ({changed}); resuming it would mix two "
+                                "recipes. Rerun with its settings, or give another --output.")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -299,7 +314,8 @@ def train(images, output, backbone: str = "litemedsam", device: str = "auto", it
         if rank == 0 and (done % save_every == 0 or done == iterations or stop):
             _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "iteration": done, "elapsed": elapsed_before + time.time() - t0, "history": history,
-                          "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt_path)
+                          "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "recipe": recipe},
+                         ckpt_path)
         if rank == 0 and snapshot_every and done % snapshot_every == 0:
             # Weights along the way, for a held-out curve (benchmarks/relocation.py).
             save_generator(model, output.with_name(f"{output.stem}.it{done:06d}.pt"),

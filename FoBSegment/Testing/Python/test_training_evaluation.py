@@ -71,6 +71,9 @@ def test_training_runs_resumes_and_writes_loadable_weights(tmp_path):
     assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 4
     assert load_generator(out)[1]["iterations"] == 4
     assert out.stat().st_size < 20 * 2**20
+    with pytest.raises(FoBInputError, match="other settings .*episodes 'adjacent' -> 'relocate'"):
+        train(iterations=6, episodes="relocate", **kw)  # would mix two recipes in one run
+    assert torch.load(str(out) + ".ckpt", weights_only=False)["iteration"] == 4
     # Relocation fine-tuning from those weights, with snapshots for a held-out curve.
     tuned = tmp_path / "tuned.pt"
     train(iterations=4, episodes="mixed", prior_dropout=0.5, init=out, snapshot_every=2,
@@ -260,3 +263,19 @@ def test_generator_takes_its_position_prior_from_the_contrast_region_on_the_quer
     assert np.abs(centre(box) - centre(contrast_box)).max() < 0.1
     with pytest.raises(FoBInputError, match="prior"):
         GeneratorPrompter(segmenter.backbone, prior="atlas")
+
+
+def test_training_options_are_checked_before_any_work(tmp_path):
+    from FoBSegmentLib.errors import CheckpointError
+    from FoBSegmentLib.research.training import train
+
+    kw = dict(images=[str(tmp_path / "image_*.nii.gz")], output=tmp_path / "w.pt", device="cpu")
+    with pytest.raises(FoBInputError, match="from 0 to 1"):
+        train(prior_dropout=1.5, **kw)
+    with pytest.raises(FoBInputError, match="at least 1"):
+        train(snapshot_every=0, **kw)
+    not_weights = tmp_path / "notes.pt"
+    not_weights.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="written by `fobsegment train`") as err:
+        train(init=not_weights, **kw)
+    assert "weights_only" not in str(err.value)
