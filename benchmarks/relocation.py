@@ -84,9 +84,18 @@ def score(seg, box, q_emb, gt) -> tuple[float, bool]:
     return dice(logits > 0, gt), inside
 
 
-def main(argv=None) -> int:
+def default_segmenter(data: Path, cache_dir):
+    """The default Segmenter on LiteMedSAM, or None (with the reason printed) without the data."""
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.backbones import create_backbone
+
+    if not data.is_dir():
+        print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
+        return None
+    return Segmenter(create_backbone("litemedsam", "auto"), cache_dir=cache_dir)
+
+
+def main(argv=None) -> int:
     from FoBSegmentLib.backbones.cpu_runtime import cpu_description
     from FoBSegmentLib.pipeline.slice_prompting import box_from_mask
     from FoBSegmentLib.research.generator_prompts import GeneratorPrompter
@@ -100,11 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--md")
     args = ap.parse_args(argv)
     data = Path(args.data)
-    if not data.is_dir():
-        print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
+    seg = default_segmenter(data, args.cache_dir)
+    if seg is None:
         return 1
-    bb = create_backbone("litemedsam", "auto")
-    seg = Segmenter(bb, cache_dir=args.cache_dir)
+    bb = seg.backbone
     prompters = {}
     for w in args.weights:
         it = load_generator(w)[1].get("iterations", "?")

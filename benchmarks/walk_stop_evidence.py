@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from relocation import DATASETS  # noqa: E402  (the same held-out fold)
+from relocation import DATASETS, default_segmenter  # noqa: E402  (the same held-out fold)
 
 SIGNALS = ("iou", "contrast", "generator_in", "generator_agree")
 
@@ -147,8 +147,6 @@ def summarise(records) -> dict:
 
 
 def main(argv=None) -> int:
-    from FoBSegmentLib import Segmenter
-    from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.backbones.cpu_runtime import cpu_description
     from FoBSegmentLib.research.generator_prompts import GeneratorPrompter
 
@@ -163,12 +161,10 @@ def main(argv=None) -> int:
         print(json.dumps(summarise(json.loads(Path(args.from_json).read_text())["records"]), indent=1))
         return 0
     data = Path(args.data)
-    if not data.is_dir():
-        print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
+    seg = default_segmenter(data, args.cache_dir)
+    if seg is None:
         return 1
-    bb = create_backbone("litemedsam", "auto")
-    seg = Segmenter(bb, cache_dir=args.cache_dir)
-    prompter = GeneratorPrompter(bb, args.weights, "box")
+    prompter = GeneratorPrompter(seg.backbone, args.weights, "box")
     t0 = time.perf_counter()
     records = trace_runs(seg, prompter, data)
     summary = summarise(records)
