@@ -59,6 +59,8 @@ class EpisodeSampler:
 
         if episodes not in EPISODES:
             raise FoBInputError(f"Unknown episode kind {episodes!r}: use one of {', '.join(EPISODES)}.")
+        if prior_source not in PRIOR_SOURCES:
+            raise FoBInputError(f"Unknown prior source {prior_source!r}: use one of {', '.join(PRIOR_SOURCES)}.")
         self.volumes, self.distant = [], []
         kept = []
         for pv, exclude in volumes:
@@ -74,8 +76,6 @@ class EpisodeSampler:
         if episodes != "adjacent" and not self.matches and not any(self.distant):
             raise FoBInputError("No relocation episodes: no supervoxel recurs two slices apart and none matches "
                                 "another volume's. Give more training volumes or use --episodes adjacent.")
-        if prior_source not in PRIOR_SOURCES:
-            raise FoBInputError(f"Unknown prior source {prior_source!r}: use one of {', '.join(PRIOR_SOURCES)}.")
         self.prior_source = prior_source
         self.rng = rng
         self.augment = augment

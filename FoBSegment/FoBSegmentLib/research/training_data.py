@@ -105,20 +105,10 @@ class PreparedVolume:
     slice_index: np.ndarray  # (n,) original slice index of each row
 
     def episodes_candidates(self, exclude: np.ndarray | None = None):
-        """(slice a, slice a+1, label) triples where both slices hold >= MIN_PSEUDO_PX of the label."""
-        out = []
-        n = self.pseudo.shape[0]
-        for a in range(n - 1):
-            if exclude is not None and (exclude[a] or exclude[a + 1]):
-                continue
-            la, lb = self.pseudo[a], self.pseudo[a + 1]
-            ca = np.bincount(la.ravel())
-            cb = np.bincount(lb.ravel(), minlength=len(ca))
-            ca = np.pad(ca, (0, max(0, len(cb) - len(ca))))
-            for v in np.nonzero((ca >= MIN_PSEUDO_PX) & (cb[: len(ca)] >= MIN_PSEUDO_PX))[0]:
-                if v != 0:
-                    out.append((a, a + 1, int(v)))
-        return out
+        """(slice a, slice a+1, label) triples where both slices hold >= MIN_PSEUDO_PX of the
+        label, in slice then label order."""
+        return sorted((a, b, label) for label, slices in self.label_slices(exclude).items()
+                      for a, b in zip(slices, slices[1:]) if b == a + 1)
 
     def distant_candidates(self, exclude: np.ndarray | None = None, min_gap: int = 2):
         """(slice a, slice b, label) with |a - b| >= ``min_gap`` where both slices hold
