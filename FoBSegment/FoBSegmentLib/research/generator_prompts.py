@@ -20,6 +20,20 @@ from ..settings import DEFAULT_SETTINGS, RING_INNER_PX, RING_MARGIN_PX, RING_OUT
 STRATEGIES = ("points", "box", "box+points")
 
 
+def contrast_prior_ring(q_emb, anchor, settings) -> np.ndarray | None:
+    """The position prior found on the query: the background ring around the training-free
+    contrast region (:func:`contrast_region`), or None where there is none.  One function for
+    training (``--prior-source contrast``) and run time (``prior="contrast"``), so the
+    generator meets the prior it was trained on."""
+    region = contrast_region(q_emb, anchor, settings)
+    if region is None or not region.any():
+        return None
+    try:
+        return ring_points(region, outer_radius=RING_OUTER_PX, inner_radius=RING_INNER_PX)
+    except ValueError:  # no ring could be traced around the region
+        return None
+
+
 class GeneratorPrompter:
     """Background ring (and coarse foreground) of the learned generator -> SAM prompt.
 
@@ -78,10 +92,9 @@ class GeneratorPrompter:
     def _prior_ring(self, q_emb, sup):
         if self.prior == "support":
             return None
-        region = contrast_region(q_emb, sup, self.contrast_settings)
-        if region is None:
+        ring = contrast_prior_ring(q_emb, sup, self.contrast_settings)
+        if ring is None:
             return None
-        ring = ring_points(region, outer_radius=RING_OUTER_PX, inner_radius=RING_INNER_PX)
         return torch.as_tensor(ring, dtype=torch.float32)[None].to(self.device)
 
     @torch.inference_mode()

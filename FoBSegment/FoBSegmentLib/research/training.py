@@ -61,19 +61,21 @@ class EpisodeSampler:
             raise FoBInputError(f"Unknown episode kind {episodes!r}: use one of {', '.join(EPISODES)}.")
         if prior_source not in PRIOR_SOURCES:
             raise FoBInputError(f"Unknown prior source {prior_source!r}: use one of {', '.join(PRIOR_SOURCES)}.")
-        self.volumes, self.distant = [], []
+        self.volumes, self.distant = [], []  # distant: [(volume index, candidates)], none empty
         kept = []
         for pv, exclude in volumes:
             cands = pv.episodes_candidates(exclude)
             if cands:
                 self.volumes.append((pv, cands))
-                self.distant.append(pv.distant_candidates(exclude))
+                distant = pv.distant_candidates(exclude)
+                if distant:
+                    self.distant.append((len(self.volumes) - 1, distant))
                 kept.append((pv, exclude))
         if not self.volumes:
             raise FoBInputError("No training episodes: no supervoxel spans two adjacent slices with >= 200 px. "
                                 "Check the training images (or lower the supervoxel size).")
         self.matches = matched_supervoxels(kept, match_cosine) if episodes != "adjacent" else []
-        if episodes != "adjacent" and not self.matches and not any(self.distant):
+        if episodes != "adjacent" and not self.matches and not self.distant:
             raise FoBInputError("No relocation episodes: no supervoxel recurs two slices apart and none matches "
                                 "another volume's. Give more training volumes or use --episodes adjacent.")
         self.prior_source = prior_source
@@ -83,20 +85,19 @@ class EpisodeSampler:
         self.prior_dropout = prior_dropout
 
     def __len__(self):
-        return sum(len(c) for _, c in self.volumes) + sum(len(d) for d in self.distant) + len(self.matches)
+        return sum(len(c) for _, c in self.volumes) + sum(len(d) for _, d in self.distant) + len(self.matches)
 
     def _pair(self):
         """-> (support volume, slice, label, query volume, slice, label, kind)."""
         r = self.rng
         kind = self.episodes if self.episodes != "mixed" else ("adjacent" if r.random() < 0.5 else "relocate")
         if kind == "relocate":
-            distant = [(k, d) for k, d in enumerate(self.distant) if d]
-            if self.matches and (not distant or r.random() < 0.7):
+            if self.matches and (not self.distant or r.random() < 0.7):
                 i, a, la, j, b, lb = self.matches[r.integers(len(self.matches))]
                 if r.random() < 0.5:
                     i, a, la, j, b, lb = j, b, lb, i, a, la
                 return self.volumes[i][0], a, la, self.volumes[j][0], b, lb, kind
-            k, d = distant[r.integers(len(distant))]
+            k, d = self.distant[r.integers(len(self.distant))]
             a, b, label = d[r.integers(len(d))]
         else:
             k = r.integers(len(self.volumes))
@@ -111,19 +112,15 @@ class EpisodeSampler:
         prototypes as the training-free start prompt finds it; ``fallback`` where none is."""
         from types import SimpleNamespace
 
-        from ..pipeline.contrast import contrast_region, prototypes
-        from ..settings import DEFAULT_SETTINGS, RING_INNER_PX, RING_OUTER_PX
+        from ..pipeline.contrast import prototypes
+        from ..settings import DEFAULT_SETTINGS
+        from .generator_prompts import contrast_prior_ring
 
         mask = sm.numpy() > 0.5
         proto_fg, proto_bg = prototypes(se.numpy(), mask)
         anchor = SimpleNamespace(mask_sq=mask, proto_fg=proto_fg, proto_bg=proto_bg)
-        region = contrast_region(qe.numpy(), anchor, DEFAULT_SETTINGS.contrast)
-        if region is None or not region.any():
-            return fallback
-        try:
-            return ring_points(region, outer_radius=RING_OUTER_PX, inner_radius=RING_INNER_PX)
-        except ValueError:
-            return fallback
+        ring = contrast_prior_ring(qe.numpy(), anchor, DEFAULT_SETTINGS.contrast)
+        return fallback if ring is None else ring
 
     def sample(self, batch: int):
         """-> support (embedding, mask, ring), query (embedding, mask, ring), prior weight (B,)
