@@ -32,6 +32,7 @@ def main(argv=None):
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView, occupied_slices
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
@@ -47,7 +48,9 @@ def main(argv=None):
     if not data.is_dir():
         print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
         return 1
-    base = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir)
+    # Decoder calls are what is counted: none may come from the decoded-mask cache.
+    base = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir,
+                     settings=DEFAULT_SETTINGS.with_changes(decode_cache=False))
     calls = [0]
     decode = base.backbone.decode
 

@@ -1,22 +1,27 @@
 """Speed and footprint on the machine in hand: encoder runtimes, start-up, re-runs, memory.
 
-    .venv/bin/python benchmarks/speed_memory.py [--quick] [--big] [--emulate-avx2] [--json OUT.json]
+    .venv/bin/python benchmarks/speed_memory.py [--quick] [--big] [--emulate-avx2] [--rounds 3] [--json OUT.json]
 
 Prints, in one run:
 
 1. the CPU (model, AVX2/AVX-512 flags, cores) and package versions;
 2. seconds per slice of LiteMedSAM's image encoder in every installed runtime (eager PyTorch,
    ONNX Runtime, OpenVINO) on real MRI slices, each as a ratio to eager PyTorch, and the
-   runtime FoBSegment chooses on this machine and why; with ``--emulate-avx2`` the same in a
-   child process whose oneDNN and MKL are limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``:
-   PyTorch and OpenVINO honour it, ONNX Runtime's own kernels do not);
+   runtime FoBSegment chooses on this machine and why.  Each runtime runs in a process of its
+   own (no other runtime's threads or memory beside it), the runtimes in turn, ``--rounds``
+   times: a shared machine drifts between minutes, so the ratio is also given per round.
+   With ``--emulate-avx2`` the same with oneDNN and MKL limited to AVX2
+   (``ONEDNN_MAX_CPU_ISA=AVX2``: PyTorch and OpenVINO honour it, ONNX Runtime's own kernels
+   do not);
 3. the Dice change of each runtime against eager PyTorch on the benchmark folds (CHAOS
    support 2 / cases 3, 5, 8, 20 and MS-CMRSeg support 2 / cases 3-9, protocols ep1 and full;
    ``--quick``: the example CT's liver and spleen instead);
 4. ``fobsegment --help`` and ``fobsegment segment`` as separate processes on a 37-slice MRI
    (CHAOS case 1, one painted liver slice; the example CT without the shared data): seconds
    from start to the first slice encoding, cold (no embedding cached) and cached (the same
-   command again), their ratio, and peak RSS of each;
+   command again: embeddings and decoded masks cached), their ratio, the same with the
+   decoded masks removed (embeddings cached: what another structure or support costs), and
+   peak RSS of each;
 5. with ``--big``: peak RSS of ``fobsegment segment`` on a 512 x 512 x 300 CT synthesised from
    the example CT (a 21-slice range bounds the time).
 
@@ -71,30 +76,26 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="Dice change on the example CT instead of the folds")
     ap.add_argument("--big", action="store_true", help="also the 512 x 512 x 300 CT")
     ap.add_argument("--emulate-avx2", action="store_true", help="also the runtimes with oneDNN/MKL limited to AVX2")
-    ap.add_argument("--runtimes-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3, help="encoder timings: each runtime this many times")
+    ap.add_argument("--one-runtime", choices=RUNTIMES, help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
     report: dict = {}
-    if args.runtimes_only:  # the AVX2-limited child
-        print(json.dumps(encoder_runtimes(real_slices())))
+    if args.one_runtime:  # a child timing one runtime
+        print(json.dumps(encoder_seconds(args.one_runtime, real_slices())))
         return 0
     machine(report)
     with tempfile.TemporaryDirectory(prefix="fobsegment-bench-") as tmp:
         tmp = Path(tmp)
         exports = prepared_exports(tmp / "exports")
         section("encoder, seconds per slice (LiteMedSAM, 256 x 256 input, real MRI slices)")
-        report["encoder"] = show_runtimes(encoder_runtimes(real_slices()))
+        env = {**os.environ, "FOBSEGMENT_CACHE_DIR": str(exports)}
+        report["encoder"] = encoder_runtimes(env, args.rounds)
         chosen(report, exports)
         if args.emulate_avx2:
             section("encoder with oneDNN and MKL limited to AVX2 (emulated; ONNX Runtime's kernels ignore the limit)")
-            env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
-                   "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FOBSEGMENT_CACHE_DIR": str(exports)}
-            out = subprocess.run([sys.executable, __file__, "--runtimes-only"], env=env, capture_output=True,
-                                 text=True)
-            try:
-                report["encoder_avx2_emulated"] = show_runtimes(json.loads(out.stdout.strip().splitlines()[-1]))
-            except (ValueError, IndexError):
-                print("  failed:", out.stderr[-1500:])
+            env.update(ONEDNN_MAX_CPU_ISA="AVX2", DNNL_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+            report["encoder_avx2_emulated"] = encoder_runtimes(env, args.rounds)
         section("Dice change against eager PyTorch (same slices, each runtime's own embeddings)")
         report["dice_change"] = dice_changes(args.quick)
         section("command line, separate processes")
@@ -162,41 +163,61 @@ def real_slices(n=6):
     return [bb.prepare(norm.apply(stack[i]))[None] for i in picks]
 
 
-def encoder_runtimes(xs) -> dict:
-    """Seconds per slice of each installed runtime (median over the slices, after a warm-up)."""
+def encoder_seconds(rt: str, xs) -> float | None:
+    """Median seconds per slice of one runtime over the slices, after a warm-up call."""
     import torch
 
     from FoBSegmentLib.backbones import cpu_runtime
 
-    out = {}
-    for rt in RUNTIMES:
-        if not cpu_runtime.available(rt):
-            out[rt] = None
-            continue
-        try:
-            bb = backbone(runtime=rt)
-        except RuntimeError:
-            out[rt] = None
-            continue
-        with torch.inference_mode():
-            bb.encode(xs[0])
-            times = []
-            for x in xs:
-                t = time.perf_counter()
-                bb.encode(x)
-                times.append(time.perf_counter() - t)
-        out[rt] = round(float(np.median(times)), 4)
-    return out
+    if not cpu_runtime.available(rt):
+        return None
+    try:
+        bb = backbone(runtime=rt)
+    except RuntimeError:
+        return None
+    with torch.inference_mode():
+        bb.encode(xs[0])
+        times = []
+        for x in xs:
+            t = time.perf_counter()
+            bb.encode(x)
+            times.append(time.perf_counter() - t)
+    return round(float(np.median(times)), 4)
 
 
-def show_runtimes(per_slice: dict) -> dict:
-    eager = per_slice.get("torch")
-    for rt, s in per_slice.items():
+def encoder_runtimes(env: dict, rounds: int) -> dict:
+    """Every runtime in a process of its own, in turn, ``rounds`` times: per round and overall
+    (median) seconds per slice, and each runtime's ratio to eager PyTorch."""
+    per_round = []
+    for r in range(rounds):
+        row = {}
+        for rt in RUNTIMES:
+            out = subprocess.run([sys.executable, __file__, "--one-runtime", rt], env=env, capture_output=True,
+                                 text=True)
+            try:
+                row[rt] = json.loads(out.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                print(f"  {rt} failed:", out.stderr[-1500:])
+                row[rt] = None
+        per_round.append(row)
+        print(f"  round {r + 1}: " + ", ".join(f"{rt} {s:.3f} s" if s else f"{rt} -" for rt, s in row.items()),
+              flush=True)
+    median = {rt: (round(float(np.median([row[rt] for row in per_round if row[rt]])), 4)
+                   if any(row[rt] for row in per_round) else None) for rt in RUNTIMES}
+    ratios = {rt: [round(row["torch"] / row[rt], 2) for row in per_round if row[rt] and row.get("torch")]
+              for rt in RUNTIMES if rt != "torch"}
+    eager = median.get("torch")
+    for rt, s in median.items():
         if s is None:
             print(f"  {rt:<12} not available")
+        elif rt == "torch" or not eager:
+            print(f"  {rt:<12} {s:.3f} s per slice (median of {rounds} rounds)")
         else:
-            print(f"  {rt:<12} {s:.3f} s per slice  {eager / s:.2f}x eager PyTorch")
-    return per_slice
+            print(f"  {rt:<12} {s:.3f} s per slice  {eager / s:.2f}x eager PyTorch (per round: "
+                  + ", ".join(f"{x:.2f}x" for x in ratios[rt]) + ")")
+    return {"seconds_per_slice": median, "per_round": per_round,
+            "ratio_to_eager": {rt: round(eager / median[rt], 2) for rt in ratios if eager and median[rt]},
+            "ratio_per_round": ratios}
 
 
 def chosen(report, exports):
@@ -310,15 +331,19 @@ def processes(tmp: Path, exports: Path) -> dict:
     shutil.copytree(exports, cache)
     args = ["segment", "--volume", str(img), "--support-mask", str(support), "--output", str(tmp / "out.seg.nrrd")]
     print(f"  volume {img.name} {shape[::-1]} (i, j, k), one painted liver slice")
-    for name in ("cold", "cached"):
+    for name in ("cold", "cached", "decoding"):
         (tmp / "out.seg.nrrd").unlink(missing_ok=True)
+        if name == "decoding":  # embeddings cached, decoded masks not: another structure's cost
+            shutil.rmtree(cache / "decoded")
         r = run_cli(args, cache)
         out[name] = r
         first = f"{r['first_encode_s']:.2f} s" if r["first_encode_s"] is not None else "never (nothing to encode)"
-        print(f"  {name:<7} {r['seconds']:6.2f} s, first slice encoding after {first}, peak RSS "
+        print(f"  {name:<8} {r['seconds']:6.2f} s, first slice encoding after {first}, peak RSS "
               f"{r['peak_rss_gib']:.2f} GiB, PyTorch {'loaded' if r['torch_loaded'] else 'not loaded'} | {r['stdout']}")
     out["cold_over_cached"] = round(out["cold"]["seconds"] / out["cached"]["seconds"], 2)
-    print(f"  cold / cached: {out['cold_over_cached']:.2f}x")
+    out["cold_over_decoding"] = round(out["cold"]["seconds"] / out["decoding"]["seconds"], 2)
+    print(f"  cold / cached: {out['cold_over_cached']:.2f}x; cold / decoding only (embeddings cached, decoded "
+          f"masks removed): {out['cold_over_decoding']:.2f}x")
     return out
 
 

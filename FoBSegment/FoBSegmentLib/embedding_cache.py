@@ -1,12 +1,22 @@
-"""Embedding cache: no slice is ever encoded twice, and no damaged entry is ever used.
+"""Caches: no slice is ever encoded twice, no prompt is ever decoded twice on the same slice,
+and no damaged entry is ever used.
 
-The key is a hash of the model input itself (the normalised, resized, padded slice) plus the
-backbone's weights and preprocessing identifiers, so a re-run with another support or another
-organ on the same volume only decodes.  Entries live in memory (bounded, least recently used
-first out) and optionally on disk: one file per slice holding a checksum of its content,
-written atomically (temporary file, fsync, rename).  An entry that fails its checksum, has the
-wrong shape or cannot be read is dropped and recomputed; a cache folder that cannot be written
-(read-only, full) makes the cache memory-only, with one warning.
+Both caches keep entries in memory (bounded, least recently used first out) and optionally on
+disk: one file per entry holding a checksum of its content, written atomically (temporary
+file, fsync, rename).  An entry that fails its checksum, has the wrong shape or cannot be read
+is dropped and computed again; a cache folder that cannot be written (read-only, full) makes
+the cache memory-only, with one warning.
+
+- :class:`EmbeddingCache`: a slice's embedding, keyed by a hash of the model input itself (the
+  normalised, resized, padded slice) plus the backbone's weights and preprocessing
+  identifiers, so a re-run with another support or another organ on the same volume only
+  decodes.
+- :class:`DecodeCache`: the mask decoder's answer to one prompt on one embedding, keyed by a
+  hash of the decoder's identity, the embedding and the prompt.  The decoder is a pure
+  function of these, so a run repeated with the same inputs (the same command again, a batch
+  re-run) decodes nothing, while any change of support, settings or corrections decodes
+  exactly the prompts that changed.  A run writes about 0.25 MB per decoder call, so its disk
+  folder is kept under a size limit, the least recently used entries removed first.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -29,17 +40,19 @@ _MAGIC = b"FOBEMB1\n"
 _DIGEST = 32  # blake2b bytes
 
 
-class EmbeddingCache:
-    """``get(key)`` / ``put(key, embedding)``; both hand back the stored (fp16-rounded) values
-    as float32, so results never depend on whether an embedding came from the cache."""
+class _EntryStore:
+    """Memory (LRU, ``memory_mb``) in front of an optional folder of checksummed entries."""
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16):
-        # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
-        # the mask decoder's own activations dominate the rounding error.
+    folder = ""  # below the cache folder
+    suffix = ""
+    what = ""  # "<what> cache entry" in messages
+    plural = ""  # "<plural> are kept in memory only"
+    redo = ""  # what happens instead of using a damaged entry
+
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.memory_bytes = int(memory_mb * 2**20)
-        self.dtype = np.dtype(dtype)
-        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._mem: OrderedDict[str, tuple] = OrderedDict()  # key -> (value, nbytes)
         self._used = 0
         self.hits = 0
         self.misses = 0
@@ -49,41 +62,32 @@ class EmbeddingCache:
         # The Slicer panel may prepare a volume on one worker while Apply runs on another.
         self._lock = threading.RLock()
 
-    @staticmethod
-    def key(model_input: np.ndarray, backbone_id: str) -> str:
-        h = hashlib.blake2b(digest_size=20)
-        h.update(backbone_id.encode())
-        h.update(str(tuple(model_input.shape)).encode())
-        h.update(np.ascontiguousarray(model_input, dtype=np.float32).tobytes())
-        return h.hexdigest()
-
     def _path(self, key: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / "embeddings" / "v2" / key[:2] / f"{key}.emb"
+        return self.cache_dir / self.folder / key[:2] / f"{key}{self.suffix}"
 
-    def get(self, key: str, shape: tuple | None = None) -> np.ndarray | None:
-        """The cached embedding (float32) or None; ``shape``: the shape it must have."""
+    def _lookup(self, key: str, parse):
+        """The value in memory, else parsed from disk (``parse(payload) -> value``, raising
+        ValueError for an entry it cannot use), else None."""
         with self._lock:
-            return self._get(key, shape)
-
-    def _get(self, key, shape):
-        t = self._mem.get(key)
-        if t is not None:
-            self._mem.move_to_end(key)
-            self.hits += 1
-            return t.astype(np.float32)
-        p = self._path(key)
-        if p is not None and p.is_file():
-            arr = self._read(p, shape)
-            if arr is not None:
-                self._remember(key, arr)
+            hit = self._mem.get(key)
+            if hit is not None:
+                self._mem.move_to_end(key)
                 self.hits += 1
-                return arr.astype(np.float32)
-        self.misses += 1
-        return None
+                return hit[0]
+            p = self._path(key)
+            if p is not None and p.is_file():
+                value = self._read(p, parse)
+                if value is not None:
+                    self._remember(key, value)
+                    self.hits += 1
+                    self._used_on_disk(p)
+                    return value
+            self.misses += 1
+            return None
 
-    def _read(self, p: Path, shape) -> np.ndarray | None:
+    def _read(self, p: Path, parse):
         try:
             data = p.read_bytes()
             if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + _DIGEST:
@@ -92,17 +96,12 @@ class EmbeddingCache:
             payload = data[len(_MAGIC) + _DIGEST:]
             if hashlib.blake2b(payload, digest_size=_DIGEST).digest() != digest:
                 raise ValueError("checksum mismatch")
-            arr = np.load(io.BytesIO(payload), allow_pickle=False)
-            if arr.dtype != self.dtype:
-                raise ValueError(f"dtype {arr.dtype}")
-            if shape is not None and tuple(arr.shape) != tuple(shape):
-                raise ValueError(f"shape {arr.shape}, expected {tuple(shape)}")
-            return arr
-        except (OSError, ValueError, EOFError) as exc:
+            return parse(payload)
+        except (OSError, ValueError, EOFError, KeyError) as exc:
             self.dropped += 1
             if not self._warned_damaged:
-                log.warning("FoBSegment: damaged embedding cache entry %s (%s): dropped, the slice is "
-                            "encoded again.", p.name, exc)
+                log.warning("FoBSegment: damaged %s cache entry %s (%s): dropped, %s.", self.what, p.name, exc,
+                            self.redo)
                 self._warned_damaged = True
             try:
                 p.unlink()
@@ -110,20 +109,15 @@ class EmbeddingCache:
                 pass
             return None
 
-    def put(self, key: str, embedding: np.ndarray) -> np.ndarray:
-        """Store an embedding; returns it as stored (rounded to the cache's precision), float32."""
-        t = np.ascontiguousarray(embedding, dtype=self.dtype)
+    def _store(self, key: str, value, payload) -> None:
+        """Keep ``value`` in memory and, where there is a usable folder, ``payload()`` on disk."""
         with self._lock:
-            self._remember(key, t)
+            self._remember(key, value)
         p = self._path(key)
         if p is not None and self._disk_ok and not p.exists():
-            self._write(p, t)
-        return t.astype(np.float32)
+            self._write_payload(p, payload())
 
-    def _write(self, p: Path, t: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, t, allow_pickle=False)
-        payload = buf.getvalue()
+    def _write_payload(self, p: Path, payload: bytes) -> None:
         data = _MAGIC + hashlib.blake2b(payload, digest_size=_DIGEST).digest() + payload
 
         def write(tmp):
@@ -133,22 +127,29 @@ class EmbeddingCache:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(p, write, suffix=".tmp", mode=0o666)
+            self._written(len(data))
         except (OSError, FoBError) as exc:
             self._disk_ok = False
-            log.warning("FoBSegment: the embedding cache folder %s cannot be written (%s); embeddings are "
-                        "kept in memory only for this process.", self.cache_dir, exc)
+            log.warning("FoBSegment: the %s cache folder %s cannot be written (%s); %s are kept in memory only "
+                        "for this process.", self.what, self.cache_dir, exc, self.plural)
 
-    def _remember(self, key: str, t: np.ndarray) -> None:
+    def _used_on_disk(self, p: Path) -> None:
+        """A disk entry was read (the decode cache keeps its recently used entries)."""
+
+    def _written(self, nbytes: int) -> None:
+        """A disk entry of ``nbytes`` was written."""
+
+    def _remember(self, key: str, value) -> None:
         if key in self._mem:
             return
-        size = t.nbytes
+        size = _nbytes(value)
         if size > self.memory_bytes:
             return
-        self._mem[key] = t
+        self._mem[key] = (value, size)
         self._used += size
         while self._used > self.memory_bytes:
-            _, old = self._mem.popitem(last=False)
-            self._used -= old.nbytes
+            _, (_, old) = self._mem.popitem(last=False)
+            self._used -= old
 
     def __len__(self) -> int:
         return len(self._mem)
@@ -156,3 +157,155 @@ class EmbeddingCache:
     def clear_memory(self) -> None:
         self._mem.clear()
         self._used = 0
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    return int(getattr(value, "nbytes", 64))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class EmbeddingCache(_EntryStore):
+    """``get(key)`` / ``put(key, embedding)``; both hand back the stored (fp16-rounded) values
+    as float32, so results never depend on whether an embedding came from the cache."""
+
+    folder, suffix = "embeddings/v2", ".emb"
+    what, plural, redo = "embedding", "embeddings", "the slice is encoded again"
+
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16):
+        # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
+        # the mask decoder's own activations dominate the rounding error.
+        super().__init__(cache_dir, memory_mb)
+        self.dtype = np.dtype(dtype)
+
+    @staticmethod
+    def key(model_input: np.ndarray, backbone_id: str) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(backbone_id.encode())
+        h.update(str(tuple(model_input.shape)).encode())
+        h.update(np.ascontiguousarray(model_input, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str, shape: tuple | None = None) -> np.ndarray | None:
+        """The cached embedding (float32) or None; ``shape``: the shape it must have."""
+
+        def parse(payload):
+            arr = np.load(io.BytesIO(payload), allow_pickle=False)
+            if arr.dtype != self.dtype:
+                raise ValueError(f"dtype {arr.dtype}")
+            if shape is not None and tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"shape {arr.shape}, expected {tuple(shape)}")
+            return arr
+
+        t = self._lookup(key, parse)
+        return None if t is None else t.astype(np.float32)
+
+    def put(self, key: str, embedding: np.ndarray) -> np.ndarray:
+        """Store an embedding; returns it as stored (rounded to the cache's precision), float32."""
+        t = np.ascontiguousarray(embedding, dtype=self.dtype)
+        self._store(key, t, lambda: _npy(t))
+        return t.astype(np.float32)
+
+    def _write(self, p: Path, t: np.ndarray) -> None:
+        self._write_payload(p, _npy(t))
+
+
+class DecodeCache(_EntryStore):
+    """``get(key)`` / ``put(key, logits, iou)``: the mask the decoder chose for one prompt
+    (float32 logits on the work grid, exactly as decoded) and its predicted IoU."""
+
+    folder, suffix = "decoded/v1", ".dec"
+    what, plural, redo = "decoded mask", "decoded masks", "the prompt is decoded again"
+
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 256.0, disk_mb: float = 2048.0):
+        super().__init__(cache_dir, memory_mb)
+        self.disk_bytes = int(disk_mb * 2**20)
+        self._disk_used: int | None = None  # bytes in the folder, counted on the first write
+
+    @staticmethod
+    def key(decoder_id: str, embedding_digest: bytes, points, labels, box, multimask: bool) -> str:
+        """The decoder's identity, the embedding (its digest, :func:`array_digest`) and the prompt."""
+        h = hashlib.blake2b(digest_size=20)
+        h.update(decoder_id.encode())
+        h.update(embedding_digest)
+        for name, a, dtype in (("p", points, np.float32), ("l", labels, np.int64), ("b", box, np.float32)):
+            h.update(name.encode())
+            if a is not None:
+                a = np.ascontiguousarray(a, dtype=dtype)
+                h.update(str(a.shape).encode())
+                h.update(a.tobytes())
+        h.update(b"multi" if multimask else b"single")
+        return h.hexdigest()
+
+    def get(self, key: str) -> tuple[np.ndarray, float] | None:
+        def parse(payload):
+            arr = np.load(io.BytesIO(payload), allow_pickle=False)
+            if arr.dtype != np.float32 or arr.ndim != 1 or arr.size < 2:
+                raise ValueError(f"dtype {arr.dtype}, shape {arr.shape}")
+            side = int(round(np.sqrt(arr.size - 1)))
+            if side * side != arr.size - 1:
+                raise ValueError(f"{arr.size - 1} logits are not a square grid")
+            return arr[:-1].reshape(side, side), float(arr[-1])
+
+        hit = self._lookup(key, parse)
+        return None if hit is None else (hit[0].copy(), hit[1])
+
+    def put(self, key: str, logits: np.ndarray, iou: float) -> None:
+        logits = np.ascontiguousarray(logits, np.float32)
+        value = (logits.copy(), float(iou))
+        self._store(key, value, lambda: _npy(np.concatenate([logits.ravel(), np.float32([iou])])))
+
+    def _used_on_disk(self, p: Path) -> None:
+        try:
+            os.utime(p)  # recently used: removed last
+        except OSError:
+            pass
+
+    def _written(self, nbytes: int) -> None:
+        if self._disk_used is None:
+            self._disk_used = sum(size for _, size, _ in self._entries())
+        self._disk_used += nbytes
+        if self._disk_used > self.disk_bytes:
+            self._trim()
+
+    def _entries(self):
+        root = self.cache_dir / self.folder
+        out = []
+        for sub in root.iterdir() if root.is_dir() else ():
+            for f in sub.iterdir() if sub.is_dir() else ():
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                out.append((st.st_mtime, st.st_size, f))
+        return out
+
+    def _trim(self) -> None:
+        """Remove the least recently used entries until the folder holds 3/4 of its limit
+        (trimming on every write would list the folder on every write)."""
+        entries = sorted(self._entries(), key=lambda e: e[0])
+        used = sum(size for _, size, _ in entries)
+        for _, size, f in entries:
+            if used <= self.disk_bytes * 3 // 4:
+                break
+            try:
+                f.unlink()
+                used -= size
+            except OSError:
+                pass
+        self._disk_used = used
+
+
+def array_digest(a: np.ndarray) -> bytes:
+    """A digest of an array's values and shape (SHA-256: hardware-accelerated on most CPUs,
+    ~3 ms for a float32 embedding)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.digest()

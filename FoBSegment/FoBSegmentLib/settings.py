@@ -133,6 +133,13 @@ class SegmenterSettings:
     atlas: AtlasSettings = field(default_factory=AtlasSettings)
     #: Largest size (MB) of the in-memory embedding cache (fp16, 2 MB per slice).
     memory_cache_mb: float = 1024.0
+    #: Keep the mask decoder's answers (in memory and in the cache folder), so that a run
+    #: repeated with the same inputs decodes nothing; False decodes every prompt (benchmarks
+    #: that time the decoder).
+    decode_cache: bool = True
+    #: Largest size (MB) of the decoded masks in the cache folder (0.25 MB per decoder call);
+    #: the least recently used go first.
+    decode_cache_disk_mb: float = 2048.0
 
     def with_changes(self, **changes) -> "SegmenterSettings":
         """A copy with fields changed by dotted name: ``with_changes(**{"walk.pad_px": 6.0})``."""

@@ -66,6 +66,11 @@ class Backbone(abc.ABC):
         """Identifies the preprocessing; part of every embedding-cache key."""
         return f"{type(self).__name__}-in{self.input_size}-v1"
 
+    def decoder_id(self) -> str:
+        """Identifies what decodes a prompt (weights, where and how it runs); part of every
+        decode-cache key, so that a mask decoded one way is never handed out for another."""
+        return f"{self.weights_id()}-{type(self).__name__}-{self.device.type}-{getattr(self, 'precision', 'fp32')}"
+
     # --- preprocessing ---------------------------------------------------------------
     def prepare(self, slice2d: np.ndarray) -> np.ndarray:
         """One intensity-normalised slice (rows, cols) float32 in [0, 1] -> (3, S, S) model

@@ -216,6 +216,11 @@ class LiteMedSAMBackbone(Backbone):
     def weights_id(self) -> str:
         return f"litemedsam-{self._sha[:16]}"
 
+    def decoder_id(self) -> str:
+        # The exported graph and eager PyTorch agree to 2e-5 in the logits, not bit for bit.
+        exported = self._decodes_exported() and self.runtime != "torch"
+        return super().decoder_id() + (f"-graph{GRAPH_VERSION}" if exported else "-eager")
+
     @staticmethod
     def default_precision() -> str:
         """fp32 unless ``FOBSEGMENT_PRECISION`` says ``bf16`` or ``auto`` (bf16 where the CPU

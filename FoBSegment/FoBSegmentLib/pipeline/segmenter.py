@@ -9,7 +9,7 @@ import numpy as np
 
 from ..backbones.base import Backbone
 from ..backbones.cpu_runtime import single_threaded_blas
-from ..embedding_cache import EmbeddingCache
+from ..embedding_cache import DecodeCache, EmbeddingCache
 from ..errors import FoBInputError
 from ..geometry import SliceView, Volume, occupied_slices, validate_image_content, validate_volume
 from ..settings import DEFAULT_SETTINGS, SegmenterSettings
@@ -27,8 +27,8 @@ class Segmenter:
     ``backbone``: a name (``litemedsam``, the embedded default; ``sam_vit_b`` / ``_l`` / ``_h``,
     downloaded on first use; ``medsam_vit_b``, a local checkpoint) or a built
     :class:`~FoBSegmentLib.backbones.base.Backbone`.  ``device``: ``auto``, ``cpu`` or ``cuda``.
-    ``cache_dir``: where checkpoints and slice embeddings are kept between runs (None: memory
-    only).  ``settings``: a :class:`~FoBSegmentLib.settings.SegmenterSettings`.
+    ``cache_dir``: where checkpoints, slice embeddings and decoded masks are kept between runs
+    (None: memory only).  ``settings``: a :class:`~FoBSegmentLib.settings.SegmenterSettings`.
     ``start_prompter``: how a slice without a segmented neighbour is prompted (default: the
     training-free background contrast; research code may pass the learned generator).
     """
@@ -42,25 +42,24 @@ class Segmenter:
             from ..backbones import create_backbone
 
             backbone = create_backbone(backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
-        self.backbone = backbone
-        self.settings = settings
+        self.backbone, self.settings = backbone, settings
         self.cache = EmbeddingCache(cache_dir, settings.memory_cache_mb)
         self.embedder = Embedder(backbone, self.cache, batch_size)
         self.start_prompter = start_prompter or ContrastPrompter(backbone, settings)
-        self.predictor = SlicePredictor(backbone, settings, self.start_prompter)
+        self.decoded = DecodeCache(cache_dir, disk_mb=settings.decode_cache_disk_mb) if settings.decode_cache else None
+        self.predictor = SlicePredictor(backbone, settings, self.start_prompter, self.decoded)
 
     def with_settings(self, settings: SegmenterSettings | None = None, **changes) -> "Segmenter":
-        """A Segmenter with other settings sharing this one's backbone and embedding cache (no
-        slice is encoded again).  ``changes`` by dotted name: ``with_settings(**{"walk.pad_px": 6})``."""
+        """A Segmenter with other settings sharing this one's backbone and caches (no slice is
+        encoded again).  ``changes`` by dotted name: ``with_settings(**{"walk.pad_px": 6})``."""
         settings = (settings or self.settings).with_changes(**changes) if changes else (settings or self.settings)
         other = object.__new__(Segmenter)
         other.backbone, other.settings, other.cache = self.backbone, settings, self.cache
+        other.decoded = self.decoded if settings.decode_cache else None
         other.embedder = Embedder(self.backbone, self.cache, self.embedder.batch_size)
-        if isinstance(self.start_prompter, ContrastPrompter):
-            other.start_prompter = ContrastPrompter(self.backbone, settings)
-        else:
-            other.start_prompter = self.start_prompter
-        other.predictor = SlicePredictor(self.backbone, settings, other.start_prompter)
+        contrast = isinstance(self.start_prompter, ContrastPrompter)
+        other.start_prompter = ContrastPrompter(self.backbone, settings) if contrast else self.start_prompter
+        other.predictor = SlicePredictor(self.backbone, settings, other.start_prompter, other.decoded)
         return other
 
     @property

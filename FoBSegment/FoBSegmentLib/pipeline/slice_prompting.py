@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..background_ring import ring_points
+from ..embedding_cache import DecodeCache, array_digest
 from ..settings import RING_INNER_PX, RING_OUTER_PX, WORK_SIZE, SegmenterSettings
 from .contrast import contrast_region
 
@@ -94,18 +95,36 @@ class ContrastPrompter:
 
 
 class SlicePredictor:
-    """Prompt one slice and decode it."""
+    """Prompt one slice and decode it; ``decoded`` (a :class:`DecodeCache`, optional) spares
+    decoding a prompt already decoded on the same embedding."""
 
-    def __init__(self, backbone, settings: SegmenterSettings, start_prompter):
+    def __init__(self, backbone, settings: SegmenterSettings, start_prompter, decoded: DecodeCache | None = None):
         self.backbone = backbone
         self.settings = settings
         self.start_prompter = start_prompter
+        self.decoded = decoded
+        self._digest = (None, b"")  # (embedding, its digest): settling decodes one slice several times
 
     def decode(self, q_emb, prompt: SlicePrompt) -> tuple[np.ndarray, float]:
         # A point prompt alone is ambiguous (part, organ, organ + neighbour): let SAM offer three.
         multimask = not self.backbone.box_trained and prompt.box is None
+        key = None
+        if self.decoded is not None:
+            key = DecodeCache.key(self.backbone.decoder_id(), self._embedding_digest(q_emb), prompt.points,
+                                  prompt.labels, prompt.box, multimask)
+            hit = self.decoded.get(key)
+            if hit is not None:
+                return hit
         dec = self.backbone.decode(q_emb, multimask=multimask, **prompt.decoder_args())
-        return choose_mask(dec.logits, dec.iou)
+        logits, iou = choose_mask(dec.logits, dec.iou)
+        if key is not None:
+            self.decoded.put(key, logits, iou)
+        return logits, iou
+
+    def _embedding_digest(self, q_emb) -> bytes:
+        if self._digest[0] is not q_emb:
+            self._digest = (q_emb, array_digest(np.asarray(q_emb, np.float32)))
+        return self._digest[1]
 
     def predict(self, q_emb, sup, prev_sq: np.ndarray | None) -> SlicePrediction:
         """SAM's mask on a query slice: from the neighbour's mask ``prev_sq`` when there is

@@ -16,7 +16,7 @@ import torch
 from conftest import one_slice_support
 from FoBSegmentLib import FoBInputError, Segmenter, Volume, read_support_mask, read_volume, write_result, write_segments
 from FoBSegmentLib.cli import main
-from FoBSegmentLib.embedding_cache import EmbeddingCache
+from FoBSegmentLib.embedding_cache import DecodeCache, EmbeddingCache
 from FoBSegmentLib.errors import CheckpointError
 
 
@@ -120,6 +120,39 @@ def test_fresh_and_cached_embeddings_are_identical(ct, litemedsam):
     assert e.encoded_count == 1 and np.array_equal(fresh, cached)
 
 
+def test_decoded_masks_are_checked_and_their_folder_bounded(tmp_path, caplog):
+    """A damaged decoded mask is dropped (said once) and decoded again; the folder stays under
+    its limit by removing the least recently used masks."""
+    cache = DecodeCache(tmp_path, memory_mb=0, disk_mb=1)  # about four masks of 0.25 MB
+    logits = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+    emb = np.ones((256, 64, 64), np.float32)
+    from FoBSegmentLib.embedding_cache import array_digest
+
+    keys = [DecodeCache.key("decoder", array_digest(emb), None, None, np.float32([0.1, 0.1, 0.2 + i / 100, 0.5]),
+                            False) for i in range(8)]
+    assert len(set(keys)) == 8
+    assert DecodeCache.key("decoder", array_digest(emb + 1e-3), None, None, np.float32([0.1, 0.1, 0.2, 0.5]),
+                           False) != keys[0], "another embedding, another key"
+    for i, key in enumerate(keys):
+        cache.put(key, logits + i, 0.5 + i / 100)
+        if i == 1:
+            os.utime(cache._path(keys[0]), (time.time() + 60, time.time() + 60))  # read most recently
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.dec")) <= 2**20
+    got = cache.get(keys[-1])
+    assert np.array_equal(got[0], logits + 7) and got[1] == np.float32(0.57)
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None, "least recently used removed first"
+    path = cache._path(keys[-1])
+    data = bytearray(path.read_bytes())
+    data[-1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cache._path(keys[-2]).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        assert DecodeCache(tmp_path, memory_mb=0).get(keys[-1]) is None
+        assert DecodeCache(tmp_path, memory_mb=0).get(keys[-2]) is None
+    assert not path.exists() and not cache._path(keys[-2]).exists()
+    assert sum("damaged decoded mask cache entry" in r.message for r in caplog.records) == 2
+
+
 # 4 ------------------------------------------------------------------ unusable cache folder
 def test_unusable_cache_folder_falls_back_to_memory(tmp_path, caplog):
     blocker = tmp_path / "a_file"
@@ -187,10 +220,12 @@ def test_outputs_and_cache_honour_the_umask(small, tmp_path):
     try:
         out = write_result(tmp_path / "r.seg.nrrd", vol, _mask(vol))
         EmbeddingCache(tmp_path / "cache").put("ef" * 20, np.ones(2, np.float32))
+        DecodeCache(tmp_path / "cache").put("ef" * 20, np.ones((4, 4), np.float32), 0.9)
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "cache").rglob("*.emb"))
+    written = list((tmp_path / "cache").rglob("*.emb")) + list((tmp_path / "cache").rglob("*.dec"))
+    assert len(written) == 2 and all(p.stat().st_mode & 0o777 == 0o644 for p in written)
 
 
 # 9 ------------------------------------------------------------------ sheared geometry

@@ -71,6 +71,47 @@ def test_embedding_cache_means_no_slice_is_encoded_twice(ct, segmenter, litemeds
     assert np.array_equal(first.mask, second.mask) and np.array_equal(first.mask, again.mask)
 
 
+def test_a_repeated_run_decodes_nothing_and_gives_the_same_mask(ct, litemedsam, tmp_path, monkeypatch):
+    """The decoder's answers are cached with the embeddings: the same run again (a new process:
+    a new Segmenter on the same cache folder) decodes nothing; another structure decodes."""
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+    vol, labels = ct
+    liver, k, _ = one_slice_support(vol, labels == 5)
+    spleen, ks, _ = one_slice_support(vol, labels == 1)
+    calls = []
+    decode = litemedsam.decode
+    monkeypatch.setattr(litemedsam, "decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+
+    def run(support, rng, **settings):
+        n = len(calls)
+        seg = Segmenter(litemedsam, cache_dir=tmp_path, settings=DEFAULT_SETTINGS.with_changes(**settings))
+        return seg.segment(vol, vol, support, slice_range=rng), len(calls) - n
+
+    first, n_first = run(liver, (k - 2, k + 2))
+    again, n_again = run(liver, (k - 2, k + 2))
+    other, n_other = run(spleen, (ks - 2, ks + 2))
+    uncached, n_uncached = run(liver, (k - 2, k + 2), decode_cache=False)
+    assert n_first >= 3 and n_again == 0 and n_other >= 3 and n_uncached == n_first
+    assert np.array_equal(first.mask, again.mask) and np.array_equal(first.mask, uncached.mask)
+    assert first.mask.any() and other.mask.any() and not np.array_equal(first.mask, other.mask)
+    assert len(list(tmp_path.rglob("*.dec"))) == n_first + n_other
+
+
+def test_decoder_identity_names_how_it_decodes(litemedsam):
+    """A mask decoded by eager PyTorch is never handed out for the exported graph (they agree
+    to 2e-5, not bit for bit), nor one of other weights."""
+    from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
+
+    eager = LiteMedSAMBackbone("cpu")
+    eager.runtime = "torch"
+    exported = LiteMedSAMBackbone("cpu")
+    if exported.runtime == "torch":
+        pytest.skip("no ONNX export on this machine: only eager decoding to compare")
+    assert eager.decoder_id() != exported.decoder_id()
+    assert eager.decoder_id().startswith(litemedsam.weights_id())
+
+
 def test_cancel_raises_and_returns_nothing(ct, segmenter):
     vol, labels = ct
     support, k, _ = one_slice_support(vol, labels == 5)
