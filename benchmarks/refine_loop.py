@@ -83,6 +83,7 @@ def main(argv=None):
 
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.io import read_volume
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
@@ -95,7 +96,8 @@ def main(argv=None):
         print(f"shared data not found at {data}: nothing to measure (set FOBSEGMENT_SHARED_DATA)")
         return 1
     torch.set_num_threads(os.cpu_count())
-    seg = Segmenter("litemedsam", cache_dir=args.cache_dir)
+    # Refine is timed as decoding, never as decoded masks read back from an earlier invocation.
+    seg = Segmenter("litemedsam", cache_dir=args.cache_dir, settings=DEFAULT_SETTINGS.with_changes(decode_cache=False))
     rows = []
     for dname, d in CASES.items():
         folder = data / d["folder"]

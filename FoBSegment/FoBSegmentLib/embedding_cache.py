@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _MAGIC = b"FOBEMB1\n"
 _DIGEST = 32  # blake2b bytes
+_UNWRITABLE: set = set()  # cache folders found unwritable in this process
 
 
 class _EntryStore:
@@ -46,7 +47,6 @@ class _EntryStore:
     folder = ""  # below the cache folder
     suffix = ""
     what = ""  # "<what> cache entry" in messages
-    plural = ""  # "<plural> are kept in memory only"
     redo = ""  # what happens instead of using a damaged entry
 
     def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0):
@@ -90,6 +90,9 @@ class _EntryStore:
     def _read(self, p: Path, parse):
         try:
             data = p.read_bytes()
+        except FileNotFoundError:  # removed by another process since it was listed: a miss
+            return None
+        try:
             if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + _DIGEST:
                 raise ValueError("not a FoBSegment cache entry")
             digest = data[len(_MAGIC):len(_MAGIC) + _DIGEST]
@@ -127,11 +130,17 @@ class _EntryStore:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(p, write, suffix=".tmp", mode=0o666)
-            self._written(len(data))
         except (OSError, FoBError) as exc:
             self._disk_ok = False
-            log.warning("FoBSegment: the %s cache folder %s cannot be written (%s); %s are kept in memory only "
-                        "for this process.", self.what, self.cache_dir, exc, self.plural)
+            if self.cache_dir not in _UNWRITABLE:  # said once for both caches of a folder
+                _UNWRITABLE.add(self.cache_dir)
+                log.warning("FoBSegment: the cache folder %s cannot be written (%s); embeddings and decoded masks "
+                            "are kept in memory only for this process.", self.cache_dir, exc)
+            return
+        try:
+            self._written(len(data))
+        except OSError as exc:  # the folder could not be listed: entries stay, trimmed next time
+            log.debug("Could not trim %s: %s", self.cache_dir, exc)
 
     def _used_on_disk(self, p: Path) -> None:
         """A disk entry was read (the decode cache keeps its recently used entries)."""
@@ -176,7 +185,7 @@ class EmbeddingCache(_EntryStore):
     as float32, so results never depend on whether an embedding came from the cache."""
 
     folder, suffix = "embeddings/v2", ".emb"
-    what, plural, redo = "embedding", "embeddings", "the slice is encoded again"
+    what, redo = "embedding", "the slice is encoded again"
 
     def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16):
         # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
@@ -221,9 +230,9 @@ class DecodeCache(_EntryStore):
     (float32 logits on the work grid, exactly as decoded) and its predicted IoU."""
 
     folder, suffix = "decoded/v1", ".dec"
-    what, plural, redo = "decoded mask", "decoded masks", "the prompt is decoded again"
+    what, redo = "decoded mask", "the prompt is decoded again"
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 256.0, disk_mb: float = 2048.0):
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 64.0, disk_mb: float = 2048.0):
         super().__init__(cache_dir, memory_mb)
         self.disk_bytes = int(disk_mb * 2**20)
         self._disk_used: int | None = None  # bytes in the folder, counted on the first write
@@ -268,9 +277,12 @@ class DecodeCache(_EntryStore):
             pass
 
     def _written(self, nbytes: int) -> None:
+        # Counted once per process, then added up: several processes writing to one folder
+        # each trim when their own count passes the limit, so the folder may exceed it a while.
         if self._disk_used is None:
-            self._disk_used = sum(size for _, size, _ in self._entries())
-        self._disk_used += nbytes
+            self._disk_used = sum(size for _, size, _ in self._entries())  # this entry included
+        else:
+            self._disk_used += nbytes
         if self._disk_used > self.disk_bytes:
             self._trim()
 
@@ -296,9 +308,11 @@ class DecodeCache(_EntryStore):
                 break
             try:
                 f.unlink()
-                used -= size
-            except OSError:
+            except FileNotFoundError:  # trimmed by another process
                 pass
+            except OSError:
+                continue
+            used -= size
         self._disk_used = used
 
 

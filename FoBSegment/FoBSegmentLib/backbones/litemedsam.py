@@ -217,9 +217,15 @@ class LiteMedSAMBackbone(Backbone):
         return f"litemedsam-{self._sha[:16]}"
 
     def decoder_id(self) -> str:
-        # The exported graph and eager PyTorch agree to 2e-5 in the logits, not bit for bit.
-        exported = self._decodes_exported() and self.runtime != "torch"
-        return super().decoder_id() + (f"-graph{GRAPH_VERSION}" if exported else "-eager")
+        # The exported graph and eager PyTorch agree to 2e-5 in the logits, not bit for bit: the
+        # decoder actually built once there is one, else the one that will be built.
+        if self._decoder is None:
+            exported = self._decodes_exported() and self.runtime != "torch"
+        else:
+            exported = bool(self._decoder)
+        if not exported:
+            return super().decoder_id() + "-eager"
+        return super().decoder_id() + f"-graph{GRAPH_VERSION}-onnxruntime{onnx_runtime.package_version('onnxruntime')}"
 
     @staticmethod
     def default_precision() -> str:

@@ -17,6 +17,7 @@ keeps the eager PyTorch path.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -61,6 +62,17 @@ def torch_version() -> str:
         return sys.modules["torch"].__version__.split("+")[0]
     try:
         return metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def package_version(name: str) -> str:
+    """An installed package's version from its metadata (without importing it), or ``none``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "none"
 

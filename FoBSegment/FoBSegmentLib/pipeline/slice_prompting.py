@@ -108,23 +108,26 @@ class SlicePredictor:
     def decode(self, q_emb, prompt: SlicePrompt) -> tuple[np.ndarray, float]:
         # A point prompt alone is ambiguous (part, organ, organ + neighbour): let SAM offer three.
         multimask = not self.backbone.box_trained and prompt.box is None
-        key = None
-        if self.decoded is not None:
-            key = DecodeCache.key(self.backbone.decoder_id(), self._embedding_digest(q_emb), prompt.points,
-                                  prompt.labels, prompt.box, multimask)
-            hit = self.decoded.get(key)
+        digest = self._embedding_digest(q_emb) if self.decoded is not None else None
+        if digest is not None:
+            hit = self.decoded.get(self._key(digest, prompt, multimask))
             if hit is not None:
                 return hit
         dec = self.backbone.decode(q_emb, multimask=multimask, **prompt.decoder_args())
         logits, iou = choose_mask(dec.logits, dec.iou)
-        if key is not None:
-            self.decoded.put(key, logits, iou)
+        if digest is not None:  # keyed again: the first decode may have found it must fall back to eager
+            self.decoded.put(self._key(digest, prompt, multimask), logits, iou)
         return logits, iou
 
+    def _key(self, digest: bytes, prompt: SlicePrompt, multimask: bool) -> str:
+        return DecodeCache.key(self.backbone.decoder_id(), digest, prompt.points, prompt.labels, prompt.box, multimask)
+
     def _embedding_digest(self, q_emb) -> bytes:
-        if self._digest[0] is not q_emb:
-            self._digest = (q_emb, array_digest(np.asarray(q_emb, np.float32)))
-        return self._digest[1]
+        last = self._digest  # read once: the Slicer panel and the console may share a predictor
+        if last[0] is not q_emb:
+            last = (q_emb, array_digest(np.asarray(q_emb, np.float32)))
+            self._digest = last
+        return last[1]
 
     def predict(self, q_emb, sup, prev_sq: np.ndarray | None) -> SlicePrediction:
         """SAM's mask on a query slice: from the neighbour's mask ``prev_sq`` when there is

@@ -98,9 +98,11 @@ def test_a_repeated_run_decodes_nothing_and_gives_the_same_mask(ct, litemedsam, 
     assert len(list(tmp_path.rglob("*.dec"))) == n_first + n_other
 
 
-def test_decoder_identity_names_how_it_decodes(litemedsam):
+def test_decoder_identity_names_how_it_decodes(litemedsam, monkeypatch):
     """A mask decoded by eager PyTorch is never handed out for the exported graph (they agree
-    to 2e-5, not bit for bit), nor one of other weights."""
+    to 2e-5, not bit for bit), nor one of other weights; a decoder that fell back to eager
+    PyTorch says so."""
+    from FoBSegmentLib.backbones import onnx_runtime
     from FoBSegmentLib.backbones.litemedsam import LiteMedSAMBackbone
 
     eager = LiteMedSAMBackbone("cpu")
@@ -110,6 +112,14 @@ def test_decoder_identity_names_how_it_decodes(litemedsam):
         pytest.skip("no ONNX export on this machine: only eager decoding to compare")
     assert eager.decoder_id() != exported.decoder_id()
     assert eager.decoder_id().startswith(litemedsam.weights_id())
+
+    def unloadable(*_a, **_k):
+        raise RuntimeError("simulated: the decoder's session cannot be created")
+
+    fell_back = LiteMedSAMBackbone("cpu")
+    monkeypatch.setattr(onnx_runtime, "onnx_model", unloadable)
+    fell_back.decode(np.zeros((256, 64, 64), np.float32), box=np.array([0.2, 0.2, 0.6, 0.6]))
+    assert fell_back.decoder_id() == eager.decoder_id()
 
 
 def test_cancel_raises_and_returns_nothing(ct, segmenter):

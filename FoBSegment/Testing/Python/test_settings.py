@@ -28,8 +28,14 @@ def test_every_setting_is_documented():
     import FoBSegmentLib.settings as mod
 
     src = inspect.getsource(mod)
-    for group in (f.type for f in dataclasses.fields(SegmenterSettings) if f.name != "memory_cache_mb"):
-        cls = getattr(mod, group) if isinstance(group, str) else group
-        for f in dataclasses.fields(cls):
-            line = next(i for i, l in enumerate(src.splitlines()) if l.strip().startswith(f"{f.name}:"))
-            assert src.splitlines()[line - 1].strip().startswith("#:"), f"{cls.__name__}.{f.name} undocumented"
+    fields = []
+    for top in dataclasses.fields(SegmenterSettings):
+        cls = getattr(mod, top.type, None) if isinstance(top.type, str) else top.type
+        if dataclasses.is_dataclass(cls):
+            fields += [(cls.__name__, f.name) for f in dataclasses.fields(cls)]
+        else:  # a setting of the Segmenter itself (the caches)
+            fields.append(("SegmenterSettings", top.name))
+    assert ("SegmenterSettings", "decode_cache") in fields and len(fields) > 20
+    for owner, name in fields:
+        line = next(i for i, l in enumerate(src.splitlines()) if l.strip().startswith(f"{name}:"))
+        assert src.splitlines()[line - 1].strip().startswith("#:"), f"{owner}.{name} undocumented"
