@@ -7,6 +7,7 @@ never a traceback, and never leaves an output file behind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -167,12 +168,16 @@ def cmd_refine(args) -> int:
 def cmd_info(args) -> int:
     from . import checkpoints as ck
     from .backbones import BACKBONES, resolve_device
+    from .embedding_cache import folder_usage
     from .pipeline.segmenter import default_weights
+    from .settings import DEFAULT_SETTINGS
 
     cache = args.cache_dir or ck.default_cache_dir()
     cached = ck.cached_status(args.cache_dir)
     print(f"device: {resolve_device('auto')} (auto)")
     print(f"cache folder: {cache}  (override with --cache-dir or FOBSEGMENT_CACHE_DIR)")
+    usage = ", ".join(f"{what} {n} ({size / 2**20:.0f} MB)" for what, (n, size) in folder_usage(cache).items())
+    print(f"cached: {usage}; decoded masks are kept under {DEFAULT_SETTINGS.decode_cache_disk_mb:.0f} MB")
     print(f"runtime: {_runtime_line(args.cache_dir)}")
     print("backbones:")
     for name, (desc, _box) in BACKBONES.items():
@@ -381,6 +386,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fobsegment: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`fobsegment info | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except FoBError as exc:
         print(f"fobsegment: error: {exc}", file=sys.stderr)
         return 2

@@ -316,6 +316,21 @@ class DecodeCache(_EntryStore):
         self._disk_used = used
 
 
+def folder_usage(cache_dir: str | Path) -> dict:
+    """Entries and bytes on disk of each cache below ``cache_dir``: ``{what: (count, bytes)}``."""
+    out = {}
+    for cls, what in ((EmbeddingCache, "embeddings"), (DecodeCache, "decoded masks")):
+        n = size = 0
+        root = Path(cache_dir).expanduser() / cls.folder
+        for sub in os.scandir(root) if root.is_dir() else ():
+            for entry in os.scandir(sub.path) if sub.is_dir() else ():
+                if entry.name.endswith(cls.suffix):
+                    n += 1
+                    size += entry.stat().st_size
+        out[what] = (n, size)
+    return out
+
+
 def array_digest(a: np.ndarray) -> bytes:
     """A digest of an array's values and shape (SHA-256: hardware-accelerated on most CPUs,
     ~3 ms for a float32 embedding)."""

@@ -71,7 +71,7 @@ def test_embedding_cache_means_no_slice_is_encoded_twice(ct, segmenter, litemeds
     assert np.array_equal(first.mask, second.mask) and np.array_equal(first.mask, again.mask)
 
 
-def test_a_repeated_run_decodes_nothing_and_gives_the_same_mask(ct, litemedsam, tmp_path, monkeypatch):
+def test_a_repeated_run_decodes_nothing_and_gives_the_same_mask(ct, litemedsam, tmp_path, monkeypatch, capsys):
     """The decoder's answers are cached with the embeddings: the same run again (a new process:
     a new Segmenter on the same cache folder) decodes nothing; another structure decodes."""
     from FoBSegmentLib.settings import DEFAULT_SETTINGS
@@ -96,6 +96,12 @@ def test_a_repeated_run_decodes_nothing_and_gives_the_same_mask(ct, litemedsam, 
     assert np.array_equal(first.mask, again.mask) and np.array_equal(first.mask, uncached.mask)
     assert first.mask.any() and other.mask.any() and not np.array_equal(first.mask, other.mask)
     assert len(list(tmp_path.rglob("*.dec"))) == n_first + n_other
+    from FoBSegmentLib.cli import main
+
+    assert main(["info", "--cache-dir", str(tmp_path)]) == 0  # says what the cache folder holds
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cached:"))
+    n_emb = len(list(tmp_path.rglob("*.emb")))
+    assert f"decoded masks {n_first + n_other} (" in line and f"embeddings {n_emb} (" in line and n_emb > 0
 
 
 def test_decoder_identity_names_how_it_decodes(litemedsam, monkeypatch):
