@@ -280,28 +280,16 @@ class DecodeCache(_EntryStore):
         # Counted once per process, then added up: several processes writing to one folder
         # each trim when their own count passes the limit, so the folder may exceed it a while.
         if self._disk_used is None:
-            self._disk_used = sum(size for _, size, _ in self._entries())  # this entry included
+            self._disk_used = sum(size for _, size, _ in _disk_entries(self.cache_dir, type(self)))  # this one too
         else:
             self._disk_used += nbytes
         if self._disk_used > self.disk_bytes:
             self._trim()
 
-    def _entries(self):
-        root = self.cache_dir / self.folder
-        out = []
-        for sub in root.iterdir() if root.is_dir() else ():
-            for f in sub.iterdir() if sub.is_dir() else ():
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                out.append((st.st_mtime, st.st_size, f))
-        return out
-
     def _trim(self) -> None:
         """Remove the least recently used entries until the folder holds 3/4 of its limit
         (trimming on every write would list the folder on every write)."""
-        entries = sorted(self._entries(), key=lambda e: e[0])
+        entries = sorted(_disk_entries(self.cache_dir, type(self)), key=lambda e: e[0])
         used = sum(size for _, size, _ in entries)
         for _, size, f in entries:
             if used <= self.disk_bytes * 3 // 4:
@@ -316,18 +304,28 @@ class DecodeCache(_EntryStore):
         self._disk_used = used
 
 
+def _disk_entries(cache_dir: Path, cache: type) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, path) of every entry of a cache class below ``cache_dir``; another
+    process's temporary file (not yet an entry) is not listed, so it is never trimmed."""
+    root = Path(cache_dir).expanduser() / cache.folder
+    out = []
+    for sub in os.scandir(root) if root.is_dir() else ():
+        for entry in os.scandir(sub.path) if sub.is_dir() else ():
+            if entry.name.endswith(cache.suffix):
+                try:
+                    st = entry.stat()
+                except OSError:  # removed since it was listed
+                    continue
+                out.append((st.st_mtime, st.st_size, Path(entry.path)))
+    return out
+
+
 def folder_usage(cache_dir: str | Path) -> dict:
     """Entries and bytes on disk of each cache below ``cache_dir``: ``{what: (count, bytes)}``."""
     out = {}
     for cls, what in ((EmbeddingCache, "embeddings"), (DecodeCache, "decoded masks")):
-        n = size = 0
-        root = Path(cache_dir).expanduser() / cls.folder
-        for sub in os.scandir(root) if root.is_dir() else ():
-            for entry in os.scandir(sub.path) if sub.is_dir() else ():
-                if entry.name.endswith(cls.suffix):
-                    n += 1
-                    size += entry.stat().st_size
-        out[what] = (n, size)
+        entries = _disk_entries(cache_dir, cls)
+        out[what] = (len(entries), sum(size for _, size, _ in entries))
     return out
 
 

@@ -137,7 +137,11 @@ def test_decoded_masks_are_checked_and_their_folder_bounded(tmp_path, caplog):
         cache.put(key, logits + i, 0.5 + i / 100)
         if i == 1:
             os.utime(cache._path(keys[0]), (time.time() + 60, time.time() + 60))  # read most recently
+            writing = cache._path(keys[0]).parent / ".fobsegment-another-process.tmp"
+            writing.write_bytes(bytes(300_000))  # another process's entry being written, oldest of all
+            os.utime(writing, (0, 0))
     assert sum(f.stat().st_size for f in tmp_path.rglob("*.dec")) <= 2**20
+    assert writing.exists(), "a file being written by another process is not trimmed"
     got = cache.get(keys[-1])
     assert np.array_equal(got[0], logits + 7) and got[1] == np.float32(0.57)
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None, "least recently used removed first"
