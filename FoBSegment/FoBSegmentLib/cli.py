@@ -177,7 +177,8 @@ def cmd_info(args) -> int:
     print(f"device: {resolve_device('auto')} (auto)")
     print(f"cache folder: {cache}  (override with --cache-dir or FOBSEGMENT_CACHE_DIR)")
     usage = ", ".join(f"{what} {n} ({size / 2**20:.0f} MB)" for what, (n, size) in folder_usage(cache).items())
-    print(f"cached: {usage}; decoded masks are kept under {DEFAULT_SETTINGS.decode_cache_disk_mb:.0f} MB")
+    print(f"cached: {usage}; kept under {DEFAULT_SETTINGS.embedding_cache_disk_mb:.0f} MB of embeddings and "
+          f"{DEFAULT_SETTINGS.decode_cache_disk_mb:.0f} MB of decoded masks")
     print(f"runtime: {_runtime_line(args.cache_dir)}")
     print("backbones:")
     for name, (desc, _box) in BACKBONES.items():

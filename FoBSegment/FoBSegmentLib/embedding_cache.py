@@ -15,8 +15,10 @@ the cache memory-only, with one warning.
   hash of the decoder's identity, the embedding and the prompt.  The decoder is a pure
   function of these, so a run repeated with the same inputs (the same command again, a batch
   re-run) decodes nothing, while any change of support, settings or corrections decodes
-  exactly the prompts that changed.  A run writes about 0.25 MB per decoder call, so its disk
-  folder is kept under a size limit, the least recently used entries removed first.
+  exactly the prompts that changed.
+
+Each folder is kept under a size limit (an embedding is 2 MB, a decoded mask 0.25 MB), the least
+recently used entries removed first; reading an entry marks it used.
 """
 
 from __future__ import annotations
@@ -42,16 +44,20 @@ _UNWRITABLE: set = set()  # cache folders found unwritable in this process
 
 
 class _EntryStore:
-    """Memory (LRU, ``memory_mb``) in front of an optional folder of checksummed entries."""
+    """Memory (LRU, ``memory_mb``) in front of an optional folder of checksummed entries,
+    kept under ``disk_mb`` (least recently used out first)."""
 
     folder = ""  # below the cache folder
     suffix = ""
     what = ""  # "<what> cache entry" in messages
     redo = ""  # what happens instead of using a damaged entry
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0):
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0,
+                 disk_mb: float | None = None):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.memory_bytes = int(memory_mb * 2**20)
+        self.disk_bytes = None if disk_mb is None else int(disk_mb * 2**20)  # None: no limit
+        self._disk_used: int | None = None  # bytes in the folder, counted on the first write
         self._mem: OrderedDict[str, tuple] = OrderedDict()  # key -> (value, nbytes)
         self._used = 0
         self.hits = 0
@@ -143,10 +149,39 @@ class _EntryStore:
             log.debug("Could not trim %s: %s", self.cache_dir, exc)
 
     def _used_on_disk(self, p: Path) -> None:
-        """A disk entry was read (the decode cache keeps its recently used entries)."""
+        try:
+            os.utime(p)  # recently used: removed last
+        except OSError:
+            pass
 
     def _written(self, nbytes: int) -> None:
-        """A disk entry of ``nbytes`` was written."""
+        if self.disk_bytes is None:
+            return
+        # Counted once per process, then added up: several processes writing to one folder
+        # each trim when their own count passes the limit, so the folder may exceed it a while.
+        if self._disk_used is None:
+            self._disk_used = sum(size for _, size, _ in _disk_entries(self.cache_dir, type(self)))  # this one too
+        else:
+            self._disk_used += nbytes
+        if self._disk_used > self.disk_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Remove the least recently used entries until the folder holds 3/4 of its limit
+        (trimming on every write would list the folder on every write)."""
+        entries = sorted(_disk_entries(self.cache_dir, type(self)), key=lambda e: e[0])
+        used = sum(size for _, size, _ in entries)
+        for _, size, f in entries:
+            if used <= self.disk_bytes * 3 // 4:
+                break
+            try:
+                f.unlink()
+            except FileNotFoundError:  # trimmed by another process
+                pass
+            except OSError:
+                continue
+            used -= size
+        self._disk_used = used
 
     def _remember(self, key: str, value) -> None:
         if key in self._mem:
@@ -187,10 +222,11 @@ class EmbeddingCache(_EntryStore):
     folder, suffix = "embeddings/v2", ".emb"
     what, redo = "embedding", "the slice is encoded again"
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16):
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 1024.0, dtype=np.float16,
+                 disk_mb: float | None = None):
         # fp16 halves memory (2 MB per 64 x 64 x 256 embedding); the Dice change is nil because
         # the mask decoder's own activations dominate the rounding error.
-        super().__init__(cache_dir, memory_mb)
+        super().__init__(cache_dir, memory_mb, disk_mb)
         self.dtype = np.dtype(dtype)
 
     @staticmethod
@@ -232,10 +268,8 @@ class DecodeCache(_EntryStore):
     folder, suffix = "decoded/v1", ".dec"
     what, redo = "decoded mask", "the prompt is decoded again"
 
-    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 64.0, disk_mb: float = 2048.0):
-        super().__init__(cache_dir, memory_mb)
-        self.disk_bytes = int(disk_mb * 2**20)
-        self._disk_used: int | None = None  # bytes in the folder, counted on the first write
+    def __init__(self, cache_dir: str | Path | None = None, memory_mb: float = 64.0, disk_mb: float | None = 2048.0):
+        super().__init__(cache_dir, memory_mb, disk_mb)
 
     @staticmethod
     def key(decoder_id: str, embedding_digest: bytes, points, labels, box, multimask: bool) -> str:
@@ -270,38 +304,6 @@ class DecodeCache(_EntryStore):
         value = (logits.copy(), float(iou))
         self._store(key, value, lambda: _npy(np.concatenate([logits.ravel(), np.float32([iou])])))
 
-    def _used_on_disk(self, p: Path) -> None:
-        try:
-            os.utime(p)  # recently used: removed last
-        except OSError:
-            pass
-
-    def _written(self, nbytes: int) -> None:
-        # Counted once per process, then added up: several processes writing to one folder
-        # each trim when their own count passes the limit, so the folder may exceed it a while.
-        if self._disk_used is None:
-            self._disk_used = sum(size for _, size, _ in _disk_entries(self.cache_dir, type(self)))  # this one too
-        else:
-            self._disk_used += nbytes
-        if self._disk_used > self.disk_bytes:
-            self._trim()
-
-    def _trim(self) -> None:
-        """Remove the least recently used entries until the folder holds 3/4 of its limit
-        (trimming on every write would list the folder on every write)."""
-        entries = sorted(_disk_entries(self.cache_dir, type(self)), key=lambda e: e[0])
-        used = sum(size for _, size, _ in entries)
-        for _, size, f in entries:
-            if used <= self.disk_bytes * 3 // 4:
-                break
-            try:
-                f.unlink()
-            except FileNotFoundError:  # trimmed by another process
-                pass
-            except OSError:
-                continue
-            used -= size
-        self._disk_used = used
 
 
 def _disk_entries(cache_dir: Path, cache: type) -> list[tuple[float, int, Path]]:

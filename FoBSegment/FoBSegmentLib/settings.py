@@ -133,6 +133,9 @@ class SegmenterSettings:
     atlas: AtlasSettings = field(default_factory=AtlasSettings)
     #: Largest size (MB) of the in-memory embedding cache (fp16, 2 MB per slice).
     memory_cache_mb: float = 1024.0
+    #: Largest size (MB) of the embeddings in the cache folder (2 MB per slice: 10 GB holds
+    #: about 17 CTs of 300 slices); the least recently used go first.
+    embedding_cache_disk_mb: float = 10240.0
     #: Keep the mask decoder's answers (in memory and in the cache folder), so that a run
     #: repeated with the same inputs decodes nothing; False decodes every prompt (benchmarks
     #: that time the decoder).

@@ -43,7 +43,7 @@ class Segmenter:
 
             backbone = create_backbone(backbone, device, checkpoint, cache_dir, download_progress, is_cancelled)
         self.backbone, self.settings = backbone, settings
-        self.cache = EmbeddingCache(cache_dir, settings.memory_cache_mb)
+        self.cache = EmbeddingCache(cache_dir, settings.memory_cache_mb, disk_mb=settings.embedding_cache_disk_mb)
         self.embedder = Embedder(backbone, self.cache, batch_size)
         self.start_prompter = start_prompter or ContrastPrompter(backbone, settings)
         self.decoded = DecodeCache(cache_dir, disk_mb=settings.decode_cache_disk_mb) if settings.decode_cache else None

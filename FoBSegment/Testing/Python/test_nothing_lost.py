@@ -157,6 +157,30 @@ def test_decoded_masks_are_checked_and_their_folder_bounded(tmp_path, caplog):
     assert sum("damaged decoded mask cache entry" in r.message for r in caplog.records) == 2
 
 
+def test_embedding_folder_is_bounded_least_recently_read_out_first(tmp_path):
+    """The embeddings folder stays under its limit; an embedding read from disk by another
+    process counts as used, so the volume a user is working on is kept."""
+    emb = np.random.default_rng(1).normal(size=(256, 64, 64)).astype(np.float32)  # 2 MB at fp16
+    keys = [EmbeddingCache.key(emb + i, "backbone") for i in range(6)]
+    cache = EmbeddingCache(tmp_path, memory_mb=0, disk_mb=9)  # four embeddings, trimmed to 6.75 MB
+    for i, key in enumerate(keys[:3]):
+        cache.put(key, emb + i)
+        os.utime(cache._path(key), (1000 + i, 1000 + i))  # written in this order, long ago
+    reader = EmbeddingCache(tmp_path, memory_mb=0)
+    assert reader.get(keys[0], shape=emb.shape) is not None  # the oldest is read again: used now
+    for i, key in enumerate(keys[3:], 3):
+        cache.put(key, emb + i)
+    files = list(tmp_path.rglob("*.emb"))
+    assert sum(f.stat().st_size for f in files) <= 9 * 2**20
+    kept = [k for k in keys if reader.get(k, shape=emb.shape) is not None]
+    assert keys[0] in kept and keys[1] not in kept and keys[2] not in kept, kept
+    assert kept == [keys[0], *keys[3:]], "the entries written since stay"
+    unbounded = EmbeddingCache(tmp_path / "unbounded", memory_mb=0)
+    for i, key in enumerate(keys):
+        unbounded.put(key, emb + i)
+    assert len(list((tmp_path / "unbounded").rglob("*.emb"))) == 6, "no limit given: nothing removed"
+
+
 # 4 ------------------------------------------------------------------ unusable cache folder
 def test_unusable_cache_folder_falls_back_to_memory(tmp_path, caplog):
     blocker = tmp_path / "a_file"
