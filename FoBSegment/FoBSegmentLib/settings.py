@@ -65,7 +65,8 @@ class ContrastSettings:
 
 @dataclass(frozen=True)
 class SeedSettings:
-    """Where to start on another patient's volume (``pipeline.seed``)."""
+    """Where to start on another patient's volume, over its whole slice range or over the slices
+    the evaluation protocol EP1 gives (``pipeline.seed``)."""
 
     #: The whole-volume search visits about this many evenly spaced slices, then the neighbours
     #: of the best (every slice of a volume up to twice as long).
@@ -78,7 +79,7 @@ class SeedSettings:
     #: Score factor of a region on the other side.
     side_penalty: float = 0.1
     #: Seeds walked on another patient's volume, each on a different structure
-    #: (docs/benchmarks/seed_walks.md).
+    #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).
     walks: int = 2
     #: The walk from the clearest seed is kept unless another holds this many times its
     #: evidence (``seed.walked_evidence``).

@@ -21,8 +21,10 @@ def oracle_slices(run, support, query_slices) -> None:
     """Segment exactly ``query_slices``: start on the slice of the middle half where the
     structure shows most clearly (the middle slice itself may show a look-alike more clearly:
     docs/benchmarks/benchmark_all_supports_start_search.md), then walk to both ends, each slice
-    prompted from its neighbour just segmented.  Each slice uses the support at the same
-    relative position of the given extent (the 3-chunk protocol)."""
+    prompted from its neighbour just segmented.  The seed search is the one of another
+    patient's volume (:func:`other_patient`): the support's side of the body, a second seed on
+    another structure walked too.  Each slice uses the support at the same relative position of
+    the given extent (the 3-chunk protocol)."""
     qs = sorted({int(s) for s in query_slices if run.lo <= int(s) <= run.hi})
     run.total = len(qs)
     if not qs:
@@ -41,9 +43,11 @@ def oracle_slices(run, support, query_slices) -> None:
                 prev = b.kept.get(i, prev)
 
     middle = qs[len(qs) // 4: len(qs) - len(qs) // 4] or qs
-    # Every slice here holds the structure: no side prior (measured without; it changed nothing).
-    anchor = support.central()
-    if not best_walk(run, anchor, seed_scores(run, anchor, middle), walk_all, support_at, given="oracle"):
+    # The seed search of another patient's volume, on the given slices: that every slice holds
+    # the structure does not say where on the slice it is (docs/benchmarks/benchmark_all_supports.md).
+    anchor, body = support.central(), _body(run)
+    if not best_walk(run, anchor, seed_scores(run, anchor, middle, body), walk_all, support_at, given="oracle",
+                     body=body, walks=run.settings.seed.walks):
         mid = qs[len(qs) // 2]
         run.segment_slice(mid, support_at(mid), None, decide_presence=False)
         walk_all(run, mid)
@@ -97,10 +101,7 @@ def other_patient(run, support) -> None:
     body), then walk both ways from there; with ``seed.walks`` > 1 also from the next seeds
     on other structures (:func:`best_walk`)."""
     lo, hi = run.lo, run.hi
-    body = None
-    if run.settings.seed.side_prior:
-        to_sq = WORK_SIZE / max(run.rows, run.cols)
-        body = tuple(x * to_sq for x in body_columns(run.stack, run.norm))  # (midline, half-width), work grid
+    body = _body(run)
     anchor = support.central()
     scored = seed_scores(run, anchor, list(range(lo, hi + 1)), body)
 
@@ -112,3 +113,12 @@ def other_patient(run, support) -> None:
         walk(b, seed, +1, hi, support_for)
 
     best_walk(run, anchor, scored, walk_both, support_for, body=body, walks=run.settings.seed.walks)
+
+
+def _body(run) -> tuple | None:
+    """(midline, half-width) of the query's body on the work grid, for the side prior; None
+    without it."""
+    if not run.settings.seed.side_prior:
+        return None
+    to_sq = WORK_SIZE / max(run.rows, run.cols)
+    return tuple(x * to_sq for x in body_columns(run.stack, run.norm))
