@@ -58,6 +58,7 @@ class _EntryStore:
         self.memory_bytes = int(memory_mb * 2**20)
         self.disk_bytes = None if disk_mb is None else int(disk_mb * 2**20)  # None: no limit
         self._disk_used: int | None = None  # bytes in the folder, counted on the first write
+        self._unseen = 0  # bytes this process wrote since it last counted the folder
         self._mem: OrderedDict[str, tuple] = OrderedDict()  # key -> (value, nbytes)
         self._used = 0
         self.hits = 0
@@ -157,12 +158,15 @@ class _EntryStore:
     def _written(self, nbytes: int) -> None:
         if self.disk_bytes is None:
             return
-        # Counted once per process, then added up: several processes writing to one folder
-        # each trim when their own count passes the limit, so the folder may exceed it a while.
-        if self._disk_used is None:
+        # Counted from the folder, then added up, and counted again after every eighth of the
+        # limit written: what other processes wrote to the same folder is seen by then, so the
+        # folder exceeds its limit by at most an eighth per process writing to it.
+        if self._disk_used is None or self._unseen + nbytes > self.disk_bytes // 8:
             self._disk_used = sum(size for _, size, _ in _disk_entries(self.cache_dir, type(self)))  # this one too
+            self._unseen = 0
         else:
             self._disk_used += nbytes
+            self._unseen += nbytes
         if self._disk_used > self.disk_bytes:
             self._trim()
 
@@ -181,7 +185,7 @@ class _EntryStore:
             except OSError:
                 continue
             used -= size
-        self._disk_used = used
+        self._disk_used, self._unseen = used, 0
 
     def _remember(self, key: str, value) -> None:
         if key in self._mem:

@@ -157,6 +157,17 @@ def test_decoded_masks_are_checked_and_their_folder_bounded(tmp_path, caplog):
     assert sum("damaged decoded mask cache entry" in r.message for r in caplog.records) == 2
 
 
+def test_a_folder_shared_by_two_processes_stays_under_its_limit(tmp_path):
+    """Two processes writing decoded masks to one folder: each counts the folder again before
+    its own writes since the last count pass an eighth of the limit, so neither trims by a
+    stale count and the folder stays under the limit."""
+    logits = np.zeros((256, 256), np.float32)
+    one, two = DecodeCache(tmp_path, memory_mb=0, disk_mb=1), DecodeCache(tmp_path, memory_mb=0, disk_mb=1)
+    for i in range(12):
+        (one if i % 3 else two).put(f"{i:02d}" * 20, logits + i, 0.5)
+        assert sum(f.stat().st_size for f in tmp_path.rglob("*.dec")) <= 2**20, i
+
+
 def test_embedding_folder_is_bounded_least_recently_read_out_first(tmp_path):
     """The embeddings folder stays under its limit; an embedding read from disk by another
     process counts as used, so the volume a user is working on is kept."""
