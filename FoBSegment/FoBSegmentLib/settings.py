@@ -78,6 +78,9 @@ class SeedSettings:
     side_min: float = 0.15
     #: Score factor of a region on the other side.
     side_penalty: float = 0.1
+    #: Places scored per scanned slice: the start prompter's region and the next best contrast
+    #: regions elsewhere on the slice (docs/benchmarks/benchmark_all_supports.md).
+    regions: int = 2
     #: Seeds walked on another patient's volume, each on a different structure
     #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).
     walks: int = 2

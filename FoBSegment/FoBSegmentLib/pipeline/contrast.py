@@ -66,7 +66,15 @@ def contrast_map(embedding: np.ndarray, anchor) -> np.ndarray:
 
 
 def contrast_region(embedding, anchor, settings: ContrastSettings) -> np.ndarray | None:
-    """Where the structure is on a slice with no neighbour to follow -> (256, 256) bool or None.
+    """Where the structure is on a slice with no neighbour to follow -> (256, 256) bool or None:
+    the best of :func:`contrast_regions`."""
+    regions = contrast_regions(embedding, anchor, settings, 1)
+    return regions[0] if regions else None
+
+
+def contrast_regions(embedding, anchor, settings: ContrastSettings, count: int) -> list:
+    """The ``count`` best places of a slice for the structure -> [(256, 256) bool], best first,
+    none covering half of another.
 
     Candidates are the connected regions of positive contrast cut at several levels: at the
     lowest, an organ touching a look-alike (spleen and left kidney) merges with it into one
@@ -95,12 +103,19 @@ def contrast_region(embedding, anchor, settings: ContrastSettings) -> np.ndarray
             total = float(score[k]) * float(np.exp(settings.context_weight
                                                    * surroundings_likeness(embedding, region, anchor)))
             candidates.append((li, region, total))
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda c: c[2])
-    if settings.split_fraction is not None:
-        best = _split(best, candidates, settings.split_fraction)
-    return best[1]
+    out = []
+    while candidates and len(out) < count:
+        best = max(candidates, key=lambda c: c[2])
+        if settings.split_fraction is not None:
+            best = _split(best, candidates, settings.split_fraction)
+        out.append(best[1])
+        candidates = [c for c in candidates if not _same_place(c[1], best[1])]
+    return out
+
+
+def _same_place(a, b) -> bool:
+    both = (a & b).sum()
+    return both >= 0.5 * a.sum() or both >= 0.5 * b.sum()
 
 
 def _split(best, candidates, fraction: float):

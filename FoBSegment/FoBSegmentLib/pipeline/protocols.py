@@ -54,19 +54,20 @@ def oracle_slices(run, support, query_slices) -> None:
 
 
 def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", body=None, walks=1) -> bool:
-    """Walk from the best seed of ``scored`` ({slice: (score, mask)}) and, with ``walks`` > 1,
+    """Walk from the best seed of ``scored`` ({(slice, place): (score, mask)}) and, with ``walks`` > 1,
     from the next best ones that lie on another structure.  The clearest seed's walk is kept
     unless another holds ``seed.walk_margin`` times its evidence (:func:`walked_evidence`).
     False where no slice shows the structure."""
     tried = []
-    for seed in ranked_seeds(scored):
+    for seed, place in ranked_seeds(scored):
         if len(tried) == walks:
             break
-        mask = scored[seed][1]
+        mask = scored[(seed, place)][1]
         if any(seed in b.kept and (mask & b.kept[seed]).sum() >= 0.5 * mask.sum() for b, _ in tried):
             continue  # a structure already walked
         b = run.branch()
-        b.segment_slice(seed, anchor, None, decide_presence=False, given=given)
+        # The start prompt where the start prompter chose the place, else the place's own mask.
+        b.segment_slice(seed, anchor, mask if place else None, decide_presence=False, given=given)
         walk_from(b, seed)
         run.done = b.done  # the next walk's progress goes on from here
         tried.append((b, walked_evidence(b, support_for, body) if walks > 1 else 0.0))

@@ -2,42 +2,56 @@
 
 from __future__ import annotations
 
-from .contrast import seed_score
+from .contrast import contrast_regions, seed_score
+from .slice_prompting import SlicePrediction, SlicePrompt, box_from_mask
 
 
 def seed_scores(run, anchor, candidates: list, body=None) -> dict:
-    """Score the ``candidates`` slices -> {slice: (score, SAM's mask on the work grid)}.
+    """Score the ``candidates`` slices -> {(slice, place): (score, SAM's mask on the work grid)}.
 
+    Place 0 is what the start prompter picks on the slice; places 1 .. ``seed.regions`` - 1
+    the next best contrast regions elsewhere on it (:func:`contrast_regions`), each decoded
+    from its box: where a look-alike outscores the structure on every slice, the structure is
+    still a seed (CHAOS patient 2's right kidney from patient 8's annotation).
     On another patient's volume the candidates are the whole slice range: fields of view
     differ between patients, so the support's relative position says little (CHAOS case 13's
     kidneys lie 10 slices off it).  In a long volume about ``seed.scan_slices`` evenly spaced
-    slices are scored, then the neighbours of the best.  A slice's score is SAM's predicted
+    slices are scored, then the neighbours of the best.  A seed's score is SAM's predicted
     IoU x prototype contrast x the likeness of the region's surroundings to the support's
     (:func:`seed_score`), so the spleen and the left kidney, alike in texture, are told apart
     by their neighbours.  ``body`` turns on the side prior."""
     s = run.settings
+    predictor = run.segmenter.predictor
     stride = max(1, len(candidates) // s.seed.scan_slices)
-    scored: dict[int, tuple] = {}
+    scored: dict[tuple, tuple] = {}
+    seen: set = set()
 
     def score(i):
-        if i not in scored:
-            emb = run.embedding(i)
-            pred = run.segmenter.predictor.predict(emb, anchor, None)
-            scored[i] = (seed_score(emb, pred.mask, pred.iou, anchor, s.presence, s.contrast, s.seed, body), pred.mask)
-            run.heartbeat()
+        if i in seen:
+            return
+        seen.add(i)
+        emb = run.embedding(i)
+        preds = [predictor.predict(emb, anchor, None)]
+        for region in contrast_regions(emb, anchor, s.contrast, s.seed.regions)[1:]:
+            prompt = SlicePrompt(box=box_from_mask(region, pad_px=s.contrast.box_pad_px))
+            preds.append(SlicePrediction(*predictor.decode(emb, prompt), prompt))
+        for place, pred in enumerate(preds):
+            scored[(i, place)] = (seed_score(emb, pred.mask, pred.iou, anchor, s.presence, s.contrast, s.seed, body),
+                                  pred.mask)
+        run.heartbeat()
 
     for i in candidates[::stride]:
         score(i)
     if stride > 1:
-        top = candidates.index(max(scored, key=lambda k: scored[k][0]))
+        top = candidates.index(max(scored, key=lambda k: scored[k][0])[0])
         for i in candidates[max(0, top - stride + 1): top + stride]:
             score(i)
     return scored
 
 
 def ranked_seeds(scored: dict) -> list:
-    """The slices worth starting from (a positive score), best first."""
-    return sorted((i for i in scored if scored[i][0] > 0), key=lambda i: -scored[i][0])
+    """The (slice, place) seeds worth starting from (a positive score), best first."""
+    return sorted((k for k in scored if scored[k][0] > 0), key=lambda k: -scored[k][0])
 
 
 def walk_scores(run, support_for, body=None) -> dict:
