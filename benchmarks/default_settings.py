@@ -37,6 +37,8 @@ VARIANTS = [
      {"seed.side_prior": False}),
     ("one walk no split", "start regions of two touching look-alikes kept whole, one walk from the clearest seed",
      {"contrast.split_fraction": None, "seed.walks": 1}),
+    ("two places per slice", "the seed search also scores the next best contrast region of each slice",
+     {"seed.regions": 2}),
 ]
 # Measured worse and removed from the code (rows kept from the last run that had them).
 REMOVED = {
