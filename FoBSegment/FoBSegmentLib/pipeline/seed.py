@@ -9,10 +9,11 @@ from .slice_prompting import SlicePrediction, SlicePrompt, box_from_mask
 def seed_scores(run, anchor, candidates: list, body=None) -> dict:
     """Score the ``candidates`` slices -> {(slice, place): (score, SAM's mask on the work grid)}.
 
-    Place 0 is what the start prompter picks on the slice; places 1 .. ``seed.regions`` - 1
-    the next best contrast regions elsewhere on it (:func:`contrast_regions`), each decoded
-    from its box: where a look-alike outscores the structure on every slice, the structure is
-    still a seed (CHAOS patient 2's right kidney from patient 8's annotation).
+    Place 0 is what the start prompter picks on the slice; with ``seed.regions`` > 1 (not the
+    default), places 1, 2, ... are the next best contrast regions elsewhere on it
+    (:func:`contrast_regions`), each decoded from its box: where a look-alike outscores the
+    structure on every slice, the structure is still a seed (CHAOS patient 2's right kidney
+    from patient 8's annotation).
     On another patient's volume the candidates are the whole slice range: fields of view
     differ between patients, so the support's relative position says little (CHAOS case 13's
     kidneys lie 10 slices off it).  In a long volume about ``seed.scan_slices`` evenly spaced
@@ -32,7 +33,8 @@ def seed_scores(run, anchor, candidates: list, body=None) -> dict:
         seen.add(i)
         emb = run.embedding(i)
         preds = [predictor.predict(emb, anchor, None)]
-        for region in contrast_regions(emb, anchor, s.contrast, s.seed.regions)[1:]:
+        others = contrast_regions(emb, anchor, s.contrast, s.seed.regions)[1:] if s.seed.regions > 1 else []
+        for region in others:
             prompt = SlicePrompt(box=box_from_mask(region, pad_px=s.contrast.box_pad_px))
             preds.append(SlicePrediction(*predictor.decode(emb, prompt), prompt))
         for place, pred in enumerate(preds):
