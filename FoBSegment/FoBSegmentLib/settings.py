@@ -81,7 +81,7 @@ class SeedSettings:
     #: Places scored per scanned slice: the start prompter's region and, with more than 1, the
     #: next best contrast regions elsewhere on the slice.  2 finds structures a look-alike
     #: outscores everywhere (CHAOS EP1 0.827 -> 0.833) but seeds MS-CMRSeg's RV on the LV
-    #: blood pool (0.865 -> 0.861): docs/benchmarks/benchmark_all_supports_two_places_per_slice.md.
+    #: blood pool (0.865 -> 0.860): docs/benchmarks/benchmark_all_supports_two_places_per_slice.md.
     regions: int = 1
     #: Seeds walked on another patient's volume, each on a different structure
     #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).
