@@ -151,7 +151,7 @@ class _EntryStore:
 
     def _used_on_disk(self, p: Path) -> None:
         try:
-            os.utime(p)  # recently used: removed last
+            os.utime(p)  # recently used: removed last, also by other processes that trim the folder
         except OSError:
             pass
 
@@ -161,19 +161,22 @@ class _EntryStore:
         # Counted from the folder, then added up, and counted again after every eighth of the
         # limit written: what other processes wrote to the same folder is seen by then, so the
         # folder exceeds its limit by at most an eighth per process writing to it.
+        entries = None
         if self._disk_used is None or self._unseen + nbytes > self.disk_bytes // 8:
-            self._disk_used = sum(size for _, size, _ in _disk_entries(self.cache_dir, type(self)))  # this one too
-            self._unseen = 0
+            entries = _disk_entries(self.cache_dir, type(self))  # this one too
+            self._disk_used, self._unseen = sum(size for _, size, _ in entries), 0
         else:
             self._disk_used += nbytes
             self._unseen += nbytes
         if self._disk_used > self.disk_bytes:
-            self._trim()
+            self._trim(entries)
 
-    def _trim(self) -> None:
+    def _trim(self, entries=None) -> None:
         """Remove the least recently used entries until the folder holds 3/4 of its limit
-        (trimming on every write would list the folder on every write)."""
-        entries = sorted(_disk_entries(self.cache_dir, type(self)), key=lambda e: e[0])
+        (trimming on every write would list the folder on every write); ``entries``: the
+        folder's listing when just made."""
+        entries = sorted(_disk_entries(self.cache_dir, type(self)) if entries is None else entries,
+                         key=lambda e: e[0])
         used = sum(size for _, size, _ in entries)
         for _, size, f in entries:
             if used <= self.disk_bytes * 3 // 4:
