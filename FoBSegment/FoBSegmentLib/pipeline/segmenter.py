@@ -15,7 +15,7 @@ from ..geometry import SliceView, Volume, occupied_slices, validate_image_conten
 from ..settings import DEFAULT_SETTINGS, SegmenterSettings
 from . import protocols
 from .embedding import Embedder
-from .ring_structures import split_ring, wall_around, wall_thickness
+from .ring_structures import check_wall_rule, draw_wall, split_ring, wall_thickness
 from .run import QueryRun, SegmentationResult
 from .slice_prompting import ContrastPrompter, SlicePredictor
 from .support import Support, prepare_support
@@ -220,20 +220,21 @@ class Segmenter:
 
     def _segment_ring(self, query, support, s_view, ms, hole, support_slices, slice_range, query_slices,
                       progress, is_cancelled) -> SegmentationResult:
-        """A wall around a cavity: segment the cavity, then draw the wall at the support's thickness."""
-        t0 = time.perf_counter()
-        enc0 = self.encoded_count
+        """A wall around a cavity: segment the cavity, then draw the wall around it at about the
+        support's thickness (``settings.ring``)."""
+        check_wall_rule(self.settings.ring.wall)
+        t0, enc0 = time.perf_counter(), self.encoded_count
         chosen = support_slices or occupied_slices(ms)
         hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
         inner = self._segment_structure(query, support, s_view.from_stack(hole), hole_sup, slice_range,
                                         query_slices, progress, is_cancelled)
         t_mm = wall_thickness(ms, hole, hole_sup, self.settings.ring.default_thickness_px, s_view.pixel_spacing)
         view = SliceView.for_volume(query)
-        inner_st = view.to_stack(inner.mask > 0)
+        inner_st, image = view.to_stack(inner.mask > 0), view.to_stack(query.array)
         out = np.zeros(inner_st.shape, np.uint8)
         for i, info in inner.slice_info.items():
             if info.get("kept") and inner_st[i].any():
-                out[i] = wall_around(inner_st[i], t_mm, view.pixel_spacing)
+                out[i] = draw_wall(image[i], inner_st[i], t_mm, view.pixel_spacing, self.settings.ring)
         if support is None or support is query:  # the user's own annotation stays exactly as drawn
             for i in occupied_slices(ms):
                 out[i] = ms[i]

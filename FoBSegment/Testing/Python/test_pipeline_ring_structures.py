@@ -5,7 +5,9 @@ import pytest
 
 from conftest import dice, one_slice_support, shared_case
 from FoBSegmentLib.io import read_volume
-from FoBSegmentLib.pipeline.ring_structures import split_ring, wall_around, wall_thickness
+from FoBSegmentLib.errors import FoBInputError
+from FoBSegmentLib.geometry import SliceView, occupied_slices
+from FoBSegmentLib.pipeline.ring_structures import split_ring, wall_around, wall_from_image, wall_thickness
 
 
 def _annulus(n=64, r_in=8, r_out=14):
@@ -26,6 +28,72 @@ def test_split_ring_finds_the_cavity_and_the_wall_thickness():
     assert split_ring(disk, 0.1) is None  # a filled structure is not a ring
     wall = wall_around(cavity, 6.0)
     assert not (wall & cavity).any() and dice(wall, ring) > 0.85
+
+
+def test_wall_edge_follows_the_image_within_its_range():
+    """A wall 6 px thick on one side (fat beyond it, brighter) and 10 px on the other (lung,
+    darker), with wall-like tissue touching it below: drawn at the mean thickness it is wrong on
+    both sides; from the image each side gets its own edge, and the look-alike stops at
+    ``most`` x the thickness."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    cavity = r <= 14
+    outer = np.where(xx < 48, 20.0, 24.0)
+    truth = ~cavity & (r <= outer)
+    image = np.where(xx < 48, 150.0, 20.0)
+    image[yy > 70] = 80.0  # tissue as dark as the wall below it
+    image[truth] = 80.0
+    image[cavity] = 220.0
+    image += rng.normal(0, 4, image.shape)
+    t = 8.0
+    wall = wall_from_image(image, cavity, t)
+    band = wall_around(cavity, t)
+    assert dice(wall, truth) > dice(band, truth) + 0.05 and dice(wall, truth) > 0.85
+    d = np.hypot(yy - 48, xx - 48) - 14
+    assert not (wall & cavity).any()
+    assert d[wall].max() <= 1.3 * t + 1.5, "the look-alike below is cut at the farthest edge"
+    assert (wall | cavity)[d <= 0.8 * t - 1].all(), "never thinner than the nearest edge"
+
+
+def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
+    """MS-CMRSeg: the thickness of patient 2's largest slice, drawn around every other patient's
+    reference blood pool.  Following each query's image is closer to its myocardium than the
+    support's thickness all round (measured: 0.872 against 0.854 mean Dice over 14 patients)."""
+    s_img, s_lab = shared_case("mscmrseg19_bssfp_cmr", 2)
+    sup = np.rint(read_volume(s_lab).array) == 200
+    view = SliceView.for_volume(read_volume(s_img))
+    ms = view.to_stack(sup)
+    k = int(np.argmax(ms.sum((1, 2))))
+    t = wall_thickness(ms, split_ring(ms, 0.1), [k], 5.0, view.pixel_spacing)
+    band, image = [], []
+    for q in [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]:
+        q_img, q_lab = shared_case("mscmrseg19_bssfp_cmr", q)
+        vol = read_volume(q_img)
+        qv = SliceView.for_volume(vol)
+        lab = qv.to_stack(np.rint(read_volume(q_lab).array))
+        img, gt, cav = qv.to_stack(vol.array), lab == 200, lab == 500
+        a, b = np.zeros_like(gt), np.zeros_like(gt)
+        for i in occupied_slices(cav):
+            a[i] = wall_around(cav[i], t, qv.pixel_spacing)
+            b[i] = wall_from_image(img[i], cav[i], t, qv.pixel_spacing)
+        band.append(dice(a, gt))
+        image.append(dice(b, gt))
+    assert np.mean(image) > np.mean(band) + 0.01
+    assert sum(x > y for x, y in zip(image, band)) >= 10
+
+
+def test_an_unknown_wall_rule_is_refused_before_any_slice_is_segmented(litemedsam):
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+    img, lab = shared_case("mscmrseg19_bssfp_cmr", 2)
+    vol = read_volume(img)
+    support, _, _ = one_slice_support(vol, np.rint(read_volume(lab).array) == 200, which="largest")
+    seg = Segmenter(litemedsam, settings=DEFAULT_SETTINGS.with_changes(**{"ring.wall": "thick"}))
+    with pytest.raises(FoBInputError, match="ring.wall='thick'.*image, band"):
+        seg.segment(vol, vol, support)
+    assert seg.encoded_count == 0
 
 
 def test_myocardium_is_drawn_around_the_blood_pool(segmenter):
