@@ -39,6 +39,8 @@ VARIANTS = [
      {"contrast.split_fraction": None, "seed.walks": 1}),
     ("two places per slice", "the seed search also scores the next best contrast region of each slice",
      {"seed.regions": 2}),
+    ("shape prior", "a seed's score x the likeness of its mask's solidity to the support's (width 0.15)",
+     {"seed.shape_width": 0.15}),
 ]
 # Measured worse and removed from the code (rows kept from the last run that had them).
 REMOVED = {

@@ -83,6 +83,9 @@ class SeedSettings:
     #: outscores everywhere (CHAOS EP1 0.827 -> 0.833) but seeds MS-CMRSeg's RV on the LV
     #: blood pool (0.865 -> 0.860): docs/benchmarks/benchmark_all_supports_two_places_per_slice.md.
     regions: int = 1
+    #: A seed's score is multiplied by exp(-((its solidity - the support's) / this) ** 2)
+    #: (area over convex hull area: the RV's crescent 0.75, the LV blood pool 0.98); 0 = off.
+    shape_width: float = 0.0
     #: Seeds walked on another patient's volume, each on a different structure
     #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).
     walks: int = 2

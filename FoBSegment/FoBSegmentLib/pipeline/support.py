@@ -9,7 +9,7 @@ import numpy as np
 from ..backbones.base import slice_to_square
 from ..errors import FoBInputError
 from ..geometry import SliceView, Volume, occupied_slices, validate_volume
-from ..preprocessing import body_columns, fit_normalisation, side_of_midline
+from ..preprocessing import body_columns, fit_normalisation, side_of_midline, solidity
 from .contrast import prototypes
 
 
@@ -24,6 +24,7 @@ class SupportSlice:
     proto_fg: np.ndarray  # (256,) what the structure looks like
     proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
+    solidity: float = 1.0  # area over convex hull area (preprocessing.solidity)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
             msq = slice_to_square(mstack[i]) > 0
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
-                                   side=side_of_midline(mstack[i], body)))
+                                   side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
     return Support(slices, view, annotated)
 
 
