@@ -80,8 +80,8 @@ def side_of_midline(mask: np.ndarray, body: tuple[float, float]) -> float:
 
 def solidity(mask: np.ndarray) -> float:
     """A 2D mask's area over its convex hull's: about 0.98 for the LV blood pool, 0.75 for the
-    crescent of the RV.  Unchanged by any affine map (a hull stays a hull, area ratios keep),
-    so the work grid's resampling does not alter it.  1.0 for an empty mask."""
+    crescent of the RV.  An affine map keeps it (a hull stays a hull, area ratios keep), so the
+    work grid's resampling barely alters it.  1.0 for an empty mask."""
     from skimage.morphology import convex_hull_image
 
     m = np.asarray(mask, bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -24,7 +25,12 @@ class SupportSlice:
     proto_fg: np.ndarray  # (256,) what the structure looks like
     proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
-    solidity: float = 1.0  # area over convex hull area (preprocessing.solidity)
+
+    @cached_property
+    def solidity(self) -> float:
+        """Area over convex hull area of the mask (``preprocessing.solidity``); computed when the
+        shape prior first asks (``seed.shape_width``, off by default)."""
+        return solidity(self.mask_sq)
 
 
 @dataclass
@@ -74,7 +80,7 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
             msq = slice_to_square(mstack[i]) > 0
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
-                                   side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
+                                   side=side_of_midline(mstack[i], body)))
     return Support(slices, view, annotated)
 
 
