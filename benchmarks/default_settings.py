@@ -40,7 +40,9 @@ VARIANTS = [
     ("two places per slice", "the seed search also scores the next best contrast region of each slice",
      {"seed.regions": 2}),
     ("shape prior", "a seed's score x the likeness of its mask's solidity to the support's (width 0.15)",
-     {"seed.shape_width": 0.15}),
+     {"seed.shape_width": 0.15, "seed.shape_max_solidity": 1.01}),
+    ("no shape prior", "seeds not weighted by their shape, not even for a support that is a crescent on every slice",
+     {"seed.shape_width": 0.0}),
 ]
 # Measured worse and removed from the code (rows kept from the last run that had them).
 REMOVED = {

@@ -134,7 +134,8 @@ def seed_score(embedding, mask_sq, iou: float, anchor, presence: PresenceSetting
                seed: SeedSettings, body: tuple | None = None) -> float:
     """How clearly a slice shows the support's structure: SAM's predicted IoU x prototype
     contrast x exp(w * (surroundings likeness - 1)); 0 where the mask is too small or SAM
-    unsure; with ``seed.shape_width``, x the likeness of the mask's solidity to the support's.
+    unsure; for a support that is a crescent on every slice, x the likeness of the mask's
+    solidity to the support's (``seed.shape_width``, ``seed.shape_max_solidity``).
     ``body``: (midline column, half-width) of the query's body on the work grid, for the side
     prior."""
     if mask_sq.sum() < presence.min_area_px or iou < presence.min_iou:
@@ -142,7 +143,8 @@ def seed_score(embedding, mask_sq, iou: float, anchor, presence: PresenceSetting
     c = prototype_contrast(embedding, mask_sq, anchor)
     context = surroundings_likeness(embedding, mask_sq, anchor)
     score = max(0.0, iou * c) * float(np.exp(contrast.context_weight * (context - 1.0)))
-    if seed.shape_width > 0:  # a crescent (the RV) is not a disc (the LV blood pool) however alike inside
+    if seed.shape_width > 0 and anchor.most_solid < seed.shape_max_solidity:
+        # a crescent (the RV) is not a disc (the LV blood pool) however alike inside
         score *= float(np.exp(-((solidity(mask_sq) - anchor.solidity) / seed.shape_width) ** 2))
     if body is not None and abs(anchor.side) > seed.side_min:
         side = side_of_midline(mask_sq, body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -25,12 +24,8 @@ class SupportSlice:
     proto_fg: np.ndarray  # (256,) what the structure looks like
     proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
-
-    @cached_property
-    def solidity(self) -> float:
-        """Area over convex hull area of the mask (``preprocessing.solidity``); computed when the
-        shape prior first asks (``seed.shape_width``, off by default)."""
-        return solidity(self.mask_sq)
+    solidity: float = 1.0  # area over convex hull area of the mask (preprocessing.solidity)
+    most_solid: float = 1.0  # the largest solidity among all the support's slices
 
 
 @dataclass
@@ -80,7 +75,9 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
             msq = slice_to_square(mstack[i]) > 0
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
-                                   side=side_of_midline(mstack[i], body)))
+                                   side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
+    for sl in slices:  # a crescent on every annotated slice (the RV) or not (seed.shape_max_solidity)
+        sl.most_solid = max(x.solidity for x in slices)
     return Support(slices, view, annotated)
 
 
