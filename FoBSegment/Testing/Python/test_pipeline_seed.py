@@ -24,14 +24,40 @@ def test_seed_search_tells_the_rv_crescent_from_the_round_blood_pool(segmenter):
     """MS-CMRSeg patient 6's RV from patient 1's annotation (EP1): inside, the RV and the LV
     blood pool look alike and the blood pool scores best, so without the shape prior the seed
     and the walk are on it (Dice 0.00).  The RV is a crescent (solidity about 0.75), the blood
-    pool a disc (0.98): with the prior the RV is found (measured 0.86)."""
+    pool a disc (0.98): with the prior (the default for a support that is a crescent on every
+    slice) the RV is found (measured 0.86)."""
     s, q, rv, gt, sup, ref = shared_pair("mscmrseg19_bssfp_cmr", 1, 6, label=600)
     off = segmenter.with_settings(**{"seed.shape_width": 0.0}).segment(q, s, rv, support_slices=sup, query_slices=ref)
     pool = np.rint(read_volume(shared_case("mscmrseg19_bssfp_cmr", 6)[1]).array) == 500
     m = off.mask.astype(bool)
     assert dice(m, gt) < 0.1 and (m & pool).sum() > 0.5 * m.sum()
-    on = segmenter.with_settings(**{"seed.shape_width": 0.15}).segment(q, s, rv, support_slices=sup, query_slices=ref)
+    on = segmenter.segment(q, s, rv, support_slices=sup, query_slices=ref)
     assert dice(on.mask, gt) > 0.8
+
+
+def test_shape_prior_is_for_supports_that_are_crescents_on_every_slice(segmenter):
+    """The RV's annotated slices are all crescents, so its seeds are weighed by shape; a liver
+    has convex slices among its annotated ones (its shape varies from slice to slice), so its
+    seed scores are the same with and without the prior."""
+    from FoBSegmentLib.pipeline.contrast import seed_score
+
+    s, _, rv, _, sup, _ = shared_pair("mscmrseg19_bssfp_cmr", 1, 6, label=600)
+    rv_support = segmenter.prepare_support(s, rv, sup)
+    limit = segmenter.settings.seed.shape_max_solidity
+    assert all(x.most_solid < limit for x in rv_support.slices)
+    s, _, liver, _, sup, _ = shared_pair("chaos_t2spir_mri", 1, 2, label=1)
+    anchor = segmenter.prepare_support(s, liver, sup).central()
+    assert anchor.most_solid >= limit
+    st = segmenter.settings
+    cy, cx = (int(v.mean()) for v in np.nonzero(anchor.mask_sq))
+    bitten = anchor.mask_sq & (np.hypot(*np.mgrid[-cy:256 - cy, -cx:256 - cx]) > 25)  # less solid
+    args = (anchor.embedding, bitten, 0.9, anchor, st.presence, st.contrast)
+
+    def score(**change):
+        return seed_score(*args, segmenter.with_settings(**change).settings.seed if change else st.seed)
+
+    assert score() == score(**{"seed.shape_width": 0.0}) > 0
+    assert score(**{"seed.shape_max_solidity": 1.01}) < score(), "applied to every support, it would weigh this"
 
 
 def test_seed_search_finds_organs_outside_the_supports_relative_position(segmenter):
