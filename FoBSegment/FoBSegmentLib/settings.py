@@ -86,8 +86,8 @@ class SeedSettings:
     #: A seed's score is multiplied by exp(-((its solidity - the support's) / this) ** 2)
     #: (area over convex hull area: the RV's crescent 0.75, the LV blood pool 0.98); 0 = off.
     #: Applied to every support it tells MS-CMRSeg's RV from the blood pool (EP1 0.873 -> 0.876)
-    #: but a liver's shape varies too much from slice to slice (CHAOS 0.827 -> 0.811):
-    #: docs/benchmarks/benchmark_all_supports_shape_prior.md.
+    #: but a liver's shape varies too much from slice to slice (CHAOS 0.827 -> 0.811:
+    #: docs/benchmarks/benchmark_all_supports_shape_prior.md), so only crescents get it.
     shape_width: float = 0.15
     #: The shape prior applies only to a support whose every slice is less solid than this: a
     #: crescent on every annotated slice, whose shape is its signature.
