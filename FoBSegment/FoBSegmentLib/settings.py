@@ -89,8 +89,8 @@ class SeedSettings:
     #: but a liver's shape varies too much from slice to slice (CHAOS 0.827 -> 0.811:
     #: docs/benchmarks/benchmark_all_supports_shape_prior.md), so only crescents get it.
     shape_width: float = 0.15
-    #: The shape prior applies only to a support whose every slice is less solid than this: a
-    #: crescent on every annotated slice, whose shape is its signature.
+    #: The shape prior applies only to a support of three or more slices, every one less solid
+    #: than this: a crescent on every annotated slice, whose shape is its signature.
     shape_max_solidity: float = 0.85
     #: Seeds walked on another patient's volume, each on a different structure
     #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).

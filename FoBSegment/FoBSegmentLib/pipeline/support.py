@@ -12,6 +12,8 @@ from ..geometry import SliceView, Volume, occupied_slices, validate_volume
 from ..preprocessing import body_columns, fit_normalisation, side_of_midline, solidity
 from .contrast import prototypes
 
+MIN_SLICES_FOR_SHAPE = 3  # support slices needed before their shape counts (seed.shape_max_solidity)
+
 
 @dataclass
 class SupportSlice:
@@ -76,8 +78,11 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
                                    side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
-    for sl in slices:  # a crescent on every annotated slice (the RV) or not (seed.shape_max_solidity)
-        sl.most_solid = max(x.solidity for x in slices)
+    # A crescent on every annotated slice (the RV) or not (seed.shape_max_solidity).  One or two
+    # slices cannot tell: a liver's slices alone run from 0.71 to 0.94.
+    most_solid = max(x.solidity for x in slices) if len(slices) >= MIN_SLICES_FOR_SHAPE else 1.0
+    for sl in slices:
+        sl.most_solid = most_solid
     return Support(slices, view, annotated)
 
 

@@ -36,15 +36,18 @@ def test_seed_search_tells_the_rv_crescent_from_the_round_blood_pool(segmenter):
 
 
 def test_shape_prior_is_for_supports_that_are_crescents_on_every_slice(segmenter):
-    """The RV's annotated slices are all crescents, so its seeds are weighed by shape; a liver
-    has convex slices among its annotated ones (its shape varies from slice to slice), so its
-    seed scores are the same with and without the prior."""
+    """The RV's three annotated slices are all crescents, so its seeds are weighed by shape (one
+    slice is not enough to say so); a liver has convex slices among its annotated ones (its
+    shape varies from slice to slice), so its seed scores are the same with and without the
+    prior."""
     from FoBSegmentLib.pipeline.contrast import seed_score
 
     s, _, rv, _, sup, _ = shared_pair("mscmrseg19_bssfp_cmr", 1, 6, label=600)
     rv_support = segmenter.prepare_support(s, rv, sup)
     limit = segmenter.settings.seed.shape_max_solidity
     assert all(x.most_solid < limit for x in rv_support.slices)
+    one = segmenter.prepare_support(s, rv, sup[1:2]).central()
+    assert one.solidity < limit and one.most_solid == 1.0, "one slice cannot show the shape is the structure's"
     s, _, liver, _, sup, _ = shared_pair("chaos_t2spir_mri", 1, 2, label=1)
     anchor = segmenter.prepare_support(s, liver, sup).central()
     assert anchor.most_solid >= limit
