@@ -89,9 +89,12 @@ class SeedSettings:
     #: but a liver's shape varies too much from slice to slice (CHAOS 0.827 -> 0.811:
     #: docs/benchmarks/benchmark_all_supports_shape_prior.md), so only crescents get it.
     shape_width: float = 0.15
-    #: The shape prior applies only to a support of three or more slices, every one less solid
-    #: than this: a crescent on every annotated slice, whose shape is its signature.
+    #: The shape prior applies only to a support of ``shape_min_slices`` or more slices, every
+    #: one less solid than this: a crescent on every annotated slice, whose shape is its signature.
     shape_max_solidity: float = 0.85
+    #: Support slices needed before their shape counts: one or two cannot tell (a liver's
+    #: single slices run from solidity 0.71 to 0.94).
+    shape_min_slices: int = 3
     #: Seeds walked on another patient's volume, each on a different structure
     #: (docs/benchmarks/seed_walks.md, benchmark_all_supports.md).
     walks: int = 2

@@ -12,8 +12,6 @@ from ..geometry import SliceView, Volume, occupied_slices, validate_volume
 from ..preprocessing import body_columns, fit_normalisation, side_of_midline, solidity
 from .contrast import prototypes
 
-MIN_SLICES_FOR_SHAPE = 3  # support slices needed before their shape counts (seed.shape_max_solidity)
-
 
 @dataclass
 class SupportSlice:
@@ -27,7 +25,7 @@ class SupportSlice:
     proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
     solidity: float = 1.0  # area over convex hull area of the mask (preprocessing.solidity)
-    most_solid: float = 1.0  # the largest solidity among all the support's slices
+    support_solidities: tuple = ()  # the solidity of every slice of the support (seed.shape_max_solidity)
 
 
 @dataclass
@@ -78,11 +76,8 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
                                    side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
-    # A crescent on every annotated slice (the RV) or not (seed.shape_max_solidity).  One or two
-    # slices cannot tell: a liver's slices alone run from 0.71 to 0.94.
-    most_solid = max(x.solidity for x in slices) if len(slices) >= MIN_SLICES_FOR_SHAPE else 1.0
-    for sl in slices:
-        sl.most_solid = most_solid
+    for sl in slices:  # whether the structure is a crescent on every slice (the RV) or not
+        sl.support_solidities = tuple(x.solidity for x in slices)
     return Support(slices, view, annotated)
 
 
