@@ -46,7 +46,8 @@ def main(argv=None):
     from FoBSegmentLib.backbones import create_backbone
     from FoBSegmentLib.evaluation import dice, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView, occupied_slices
-    from FoBSegmentLib.pipeline.ring_structures import split_ring, wall_around, wall_from_image, wall_thickness
+    from FoBSegmentLib.pipeline.ring_structures import draw_wall, split_ring, wall_around, wall_thickness
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
@@ -83,13 +84,14 @@ def main(argv=None):
         for name, seg in segs:
             res = seg.segment(qv, sv, sl == MYO, support_slices=sup, query_slices=qs)
             scores[name].append(dice(q_view.to_stack(np.asarray(res.mask) > 0), gt))
-        hole = split_ring(ms, 0.1)
-        t = wall_thickness(ms, hole, [i for i in sup if hole[i].any()], 5.0, s_view.pixel_spacing)
+        ring = DEFAULT_SETTINGS.ring
+        hole = split_ring(ms, ring.hole_ratio)
+        t = wall_thickness(ms, hole, [i for i in sup if hole[i].any()], ring.default_thickness_px, s_view.pixel_spacing)
         cav, img, sp = q_view.to_stack(ql == CAVITY), q_view.to_stack(qv.array), q_view.pixel_spacing
         walls = [np.zeros(gt.shape, bool) for _ in ref_rows]
         for i in occupied_slices(cav):
             walls[0][i] = wall_around(cav[i], t, sp)
-            walls[1][i] = wall_from_image(img[i], cav[i], t, sp)
+            walls[1][i] = draw_wall(img[i], cav[i], t, sp, ring)
             walls[2][i] = max((wall_around(cav[i], x, sp) for x in np.arange(2.0, 20.0, 0.5)),
                               key=lambda m: dice(m, gt[i]))
         for r, w in zip(ref_rows, walls):

@@ -52,14 +52,15 @@ def wall_around(cavity: np.ndarray, thickness: float, spacing=(1.0, 1.0)) -> np.
     return (ndimage.distance_transform_edt(~cavity, sampling=spacing) <= thickness) & ~cavity
 
 
-def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing=(1.0, 1.0),
-                    spread: float = 1.5, least: float = 0.8, most: float = 1.3) -> np.ndarray:
+def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, spread: float,
+                    least: float, most: float) -> np.ndarray:
     """The wall around a 2D ``cavity`` where the query's 2D ``image`` shows it: everything closer
     to the cavity than ``least`` x ``thickness``, and beyond that, out to ``most`` x
     ``thickness``, the connected pixels whose intensity stays within ``spread`` robust standard
     deviations of the wall's inner part (the band within 0.6 x ``thickness``, where the wall
     is whatever its thickness).  The epicardium is then smoothed by an opening of about 2.5 mm,
-    so one look-alike pixel does not carry the edge outwards.  Units as in :func:`wall_around`."""
+    so one look-alike pixel does not carry the edge outwards.  Units as in :func:`wall_around`;
+    the three numbers are ``RingStructureSettings``' (:func:`draw_wall` passes them)."""
     outside = ~cavity
     d = ndimage.distance_transform_edt(outside, sampling=spacing)
     inner = outside & (d <= 0.6 * thickness)

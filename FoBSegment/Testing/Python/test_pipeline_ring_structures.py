@@ -7,7 +7,10 @@ from conftest import dice, one_slice_support, shared_case
 from FoBSegmentLib.io import read_volume
 from FoBSegmentLib.errors import FoBInputError
 from FoBSegmentLib.geometry import SliceView, occupied_slices
-from FoBSegmentLib.pipeline.ring_structures import split_ring, wall_around, wall_from_image, wall_thickness
+from FoBSegmentLib.pipeline.ring_structures import draw_wall, split_ring, wall_around, wall_thickness
+from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+RING = DEFAULT_SETTINGS.ring  # the default wall rule: the edge from the image
 
 
 def _annulus(n=64, r_in=8, r_out=14):
@@ -47,7 +50,7 @@ def test_wall_edge_follows_the_image_within_its_range():
     image[cavity] = 220.0
     image += rng.normal(0, 4, image.shape)
     t = 8.0
-    wall = wall_from_image(image, cavity, t)
+    wall = draw_wall(image, cavity, t, (1.0, 1.0), RING)
     band = wall_around(cavity, t)
     assert dice(wall, truth) > dice(band, truth) + 0.05 and dice(wall, truth) > 0.85
     d = np.hypot(yy - 48, xx - 48) - 14
@@ -65,7 +68,7 @@ def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
     view = SliceView.for_volume(read_volume(s_img))
     ms = view.to_stack(sup)
     k = int(np.argmax(ms.sum((1, 2))))
-    t = wall_thickness(ms, split_ring(ms, 0.1), [k], 5.0, view.pixel_spacing)
+    t = wall_thickness(ms, split_ring(ms, RING.hole_ratio), [k], RING.default_thickness_px, view.pixel_spacing)
     band, image = [], []
     for q in [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]:
         q_img, q_lab = shared_case("mscmrseg19_bssfp_cmr", q)
@@ -76,7 +79,7 @@ def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
         a, b = np.zeros_like(gt), np.zeros_like(gt)
         for i in occupied_slices(cav):
             a[i] = wall_around(cav[i], t, qv.pixel_spacing)
-            b[i] = wall_from_image(img[i], cav[i], t, qv.pixel_spacing)
+            b[i] = draw_wall(img[i], cav[i], t, qv.pixel_spacing, RING)
         band.append(dice(a, gt))
         image.append(dice(b, gt))
     assert np.mean(image) > np.mean(band) + 0.01
@@ -85,7 +88,6 @@ def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
 
 def test_an_unknown_wall_rule_is_refused_before_any_slice_is_segmented(litemedsam):
     from FoBSegmentLib import Segmenter
-    from FoBSegmentLib.settings import DEFAULT_SETTINGS
 
     img, lab = shared_case("mscmrseg19_bssfp_cmr", 2)
     vol = read_volume(img)
