@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -24,8 +25,15 @@ class SupportSlice:
     proto_fg: np.ndarray  # (256,) what the structure looks like
     proto_bg: np.ndarray  # (256,) what its immediate surroundings look like
     side: float = 0.0  # centroid's offset from the patient's midline, in body half-widths (+ = display right)
-    solidity: float = 1.0  # area over convex hull area of the mask (preprocessing.solidity)
-    support_solidities: tuple = ()  # the solidity of every slice of the support (seed.shape_max_solidity)
+    # Every slice of the same support, this one included: whether the structure is a crescent
+    # on each (seed.shape_max_solidity).
+    siblings: tuple = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def solidity(self) -> float:
+        """Area over convex hull area of the mask (``preprocessing.solidity``, ~10 ms), computed
+        when the shape prior first asks: a same-volume run never does."""
+        return solidity(self.mask_sq)
 
 
 @dataclass
@@ -75,9 +83,9 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
             msq = slice_to_square(mstack[i]) > 0
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
-                                   side=side_of_midline(mstack[i], body), solidity=solidity(msq)))
-    for sl in slices:  # whether the structure is a crescent on every slice (the RV) or not
-        sl.support_solidities = tuple(x.solidity for x in slices)
+                                   side=side_of_midline(mstack[i], body)))
+    for sl in slices:
+        sl.siblings = tuple(slices)
     return Support(slices, view, annotated)
 
 

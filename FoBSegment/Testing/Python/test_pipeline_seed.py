@@ -45,12 +45,12 @@ def test_shape_prior_is_for_supports_that_are_crescents_on_every_slice(segmenter
     s, _, rv, _, sup, _ = shared_pair("mscmrseg19_bssfp_cmr", 1, 6, label=600)
     rv_support = segmenter.prepare_support(s, rv, sup)
     limit = segmenter.settings.seed.shape_max_solidity
-    assert len(rv_support.slices) == 3 and max(rv_support.central().support_solidities) < limit
+    assert len(rv_support.slices) == 3 and max(x.solidity for x in rv_support.central().siblings) < limit
     one = segmenter.prepare_support(s, rv, sup[1:2]).central()
-    assert one.solidity < limit and len(one.support_solidities) < segmenter.settings.seed.shape_min_slices
+    assert one.solidity < limit and len(one.siblings) < segmenter.settings.seed.shape_min_slices
     s, _, liver, _, sup, _ = shared_pair("chaos_t2spir_mri", 1, 2, label=1)
     anchor = segmenter.prepare_support(s, liver, sup).central()
-    assert max(anchor.support_solidities) >= limit
+    assert max(x.solidity for x in anchor.siblings) >= limit
     st = segmenter.settings
     cy, cx = (int(v.mean()) for v in np.nonzero(anchor.mask_sq))
     bitten = anchor.mask_sq & (np.hypot(*np.mgrid[-cy:256 - cy, -cx:256 - cx]) > 25)  # less solid
