@@ -31,10 +31,11 @@ MYO, CAVITY = 200, 500
 # (name, settings changed by dotted name)
 RULES = [
     ("support's thickness all round (band)", {"ring.wall": "band"}),
-    ("edge from the image, 0.8-1.3 x thickness, 1.5 sd (default)", {}),
+    ("edge from the image, 48 sectors, 0.6-1.4 x thickness, 1.5 sd, median over 7 sectors each side (default)", {}),
+    ("edge from the image, spread 1.25 sd", {"ring.wall_spread": 1.25}),
     ("edge from the image, spread 2.0 sd", {"ring.wall_spread": 2.0}),
-    ("edge from the image, farthest 1.6 x thickness", {"ring.wall_most": 1.6}),
-    ("edge from the image, nearest 0.6 x thickness", {"ring.wall_least": 0.6}),
+    ("edge from the image, nearest 0.8, farthest 1.3 x thickness", {"ring.wall_least": 0.8, "ring.wall_most": 1.3}),
+    ("edge from the image, each sector its own edge (no median)", {"ring.wall_smooth": 0}),
 ]
 
 
@@ -117,7 +118,7 @@ def render(scores: dict, pairs, seconds: float) -> str:
         "",
         "The pipeline segments the blood pool inside the myocardium and draws the wall around it",
         "(`pipeline.ring_structures`). The first rows run the segmenter once per wall rule",
-        "(`ring.wall`, `ring.wall_spread`, `ring.wall_most`, `ring.wall_least`); the last rows draw",
+        "(`ring.wall`, `ring.wall_spread`, `ring.wall_most`, `ring.wall_least`, `ring.wall_smooth`); the last rows draw",
         "the wall around the reference blood pool instead, to separate the rule from the cavity's",
         "errors. The best thickness per slice is chosen with the reference myocardium: a bound that",
         "no rule of one thickness all round can pass. The last column compares each row with the",
@@ -131,9 +132,13 @@ def render(scores: dict, pairs, seconds: float) -> str:
         lines.append(f"| {name} | {v.mean():.4f} | {v.min():.3f} | {(v > base + 0.01).sum()} / {(v < base - 0.01).sum()} |")
     lines += [
         "",
-        "The image rule gains where a patient's wall is thicker or thinner than the support's, or",
-        "uneven; it loses where the tissue beyond the wall is as dark as the wall (it then runs to",
-        "the farthest edge allowed). Most of what is left is the blood pool's: the same rule scores",
+        "The image rule looks along each of 48 directions from the cavity for the first distance",
+        "where the image leaves the wall's intensity, and takes the median of those edges over the",
+        "neighbouring directions. It gains where a patient's wall is thicker or thinner than the",
+        "support's, or uneven; it loses where the tissue beyond the wall is as dark as the wall (it",
+        "then runs to the farthest edge allowed). The rule it replaced (every connected wall-like",
+        "pixel out to 1.3x the thickness, commit bf98111) scored 0.7903 on these pairs and 0.8537 on",
+        "the reference blood pool. Most of what is left is the blood pool's: the same rule scores",
         "more on the reference blood pool than on the segmented one, the worst slices lying at the",
         "base, where the reference cuts the blood pool at the valve plane and the wall is open, and",
         "at the apex, where the segmented cavity takes in part of the wall.",

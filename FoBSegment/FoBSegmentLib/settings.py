@@ -125,17 +125,21 @@ class RingStructureSettings:
     hole_ratio: float = 0.1
     #: Wall thickness (px) when the support gives none.
     default_thickness_px: float = 5.0
-    #: ``image``: the wall's outer edge follows the query's image between ``wall_least`` and
-    #: ``wall_most`` times the support's thickness; ``band``: the support's thickness all round
-    #: (docs/benchmarks/myocardium.md).
+    #: ``image``: the wall's outer edge follows the query's image, sector by sector around the
+    #: cavity, between ``wall_least`` and ``wall_most`` times the support's thickness; ``band``:
+    #: the support's thickness all round (docs/benchmarks/myocardium.md).
     wall: str = "image"
     #: Nearest the outer edge may come to the cavity, in support thicknesses.
-    wall_least: float = 0.8
+    wall_least: float = 0.6
     #: Farthest the outer edge may go from the cavity, in support thicknesses.
-    wall_most: float = 1.3
-    #: How far (robust standard deviations) a pixel's intensity may be from the wall's inner
-    #: part and still count as wall.
+    wall_most: float = 1.4
+    #: How far (robust standard deviations) the image may be from the wall's inner part and
+    #: still count as wall.
     wall_spread: float = 1.5
+    #: Angular sectors around the cavity, each with an outer edge of its own.
+    wall_sectors: int = 48
+    #: The edges are smoothed by a running median over this many sectors each side.
+    wall_smooth: int = 7
 
 
 @dataclass(frozen=True)

@@ -52,31 +52,45 @@ def wall_around(cavity: np.ndarray, thickness: float, spacing=(1.0, 1.0)) -> np.
     return (ndimage.distance_transform_edt(~cavity, sampling=spacing) <= thickness) & ~cavity
 
 
-def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, spread: float,
-                    least: float, most: float) -> np.ndarray:
-    """The wall around a 2D ``cavity`` where the query's 2D ``image`` shows it: everything closer
-    to the cavity than ``least`` x ``thickness``, and beyond that, out to ``most`` x
-    ``thickness``, the connected pixels whose intensity stays within ``spread`` robust standard
-    deviations of the wall's inner part (the band within 0.6 x ``thickness``, where the wall
-    is whatever its thickness).  The epicardium is then smoothed by an opening of about 2.5 mm,
-    so one look-alike pixel does not carry the edge outwards.  Units as in :func:`wall_around`;
-    the three numbers are ``RingStructureSettings``' (:func:`draw_wall` passes them)."""
+def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, ring) -> np.ndarray:
+    """The wall around a 2D ``cavity`` where the query's 2D ``image`` shows it.  Around the
+    cavity, in each of ``ring.wall_sectors`` angular sectors, the median intensity at each
+    distance from the cavity is compared with the wall's inner part (the band within 0.6 x
+    ``thickness``, where the wall is whatever its thickness): the outer edge is the first
+    distance beyond ``wall_least`` x ``thickness`` whose median lies more than ``wall_spread``
+    robust standard deviations from it, else ``wall_most`` x ``thickness`` (tissue as dark as
+    the wall beyond it).  The edges are smoothed by a running median over ``wall_smooth``
+    sectors each side, so a vessel or a look-alike in one direction does not move the edge.
+    Units as in :func:`wall_around`."""
     outside = ~cavity
     d = ndimage.distance_transform_edt(outside, sampling=spacing)
     inner = outside & (d <= 0.6 * thickness)
-    if not inner.any():
+    if not inner.any() or not cavity.any():
         return wall_around(cavity, thickness, spacing)
     vals = image[inner].astype(np.float64)
     mid = float(np.median(vals))
-    sd = 1.4826 * float(np.median(np.abs(vals - mid)))  # robust: the inner band can touch the blood
-    base = outside & (d <= least * thickness)
-    like = base | (outside & (d <= most * thickness) & (np.abs(image - mid) <= spread * sd))
-    lab, _ = ndimage.label(like)
-    wall = np.isin(lab, np.unique(lab[base])) & (lab > 0)
-    wall = ndimage.binary_opening(wall) | base
-    steps = max(1, int(round(2.5 / float(min(spacing)))))
-    epi = ndimage.binary_opening(ndimage.binary_fill_holes(wall | cavity), iterations=steps)
-    return ndimage.binary_fill_holes(epi | cavity) & outside
+    sd = 1.4826 * float(np.median(np.abs(vals - mid))) + 1e-6  # robust: the inner band can touch the blood
+    n = int(ring.wall_sectors)
+    cy, cx = ndimage.center_of_mass(cavity)
+    yy, xx = np.indices(cavity.shape)
+    angle = np.arctan2((yy - cy) * spacing[0], (xx - cx) * spacing[1])
+    sector = np.minimum(((angle + np.pi) / (2 * np.pi) * n).astype(int), n - 1)
+    step = 0.5 * float(min(spacing))
+    radii = np.arange(ring.wall_least * thickness, ring.wall_most * thickness + step, step)
+    nearest = np.rint((d - radii[0]) / step).astype(int)
+    edges = np.full(n, ring.wall_most * thickness)
+    for s in range(n):
+        # a distance's median is taken within one step either side: enough pixels on a ray
+        ring_px = outside & (sector == s) & (nearest >= -2) & (nearest <= radii.size + 1)
+        dist, val = d[ring_px], image[ring_px]
+        for r in radii:
+            near = np.abs(dist - r) <= step
+            if near.any() and abs(float(np.median(val[near])) - mid) > ring.wall_spread * sd:
+                edges[s] = r
+                break
+    smooth = ndimage.median_filter(edges, size=2 * int(ring.wall_smooth) + 1, mode="wrap")
+    wall = outside & (d <= smooth[sector])
+    return ndimage.binary_fill_holes(wall | cavity) & outside
 
 
 def check_wall_rule(rule: str) -> None:
@@ -90,4 +104,4 @@ def draw_wall(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, 
     check_wall_rule(ring.wall)
     if ring.wall == "band":
         return wall_around(cavity, thickness, spacing)
-    return wall_from_image(image, cavity, thickness, spacing, ring.wall_spread, ring.wall_least, ring.wall_most)
+    return wall_from_image(image, cavity, thickness, spacing, ring)

@@ -55,14 +55,33 @@ def test_wall_edge_follows_the_image_within_its_range():
     assert dice(wall, truth) > dice(band, truth) + 0.05 and dice(wall, truth) > 0.85
     d = np.hypot(yy - 48, xx - 48) - 14
     assert not (wall & cavity).any()
-    assert d[wall].max() <= 1.3 * t + 1.5, "the look-alike below is cut at the farthest edge"
-    assert (wall | cavity)[d <= 0.8 * t - 1].all(), "never thinner than the nearest edge"
+    assert d[wall].max() <= RING.wall_most * t + 1.5, "the look-alike below is cut at the farthest edge"
+    assert (wall | cavity)[d <= RING.wall_least * t - 1].all(), "never thinner than the nearest edge"
+
+
+def test_a_vessel_against_the_wall_does_not_notch_it():
+    """A bright vessel lying on the wall's outer edge in one direction: the edge there is the
+    median of the sectors around it, so the wall keeps its thickness under the vessel instead of
+    stopping where the vessel begins."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    cavity, truth = r <= 14, (r > 14) & (r <= 22)
+    image = np.full(r.shape, 150.0)
+    image[truth] = 80.0
+    image[cavity] = 220.0
+    vessel = np.hypot(yy - 48, xx - (48 + 20)) <= 2.5
+    image[vessel] = 220.0
+    image += rng.normal(0, 4, image.shape)
+    wall = draw_wall(image, cavity, 8.0, (1.0, 1.0), RING)
+    assert (wall | cavity)[r <= 21].all(), "no notch under the vessel"
+    assert dice(wall, truth) > 0.97
 
 
 def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
     """MS-CMRSeg: the thickness of patient 2's largest slice, drawn around every other patient's
     reference blood pool.  Following each query's image is closer to its myocardium than the
-    support's thickness all round (measured: 0.872 against 0.854 mean Dice over 14 patients)."""
+    support's thickness all round (measured: 0.876 against 0.846 mean Dice over 14 patients)."""
     s_img, s_lab = shared_case("mscmrseg19_bssfp_cmr", 2)
     sup = np.rint(read_volume(s_lab).array) == 200
     view = SliceView.for_volume(read_volume(s_img))
