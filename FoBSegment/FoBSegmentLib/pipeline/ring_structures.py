@@ -93,15 +93,20 @@ def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spa
     return ndimage.binary_fill_holes(wall | cavity) & outside
 
 
-def check_wall_rule(rule: str) -> None:
-    """Refuse an unknown ``ring.wall`` before any slice is segmented."""
-    if rule not in WALLS:
-        raise FoBInputError(f"Unknown wall rule ring.wall={rule!r}: use one of {', '.join(WALLS)}.")
+def check_wall_rule(ring) -> None:
+    """Refuse an unknown ``ring.wall``, or sectors the image rule cannot use, before any slice
+    is segmented (``ring``: ``RingStructureSettings``)."""
+    if ring.wall not in WALLS:
+        raise FoBInputError(f"Unknown wall rule ring.wall={ring.wall!r}: use one of {', '.join(WALLS)}.")
+    if ring.wall == "image" and not (int(ring.wall_sectors) >= 4 and 0 <= int(ring.wall_smooth) < ring.wall_sectors):
+        raise FoBInputError(f"ring.wall_sectors={ring.wall_sectors} and ring.wall_smooth={ring.wall_smooth} cannot "
+                            "describe a wall: use at least 4 sectors and smooth over fewer sectors than there are "
+                            "(the default: 48 and 7).")
 
 
 def draw_wall(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, ring) -> np.ndarray:
     """The wall around a 2D cavity by the rule of ``ring`` (``RingStructureSettings``)."""
-    check_wall_rule(ring.wall)
+    check_wall_rule(ring)
     if ring.wall == "band":
         return wall_around(cavity, thickness, spacing)
     return wall_from_image(image, cavity, thickness, spacing, ring)

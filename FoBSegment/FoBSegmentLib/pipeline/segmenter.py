@@ -222,7 +222,7 @@ class Segmenter:
                       progress, is_cancelled) -> SegmentationResult:
         """A wall around a cavity: segment the cavity, then draw the wall around it at about the
         support's thickness (``settings.ring``)."""
-        check_wall_rule(self.settings.ring.wall)
+        check_wall_rule(self.settings.ring)
         t0, enc0 = time.perf_counter(), self.encoded_count
         chosen = support_slices or occupied_slices(ms)
         hole_sup = [int(i) for i in chosen if hole[int(i)].any()]

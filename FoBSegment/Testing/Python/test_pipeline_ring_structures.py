@@ -105,7 +105,7 @@ def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
     assert sum(x > y for x, y in zip(image, band)) >= 10
 
 
-def test_an_unknown_wall_rule_is_refused_before_any_slice_is_segmented(litemedsam):
+def test_an_unknown_wall_rule_or_unusable_sectors_are_refused_before_any_slice_is_segmented(litemedsam):
     from FoBSegmentLib import Segmenter
 
     img, lab = shared_case("mscmrseg19_bssfp_cmr", 2)
@@ -115,6 +115,11 @@ def test_an_unknown_wall_rule_is_refused_before_any_slice_is_segmented(litemedsa
     with pytest.raises(FoBInputError, match="ring.wall='thick'.*image, band"):
         seg.segment(vol, vol, support)
     assert seg.encoded_count == 0
+    for bad in ({"ring.wall_sectors": 0}, {"ring.wall_smooth": -1}, {"ring.wall_smooth": 48}):
+        seg = Segmenter(litemedsam, settings=DEFAULT_SETTINGS.with_changes(**bad))
+        with pytest.raises(FoBInputError, match="at least 4 sectors"):
+            seg.segment(vol, vol, support)
+        assert seg.encoded_count == 0
 
 
 def test_myocardium_is_drawn_around_the_blood_pool(segmenter):
