@@ -81,8 +81,8 @@ def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spa
     edges = np.full(n, ring.wall_most * thickness)
     for s in range(n):
         # a distance's median is taken within one step either side: enough pixels on a ray
-        ring_px = outside & (sector == s) & (nearest >= -2) & (nearest <= radii.size + 1)
-        dist, val = d[ring_px], image[ring_px]
+        band = outside & (sector == s) & (nearest >= -2) & (nearest <= radii.size + 1)
+        dist, val = d[band], image[band]
         for r in radii:
             near = np.abs(dist - r) <= step
             if near.any() and abs(float(np.median(val[near])) - mid) > ring.wall_spread * sd:
