@@ -220,10 +220,15 @@ def render(results: dict, meta: dict, warn: dict) -> str:
             for protocol, rows in warn[key].items():
                 for w in rows:
                     lines.append(f"| {protocol} | {w['k']} | {w['members']} | {w['bad']} | {w['flagged']} | "
-                                 f"{w['precision']} | {w['recall']} |")
+                                 f"{_share(w['precision'])} | {_share(w['recall'])} |")
             lines.append("")
     lines += [f"Scoring took {meta['seconds']:.0f} s; the pair runs are cached under the runs folder.", ""]
     return "\n".join(lines)
+
+
+def _share(x) -> str:
+    """A share, or a dash where nothing was flagged (or nothing was bad) to take it of."""
+    return "-" if x is None else str(x)
 
 
 def main(argv=None):
