@@ -78,11 +78,13 @@ def wall_from_image(image: np.ndarray, cavity: np.ndarray, thickness: float, spa
     step = 0.5 * float(min(spacing))
     radii = np.arange(ring.wall_least * thickness, ring.wall_most * thickness + step, step)
     nearest = np.rint((d - radii[0]) / step).astype(int)
+    # a distance's median is taken within one step either side: enough pixels on a ray
+    reach = outside & (nearest >= -2) & (nearest <= radii.size + 1)
+    reach_sector, reach_d, reach_val = sector[reach], d[reach], image[reach]
     edges = np.full(n, ring.wall_most * thickness)
     for s in range(n):
-        # a distance's median is taken within one step either side: enough pixels on a ray
-        band = outside & (sector == s) & (nearest >= -2) & (nearest <= radii.size + 1)
-        dist, val = d[band], image[band]
+        mine = reach_sector == s
+        dist, val = reach_d[mine], reach_val[mine]
         for r in radii:
             near = np.abs(dist - r) <= step
             if near.any() and abs(float(np.median(val[near])) - mid) > ring.wall_spread * sd:
@@ -101,7 +103,7 @@ def check_wall_rule(ring) -> None:
     if ring.wall == "image" and not (int(ring.wall_sectors) >= 4 and 0 <= int(ring.wall_smooth) < ring.wall_sectors):
         raise FoBInputError(f"ring.wall_sectors={ring.wall_sectors} and ring.wall_smooth={ring.wall_smooth} cannot "
                             "describe a wall: use at least 4 sectors and smooth over fewer sectors than there are "
-                            "(the default: 48 and 7).")
+                            f"(the default: {type(ring)().wall_sectors} and {type(ring)().wall_smooth}).")
 
 
 def draw_wall(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, ring) -> np.ndarray:

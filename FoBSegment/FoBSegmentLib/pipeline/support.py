@@ -84,8 +84,9 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
         rel = 0.5 if hi == lo else (i - lo) / (hi - lo)
         slices.append(SupportSlice(i, rel, embs[i], msq, *prototypes(embs[i], msq),
                                    side=side_of_midline(mstack[i], body)))
+    every = tuple(slices)
     for sl in slices:
-        sl.siblings = tuple(slices)
+        sl.siblings = every
     return Support(slices, view, annotated)
 
 
