@@ -91,10 +91,10 @@ class SeedSettings:
     shape_width: float = 0.15
     #: The shape prior applies only to a support of ``shape_min_slices`` or more slices, every
     #: one less solid than this: a crescent on every annotated slice, whose shape is its signature.
-    #: The most solid of a support's three slices is 0.73-0.88 for MS-CMRSeg's RV supports and
+    #: The most solid of the three ep1 support slices is 0.73-0.88 for MS-CMRSeg's RVs and
     #: 0.875-0.99 for CHAOS's organs (the least: patient 19's spleen): 0.87 gives the prior to
-    #: 13 of the 15 RV supports (0.85: 12, not patient 9's, whose runs then seed on the blood
-    #: pool) and to no CHAOS support (benchmark_all_supports.md).
+    #: 13 of the 15 RV supports (0.85: 12, not patient 9's, whose runs then miss patients 2's
+    #: and 10's RVs) and to no CHAOS support (benchmark_all_supports.md).
     shape_max_solidity: float = 0.87
     #: Support slices needed before their shape counts: one or two cannot tell (a liver's
     #: single slices run from solidity 0.71 to 0.94).
