@@ -143,9 +143,8 @@ def seed_score(embedding, mask_sq, iou: float, anchor, presence: PresenceSetting
     c = prototype_contrast(embedding, mask_sq, anchor)
     context = surroundings_likeness(embedding, mask_sq, anchor)
     score = max(0.0, iou * c) * float(np.exp(contrast.context_weight * (context - 1.0)))
-    every = anchor.siblings
-    if (seed.shape_width > 0 and len(every) >= seed.shape_min_slices
-            and max(x.solidity for x in every) < seed.shape_max_solidity):
+    if (seed.shape_width > 0 and len(anchor.siblings) >= seed.shape_min_slices
+            and anchor.most_solid < seed.shape_max_solidity):
         # a crescent (the RV) is not a disc (the LV blood pool) however alike inside
         score *= float(np.exp(-((solidity(mask_sq) - anchor.solidity) / seed.shape_width) ** 2))
     if body is not None and abs(anchor.side) > seed.side_min:

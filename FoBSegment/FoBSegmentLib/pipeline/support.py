@@ -35,6 +35,12 @@ class SupportSlice:
         when the shape prior first asks: a same-volume run never does."""
         return solidity(self.mask_sq)
 
+    @property
+    def most_solid(self) -> float:
+        """The largest solidity among this support's slices: below ``seed.shape_max_solidity``
+        the structure is a crescent on every annotated slice."""
+        return max(x.solidity for x in self.siblings)
+
 
 @dataclass
 class Support:
