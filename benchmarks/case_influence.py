@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from all_supports import DATASETS  # noqa: E402  (key -> (title, folder, classes), as its JSON is keyed)
+from all_supports import DATASETS, cases_in  # noqa: E402  (key -> (title, folder, classes), as its JSON is keyed)
 
 DATA = Path(os.environ.get("FOBSEGMENT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -78,18 +78,15 @@ def influence(results: dict) -> list[dict]:
 def intensity_outliers(folder: Path, classes: dict, factor: float = 2.0) -> tuple[dict, list]:
     """{case: {structure: median / p99}} and the (case, structure, its figure, that over the
     other patients' median) where that quotient lies beyond ``factor`` either way."""
-    from FoBSegmentLib.io import read_volume
+    from FoBSegmentLib.evaluation import _load_case
 
     ratios: dict = {}
-    for img in sorted(folder.glob("image_*.nii.gz")):
-        case = img.name[len("image_"):-len(".nii.gz")]
-        lab_path = folder / f"label_{case}.nii.gz"
-        if not lab_path.is_file():
-            continue
-        a = read_volume(img).array.astype(np.float32)
-        lab = np.rint(read_volume(lab_path).array).astype(int)
+    for case in cases_in(folder):
+        vol, lab = _load_case(folder, case)
+        a = vol.array.astype(np.float32)
         p99 = float(np.percentile(a, 99))
-        ratios[case] = {name: float(np.median(a[lab == v])) / p99 for name, v in classes.items() if (lab == v).any()}
+        inside = {name: a[lab == v] for name, v in classes.items()}
+        ratios[case] = {name: float(np.median(x)) / p99 for name, x in inside.items() if x.size}
     odd = []
     for name in classes:
         vals = {c: r[name] for c, r in ratios.items() if name in r}
