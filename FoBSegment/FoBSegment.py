@@ -710,7 +710,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
     def process(self, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode=None,
                 supportVolumeNode=None, backbone="litemedsam", device="auto", sliceRange=None,
                 showPrompts=False, checkpointPath=None, progressCallback=None, isCancelled=None,
-                segmentIds=None, downloadProgressCallback=None) -> list:
+                segmentIds=None, downloadProgressCallback=None, within=None) -> list:
         """Segment ``volumeNode`` from the painted segment(s) and return the new segment ids
         (blocking; for scripts and the Python console).
 
@@ -728,13 +728,16 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         :param checkpointPath: a local checkpoint file instead of the embedded/downloaded one.
         :param progressCallback: ``callable(done, total)`` called after every encoded or decoded slice.
         :param isCancelled: ``callable() -> bool``; True stops the run (``CancelledError``), nothing written.
+        :param within: ``{segment name: segment name}`` of segments run together: the first's result
+            is kept within the second's first to last slice, e.g. ``{"RV": "LV blood pool"}`` on a
+            cardiac short-axis stack, where the right ventricle never reaches past the left.
         :return: list of new segment ids, one per support segment, named "<name> (FoB)".
         """
         from FoBSegmentLib import slicer_adapter
 
         start = time.time()
         inputs = slicer_adapter.read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode,
-                                            segmentIds)
+                                            segmentIds, within)
         segmenter = self.getSegmenter(backbone, device, checkpointPath, downloadProgressCallback, isCancelled)
         results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, progressCallback, isCancelled)
         run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
@@ -783,14 +786,14 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startProcess(self, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode=None,
                      supportVolumeNode=None, backbone="litemedsam", device="auto", sliceRange=None,
-                     showPrompts=False, checkpointPath=None, segmentIds=None):
+                     showPrompts=False, checkpointPath=None, segmentIds=None, within=None):
         """The GUI's Apply: read the inputs now (main thread), build the model and segment on a
         worker thread; call :meth:`finishProcess` with the job once it has finished."""
         from FoBSegmentLib import slicer_adapter
         from FoBSegmentLib.worker import BackgroundJob
 
         inputs = slicer_adapter.read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode,
-                                            segmentIds)
+                                            segmentIds, within)
 
         def work(job):
             job.set_message(_("Loading the model"))

@@ -17,6 +17,10 @@ A manifest (CSV with a header, or JSON lines) lists one case per row:
 ``oracle``         ``true``: segment only the slices where the reference has the structure
                    (the EP1 evaluation protocol; needs ``reference``)
 ``atlas_fusion``   with several supports: ``consensus`` (default) or ``vote``
+``within``         the id of an earlier case on the same query: this case's result is kept
+                   within that case's first to last slice (along the acquisition axis), e.g.
+                   the right ventricle within the left ventricle's blood pool on a cardiac
+                   short-axis stack, whose labels never reach past it
 =================  ==========================================================================
 
 Several support patients (an atlas, :meth:`Segmenter.segment_atlas`): list them in
@@ -47,7 +51,7 @@ from .errors import CancelledError, FoBError, FoBInputError
 from .files import atomic_write, check_writable_folder
 
 FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
-          "output", "support_slices", "oracle", "atlas_fusion")
+          "output", "support_slices", "oracle", "atlas_fusion", "within")
 SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256")
 
 
@@ -66,6 +70,8 @@ class Case:
     oracle: bool = False
     more_supports: tuple = ()  # ((support volume, support mask), ...) after the first: an atlas
     atlas_fusion: str | None = None  # None: the Segmenter's settings.atlas.fusion
+    within: str | None = None  # id of the case whose result bounds this one's slices
+    within_output: str = ""  # that case's output file name
 
 
 @dataclass
@@ -177,6 +183,19 @@ def read_manifest(path: str | Path) -> list[Case]:
             case.atlas_fusion = fusion
         if case.oracle and case.reference is None:
             raise FoBInputError(f"Row {n} of {p.name}: oracle needs a reference (it segments the reference's slices).")
+        within = get("within")
+        if within is not None:
+            bound = next((c for c in cases if c.id == within), None)
+            if bound is None:
+                raise FoBInputError(f"Row {n} of {p.name}: within={within!r} must be the id of an earlier row "
+                                    "(the case whose result bounds this one runs first).")
+            if bound.query.resolve() != case.query.resolve():
+                raise FoBInputError(f"Row {n} of {p.name}: within={within!r} names a case on another query "
+                                    f"({bound.query.name}); a bound must be a structure of the same image.")
+            if bound.within:
+                raise FoBInputError(f"Row {n} of {p.name}: within={within!r} names a case that is itself kept within "
+                                    f"case {bound.within!r}; name {bound.within!r} instead (one level of bound).")
+            case.within, case.within_output = within, bound.output
         cases.append(case)
     return cases
 
@@ -260,6 +279,8 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
         else:
             res = seg.segment(query, support, sm.mask, support_slices=list(case.support_slices or []) or None,
                               query_slices=query_slices, progress=progress, is_cancelled=is_cancelled)
+        if case.within:
+            res = _kept_within(case, out_dir, query, res)
         d = None
         if reference is not None:
             from .evaluation import dice
@@ -278,6 +299,18 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the batch; the message says it is a bug
         return CaseResult(case.id, "failed", f"internal error ({type(exc).__name__}: {exc}); please report it",
                           seconds=round(time.perf_counter() - t0, 2))
+
+
+def _kept_within(case: Case, out_dir: Path, query, res):
+    """``res`` with its mask cleared outside the slices of the result of case ``case.within``."""
+    from . import io
+
+    bound_path = out_dir / case.within_output
+    if not bound_path.is_file():
+        raise FoBInputError(f"Case {case.id} is kept within case {case.within}, whose result {bound_path.name} is not "
+                            f"in {out_dir}: run case {case.within} first (in the same shard, before this one).")
+    res.keep_within(io.read_result_mask(bound_path, query), query)
+    return res
 
 
 def _read_reference(case: Case, query):
@@ -431,17 +464,19 @@ def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_c
         client = Client(cluster)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     try:
-        futures = [client.submit(_dask_case, c, str(out_dir), options, threads, key=f"fobsegment-{c.id}", pure=False)
-                   for c in todo]
-        for fut in as_completed(futures):
-            r = CaseResult(**fut.result())
-            summary.add(r)
-            if on_case:
-                on_case(r)
-            if is_cancelled is not None and is_cancelled():
-                for f in futures:
-                    f.cancel()
-                raise CancelledError()
+        # a case kept within another's result waits for every case without a bound
+        for wave in ([c for c in todo if not c.within], [c for c in todo if c.within]):
+            futures = [client.submit(_dask_case, c, str(out_dir), options, threads, key=f"fobsegment-{c.id}",
+                                     pure=False) for c in wave]
+            for fut in as_completed(futures):
+                r = CaseResult(**fut.result())
+                summary.add(r)
+                if on_case:
+                    on_case(r)
+                if is_cancelled is not None and is_cancelled():
+                    for f in futures:
+                        f.cancel()
+                    raise CancelledError()
     finally:
         client.close()
         if cluster is not None:

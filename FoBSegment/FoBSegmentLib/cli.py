@@ -61,7 +61,7 @@ def cmd_segment(args) -> int:
     support_slices = _parse_int_list(args.support_slices, "--support-slices")
     slice_range = _parse_range(args.slices)
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0] if volumes else None,
-                                      args.label, args.segment, args.series)
+                                      args.label, args.segment, args.series, also_inputs=[args.within])
     _segment_and_write(args, inp, "segmenting", lambda seg, update: seg.segment(
         inp.query, inp.support, inp.support_mask.mask, support_slices=support_slices, slice_range=slice_range,
         progress=update))
@@ -74,19 +74,22 @@ def _segment_and_write(args, inp, desc: str, run):
     from . import io
     from .pipeline.segmenter import Segmenter
 
+    bound = io.read_result_mask(args.within, inp.query) if args.within else None
     seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     update, close = _progress_bar(desc)
     try:
         res = run(seg, update)
     finally:
         close()
+    cleared = res.keep_within(bound, inp.query) if bound is not None else 0
     sm = inp.support_mask
     name = f"{sm.name} (FoB)"
     io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
     runtime = getattr(seg.backbone, "runtime", "torch")
     print(f"wrote {inp.output}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
           f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone} in {runtime}, "
-          f"prompts: {res.prompt_source}/{res.prompt_strategy})")
+          f"prompts: {res.prompt_source}/{res.prompt_strategy})"
+          + (f"; {cleared} slices outside {Path(args.within).name}'s cleared" if cleared else ""))
     return res
 
 
@@ -103,7 +106,7 @@ def _segment_atlas(args) -> int:
         raise FoBInputError("--support-slices names slices of one support; with several supports every "
                             "annotated slice of each is used. Drop --support-slices, or crop the masks.")
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0], args.label, args.segment,
-                                      args.series, also_inputs=[*masks[1:], *volumes[1:]])
+                                      args.series, also_inputs=[*masks[1:], *volumes[1:], args.within])
     supports = [(inp.support, inp.support_mask.mask),
                 *io.read_more_supports(zip(volumes[1:], masks[1:]), args.label, args.segment)]
     slice_range = _parse_range(args.slices)
@@ -257,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segment", help="segment name in a .seg.nrrd support mask")
     s.add_argument("--support-slices", help="comma-separated support slice indices (default: all annotated)")
     s.add_argument("--slices", help="restrict the query to slices FIRST:LAST (acquisition axis)")
+    s.add_argument("--within", help="a result (or labelmap) of another structure on this volume: keep this result "
+                                    "within its first to last slice (e.g. the right ventricle within the left "
+                                    "ventricle's blood pool on a cardiac short-axis stack)")
     s.add_argument("--output", required=True, help="output .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
     _add_model_options(s, cache_help="folder for downloaded checkpoints and cached embeddings (default: the user "
                                      "cache folder, see `fobsegment info`)")
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="segment every case of a manifest (resumable, shardable)")
     b.add_argument("--manifest", required=True, help="CSV or JSON lines: query, support_mask[, support_volume, label, "
                                                      "segment, reference, reference_label, output, id, "
-                                                     "support_slices, oracle]")
+                                                     "support_slices, oracle, atlas_fusion, within]")
     b.add_argument("--output-dir", required=True, help="folder for the outputs and summary.{jsonl,csv,json}")
     b.add_argument("--shard", help="I/N: run rows I, I+N, I+2N, ... (0-based), e.g. $SLURM_ARRAY_TASK_ID/$N")
     b.add_argument("--engine", default="local", choices=["local", "dask"],
@@ -349,6 +355,9 @@ def _add_evaluate(sub):
     e.add_argument("--cases", required=True, help="comma-separated query case ids")
     e.add_argument("--protocol", default="ep1", choices=["ep1", "full"])
     e.add_argument("--method", default="pipeline", choices=["pipeline", "coarse", "support_box", "gt_box"])
+    e.add_argument("--within", help="keep a class within another's first to last slice, e.g. rv:lv_bp (cardiac "
+                                    "short axis: the right ventricle's labels never pass the left's); "
+                                    "comma-separated pairs")
     e.add_argument("--json", help="write the results here")
     e.add_argument("--output-dir", help="keep each case's segmentation and the batch summary here; the same "
                                         "command again resumes (default: a temporary folder)")

@@ -86,12 +86,41 @@ def _load_case(data: Path, case: str):
     return read_volume(img, f"image of case {case}"), _load_labels(data, case)
 
 
-def evaluation_cases(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1"):
+def parse_within(text: str | None, classes: dict) -> dict[str, str]:
+    """``rv:lv_bp,...`` -> {class kept within: class bounding it}, checked against ``classes``."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        pair = [x.strip() for x in part.split(":")]
+        if len(pair) != 2 or not all(pair):
+            raise FoBInputError(f"--within must look like rv:lv_bp (keep rv within lv_bp's slices; got {part!r}).")
+        out[pair[0]] = pair[1]
+    check_within(out, classes)
+    return out
+
+
+def check_within(within: dict, classes: dict) -> None:
+    for name, bound in within.items():
+        for c in (name, bound):
+            if c not in classes:
+                raise FoBInputError(f"--within names {c!r}, which is not one of the classes {', '.join(classes)}.")
+        if name == bound or bound in within:
+            raise FoBInputError(f"--within {name}:{bound}: a class is kept within another class that is not itself "
+                                "kept within one.")
+
+
+def evaluation_cases(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1",
+                     within: dict | None = None):
     """The evaluation as batch cases: one per class and query case whose ground truth contains
     the class, with the support's EP1 slices; ``ep1`` segments the reference's slices only.
+    ``within`` ({class: bounding class}) keeps a class's result within the slices of the
+    bounding class's result on the same query (its cases run after the bounding class's).
     Returns ``(cases, {case id: (class name, query case)}, {class name: support slices})``."""
     from .batch import Case
 
+    within = dict(within or {})
+    check_within(within, classes)
     data = Path(data)
     s_vol, s_lab = _load_case(data, support_case)
     s_view = SliceView.for_volume(s_vol)
@@ -102,7 +131,8 @@ def evaluation_cases(data, classes: dict, support_case: str, cases: list, protoc
             raise FoBInputError(f"Class {name}={value} is absent from the support case {support_case}.")
     query_labels = {str(c): _load_labels(data, c) for c in cases if str(c) != str(support_case)}
     out, where = [], {}
-    for name, value in classes.items():
+    for name in sorted(classes, key=lambda c: c in within):  # bounding classes first
+        value = classes[name]
         for case, q_lab in query_labels.items():
             if not (q_lab == value).any():
                 continue
@@ -110,15 +140,19 @@ def evaluation_cases(data, classes: dict, support_case: str, cases: list, protoc
             out.append(Case(cid, data / f"image_{case}.nii.gz", data / f"label_{support_case}.nii.gz",
                             data / f"image_{support_case}.nii.gz", value, None, data / f"label_{case}.nii.gz", value,
                             f"{name}_{case}.seg.nrrd", tuple(sup_slices[name]), protocol == "ep1"))
+            bound = f"{within.get(name)}-{case}"
+            if bound in where:
+                out[-1].within, out[-1].within_output = bound, f"{within[name]}_{case}.seg.nrrd"
             where[cid] = (name, case)
     return out, where, sup_slices
 
 
 def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1", segmenter=None,
              method: str = "pipeline", progress=None, output_dir=None, shard=(0, 1), engine: str = "local",
-             workers: int = 1, **segmenter_kw) -> dict:
+             workers: int = 1, within: dict | None = None, **segmenter_kw) -> dict:
     """3D Dice of ``method`` on the ``cases`` of ``data`` with ``support_case`` as the support.
-    ``segmenter``: a built Segmenter (else one is built from ``segmenter_kw``).
+    ``segmenter``: a built Segmenter (else one is built from ``segmenter_kw``).  ``within``:
+    {class: bounding class}, a class's result kept within the bounding class's slices.
 
     The pipeline runs as a batch with references (:mod:`FoBSegmentLib.batch`): each class and
     query case is one case, a failed case is recorded and the rest go on, and with
@@ -128,6 +162,8 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
         raise FoBInputError(f"Unknown protocol {protocol!r}: use ep1 or full.")
     if method not in METHODS:
         raise FoBInputError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    if within and method != "pipeline":
+        raise FoBInputError("--within applies to the pipeline's results only, not to the baselines.")
     if method != "pipeline" and protocol != "ep1":
         raise FoBInputError(f"The {method} baseline is defined for protocol ep1 only.")
     if method != "pipeline":
@@ -138,7 +174,7 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
     from .batch import run_batch
 
     t0 = time.perf_counter()
-    batch_cases, where, sup_slices = evaluation_cases(data, classes, support_case, cases, protocol)
+    batch_cases, where, sup_slices = evaluation_cases(data, classes, support_case, cases, protocol, within)
     rows = {}
 
     def on_case(r):
@@ -264,6 +300,7 @@ def cmd_evaluate(args) -> int:
     from .batch import parse_shard
 
     classes = parse_classes(args.classes)
+    within = parse_within(args.within, classes)
     cases = [c for c in args.cases.split(",") if c]
     if args.json and not Path(args.json).parent.exists():
         raise FoBInputError(f"The folder of --json {Path(args.json).parent} does not exist.")
@@ -281,8 +318,8 @@ def cmd_evaluate(args) -> int:
                               args.weights, args.prompt, not args.no_spr)
     res = evaluate(args.data, classes, args.support_case, cases, args.protocol, segmenter=seg, method=args.method,
                    progress=show, output_dir=args.output_dir, shard=parse_shard(args.shard), engine=args.engine,
-                   workers=args.workers, backbone=args.backbone, device=args.device, checkpoint=args.checkpoint,
-                   cache_dir=args.cache_dir)
+                   workers=args.workers, within=within, backbone=args.backbone, device=args.device,
+                   checkpoint=args.checkpoint, cache_dir=args.cache_dir)
     for name, v in res["classes"].items():
         print(f"{name:<14} mean Dice {v['mean_dice']}")
         for case, message in v.get("failed", {}).items():

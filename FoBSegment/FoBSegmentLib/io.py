@@ -247,7 +247,20 @@ def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
         chosen = segments[0]
     else:
         raise FoBInputError(f"{p.name} holds several segments {names}; choose one with --segment NAME.")
-    extracted = slicerio.extract_segments(seg, [(chosen["name"], 1)])
+    mask = _segment_on(seg, chosen["name"], support)
+    if not mask.any():
+        raise FoBInputError(
+            f"Segment {chosen['name']!r} in {p.name} is empty on the support image. Paint it on at least one slice."
+        )
+    color = tuple(float(c) for c in chosen.get("color", _colour_for(chosen["name"], None)))
+    return SupportMask(mask.astype(bool), chosen["name"], color, int(chosen.get("labelValue", 1)))
+
+
+def _segment_on(seg: dict, name: str, volume: Volume) -> np.ndarray:
+    """One segment of a segmentation read by slicerio, as a boolean mask on ``volume``'s grid."""
+    import slicerio
+
+    extracted = slicerio.extract_segments(seg, [(name, 1)])
     voxels = np.asarray(extracted["voxels"])  # (i, j, k) in the file's IJK
     if voxels.ndim == 4:
         voxels = voxels[..., 0]
@@ -255,13 +268,36 @@ def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
     direction = ijk_to_lps[:3, :3] / np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     labvol = Volume(np.transpose(voxels, (2, 1, 0)), spacing, ijk_to_lps[:3, 3], direction)
-    mask = _resample_nearest_onto(labvol, support) if not labvol.same_grid(support) else labvol.array > 0
-    if not mask.any():
-        raise FoBInputError(
-            f"Segment {chosen['name']!r} in {p.name} is empty on the support image. Paint it on at least one slice."
-        )
-    color = tuple(float(c) for c in chosen.get("color", _colour_for(chosen["name"], None)))
-    return SupportMask(mask.astype(bool), chosen["name"], color, int(chosen.get("labelValue", 1)))
+    return _resample_nearest_onto(labvol, volume) if not labvol.same_grid(volume) else labvol.array > 0
+
+
+def read_result_mask(path: str | Path, query: Volume) -> np.ndarray:
+    """A result written by :func:`write_result` (one segment, or a labelmap) as a boolean mask
+    on the query's grid; unlike a support mask it may be empty (nothing found)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FoBInputError(f"The result {p} does not exist. Check the path, or segment that structure first.")
+    if _suffix(p) != ".seg.nrrd":
+        vol = read_volume(p, what="result")
+        if not vol.same_grid(query):
+            raise FoBInputError(f"The result {p.name} is not on the query's grid; it belongs to another image.")
+        raw = np.asarray(vol.array)
+        values = np.unique(raw[raw != 0])
+        if values.size > 1:
+            raise FoBInputError(f"The result {p.name} holds several labels {[float(v) for v in values[:8]]}: give "
+                                "one structure's result (save that label alone).")
+        return raw > 0
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(p))
+    except Exception as exc:  # slicerio raises many types for a damaged file
+        raise FoBInputError(f"Cannot read the result {p}: {exc}. Write it again (from Slicer or FoBSegment).") from None
+    names = [s.get("name", "") for s in seg.get("segments", [])]
+    if len(names) != 1:
+        raise FoBInputError(f"The result {p.name} holds {len(names)} segments {names}: give one structure's result "
+                            "(export that segment alone).")
+    return _segment_on(seg, names[0], query)
 
 
 def _resample_nearest_onto(src: Volume, ref: Volume) -> np.ndarray:

@@ -498,6 +498,7 @@ class NodeInputs:
     skipped: list = field(default_factory=list)
     atlas: list = field(default_factory=list)  # [(Volume, mask)] of other patients: one fused result
     atlas_rule: str | None = None  # None: the Segmenter's settings.atlas.fusion
+    within: dict = field(default_factory=dict)  # index of a result -> index of the result bounding its slices
 
 
 def _segment_color(segment) -> tuple:
@@ -521,12 +522,13 @@ def _same_node(a, b) -> bool:
 
 
 def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolumeNode=None,
-                segmentIds=None) -> NodeInputs:
+                segmentIds=None, within=None) -> NodeInputs:
     """Read the query, the support and the painted masks from the scene (main thread).
 
     With several ``segmentIds`` (the panel's "all segments"), earlier results
     (``"<name> (FoB)"``) and empty segments are skipped and listed in ``skipped``; a single
-    segment that is empty is an error."""
+    segment that is empty is an error.  ``within``: ``{segment name: segment name}``, the
+    first's result kept within the second's first to last slice (both painted, both run)."""
     if volumeNode is None:
         raise FoBInputError("No input volume selected. Choose the volume to segment.")
     ids = list(segmentIds) if segmentIds else ([segmentId] if segmentId else [])
@@ -562,7 +564,22 @@ def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolu
                             + "; ".join(f"{n!r} is {why}" for n, why in skipped)
                             + ". Paint a structure on one slice, then run again.")
     return NodeInputs(volumeNode, supportSegmentationNode, support_node, keep_ids, names, colors, masks, query,
-                      support, bool(same_volume), skipped)
+                      support, bool(same_volume), skipped, within=_within_indices(within, names))
+
+
+def _within_indices(within, names: list) -> dict:
+    """``{segment name: bounding segment name}`` -> ``{result index: bounding result index}``."""
+    out = {}
+    for name, bound in (within or {}).items():
+        for n in (name, bound):
+            if n not in names:
+                raise FoBInputError(f"'Keep within' names segment {n!r}, which is not among the segments being run "
+                                    f"({', '.join(names)}): paint it and run it in the same Apply.")
+        if name == bound or bound in within:
+            raise FoBInputError(f"'Keep within' {name!r} -> {bound!r}: a segment is kept within another that is "
+                                "not itself kept within one.")
+        out[names.index(name)] = names.index(bound)
+    return out
 
 
 def read_atlas_inputs(volumeNode, atlas, rule: str | None = None) -> NodeInputs:
@@ -626,6 +643,8 @@ def compute(segmenter, inputs: NodeInputs, slice_range=None, support_slices=None
                                          slice_range=slice_range, progress=_progress, is_cancelled=is_cancelled))
     if is_cancelled is not None and is_cancelled():
         raise CancelledError()
+    for index, bound in inputs.within.items():
+        results[index].keep_within(results[bound].mask, inputs.query)
     return results
 
 
@@ -672,7 +691,7 @@ def write_outputs(scene, inputs: NodeInputs, results: list, outputSegmentationNo
 
 def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSegmentationNode, segmenter,
                  supportVolumeNode=None, segmentIds=None, slice_range=None, support_slices=None,
-                 show_prompts=False, progress=None, is_cancelled=None) -> NodeRun:
+                 show_prompts=False, progress=None, is_cancelled=None, within=None) -> NodeRun:
     """Segment ``volumeNode`` from one or more painted segments and write one new segment per
     support segment (named ``"<name> (FoB)"``, in the support's hue) into the output
     segmentation: :func:`read_inputs`, :func:`compute`, :func:`write_outputs` in a row (the
@@ -685,7 +704,7 @@ def run_on_nodes(scene, volumeNode, supportSegmentationNode, segmentId, outputSe
     - Nothing is written until every segment has been computed: cancelling (``is_cancelled``
       returning True raises :class:`CancelledError`) or an error leaves the scene unchanged.
     """
-    inputs = read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode, segmentIds)
+    inputs = read_inputs(volumeNode, supportSegmentationNode, segmentId, supportVolumeNode, segmentIds, within)
     results = compute(segmenter, inputs, slice_range, support_slices, progress, is_cancelled)
     return write_outputs(scene, inputs, results, outputSegmentationNode, show_prompts)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backbones.base import slice_to_square, square_to_slice
 from ..errors import CancelledError, FoBInputError
-from ..geometry import SliceView, Volume
+from ..geometry import SliceView, Volume, within_slices
 from ..preprocessing import fit_normalisation
 from .contrast import prototype_contrast, prototypes
 from .slice_prompting import SlicePrompt
@@ -50,6 +50,18 @@ class SegmentationResult:
     slices_encoded: int = 0
     seconds: float = 0.0
     supports: list = field(default_factory=list)  # atlas runs: per support, its run's Dice to the fused mask
+
+    def keep_within(self, bound: np.ndarray, query: Volume) -> int:
+        """Clear the mask outside the first to last slice (acquisition axis) of ``bound``, a
+        mask on the ``query`` grid: a structure the user knows lies within another's extent
+        (cardiac short axis: the right ventricle within the left's blood pool).  An empty
+        ``bound`` bounds nothing.  Returns how many kept slices were cleared."""
+        view = SliceView.for_volume(query)
+        kept, cleared = within_slices(view.to_stack(self.mask > 0), view.to_stack(np.asarray(bound) > 0))
+        if cleared:
+            self.mask = np.ascontiguousarray(view.from_stack(kept.astype(self.mask.dtype)))
+            self.slices_segmented -= cleared
+        return cleared
 
 
 class QueryRun:

@@ -203,3 +203,66 @@ def test_manifest_atlas_of_several_supports(cohort, tmp_path, litemedsam):
         bad.write_text(text + "\n")
         with pytest.raises(FoBInputError, match=msg):
             read_manifest(bad)
+
+
+def test_manifest_within_names_an_earlier_case_of_the_same_query(tmp_path):
+    m = tmp_path / "m.jsonl"
+    row = '{{"id": "{id}", "query": "{q}", "support_mask": "s.nii.gz"{extra}}}\n'
+    m.write_text(row.format(id="lv", q="q.nii.gz", extra="") +
+                 row.format(id="rv", q="q.nii.gz", extra=', "within": "lv", "output": "rv.nrrd"'))
+    lv, rv = read_manifest(m)
+    assert lv.within is None and (rv.within, rv.within_output) == ("lv", "lv.seg.nrrd")
+    for rows, message in (
+            ([("rv", "q.nii.gz", ', "within": "lv"'), ("lv", "q.nii.gz", "")], "id of an earlier row"),
+            ([("lv", "q.nii.gz", ""), ("rv", "other.nii.gz", ', "within": "lv"')], "on another query"),
+            ([("a", "q.nii.gz", ""), ("b", "q.nii.gz", ', "within": "a"'), ("c", "q.nii.gz", ', "within": "b"')],
+             "itself kept within")):
+        m.write_text("".join(row.format(id=i, q=q, extra=e) for i, q, e in rows))
+        with pytest.raises(FoBInputError, match=message):
+            read_manifest(m)
+
+
+def test_batch_keeps_a_case_within_anothers_slices(tmp_path, litemedsam):
+    """A case with ``within`` keeps only the slices between the first and last slice of the
+    named case's result: on a real CT crop the spleen walked through the volume is cut to the
+    five slices an oracle run segmented, and is the unbounded run's result on those slices.
+    Run alone (the bound's result missing) it fails with what to do, writing nothing."""
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.geometry import SliceView, occupied_slices
+
+    img = sitk.ReadImage(str(TEST_DATA / "example_ct.nii.gz"))
+    lab = sitk.ReadImage(str(TEST_DATA / "example_seg.nii.gz"))
+    sitk.WriteImage(img[:, :, 86:100], str(tmp_path / "q.nii.gz"))
+    q = read_volume(tmp_path / "q.nii.gz")
+    spleen = np.rint(sitk.GetArrayFromImage(lab[:, :, 86:100])) == 1
+    painted = np.zeros(spleen.shape, np.uint8)
+    painted[7] = spleen[7]
+    write_result(tmp_path / "painted.nii.gz", q, painted)
+    part = np.zeros(spleen.shape, np.uint8)
+    part[5:10] = spleen[5:10]
+    write_result(tmp_path / "part.nii.gz", q, part)
+    row = '{{"id": "{id}", "query": "q.nii.gz", "support_mask": "painted.nii.gz"{extra}}}\n'
+    m = tmp_path / "cases.jsonl"
+    m.write_text(row.format(id="part", extra=', "reference": "part.nii.gz", "oracle": true') +
+                 row.format(id="free", extra="") + row.format(id="bounded", extra=', "within": "part"'))
+    out = tmp_path / "out"
+    out.mkdir()
+    totals = run_batch(m, out, segmenter=Segmenter(litemedsam))
+    assert totals["ok"] == 3
+    view = SliceView.for_volume(q)
+    got = {c: view.to_stack(read_support_mask(out / f"{c}.seg.nrrd", q).mask) for c in ("part", "free", "bounded")}
+    lo, hi = occupied_slices(got["part"])[0], occupied_slices(got["part"])[-1]
+    assert hi - lo == 4
+    assert [i for i in occupied_slices(got["free"]) if not lo <= i <= hi], "the unbounded walk must pass the bound"
+    assert occupied_slices(got["bounded"]) == [i for i in occupied_slices(got["free"]) if lo <= i <= hi]
+    np.testing.assert_array_equal(got["bounded"][lo:hi + 1], got["free"][lo:hi + 1])
+    summary = json.loads((out / "summary.json").read_text())["cases"]
+    kept = {r["id"]: r["slices_kept"] for r in summary}
+    assert kept["bounded"] == len(occupied_slices(got["bounded"])) < kept["free"]
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    run_batch([c for c in read_manifest(m) if c.id == "bounded"], alone, segmenter=Segmenter(litemedsam))
+    row = json.loads((alone / "summary.json").read_text())["cases"][0]
+    assert row["status"] == "failed" and "run case part first" in row["message"]
+    assert not (alone / "bounded.seg.nrrd").exists()

@@ -187,3 +187,20 @@ def test_console_script_prints_no_traceback(case):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "Label 42 is not present" in r.stderr
     assert not (case / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("within,message", [("rv:liver", "'rv', which is not one of the classes"),
+                                            ("liver", "must look like rv:lv_bp"),
+                                            ("liver:spleen,spleen:liver", "not itself kept within")])
+def test_evaluate_within_that_cannot_hold(case, capsys, within, message):
+    out = case / "results.json"
+    argv = ["evaluate", "--data", str(case), "--classes", "liver=5,spleen=1", "--support-case", "1",
+            "--cases", "2", "--protocol", "full", "--json", str(out), "--within", within]
+    assert message in _run(argv, capsys, out)
+
+
+def test_segment_within_a_file_of_several_structures(case, capsys):
+    """``--within`` bounds by one structure: a labelmap of several organs is refused before any work."""
+    out = case / "out.nii.gz"
+    err = _run(_seg(case, label=5, within=case / "lab.nii.gz"), capsys, out)
+    assert "holds several labels" in err and "one structure's result" in err

@@ -142,3 +142,26 @@ def test_square_grid_resize_samples_as_torch_interpolate(src, dst):
     assert sq.shape == (256, 256) and sq[:nr, :nc].min() >= 1  # the slice, resized: top left
     assert not sq[nr:].any() and not sq[:, nc:].any()  # zero padding: bottom and right
     assert np.allclose(square_to_slice(sq, src), resize(sq[:nr, :nc], src))
+
+
+def test_within_slices_keeps_a_structure_within_anothers_extent(example_ct):
+    from FoBSegmentLib.geometry import within_slices
+
+    vol = read_volume(example_ct[0])
+    lab = np.rint(read_volume(example_ct[1]).array)
+    view = SliceView.for_volume(vol)
+    liver, spleen = view.to_stack(lab == 5), view.to_stack(lab == 1)
+    lo, hi = occupied_slices(spleen)[0], occupied_slices(spleen)[-1]
+    outside = [i for i in occupied_slices(liver) if not lo <= i <= hi]
+    assert len(outside) >= 10  # the liver starts well below the spleen in this CT
+    kept, cleared = within_slices(liver, spleen)
+    assert cleared == len(outside)
+    assert occupied_slices(kept) == [i for i in occupied_slices(liver) if lo <= i <= hi]
+    np.testing.assert_array_equal(kept[lo:hi + 1], liver[lo:hi + 1])
+    assert liver[outside].any(), "the input is not changed"
+    same, none = within_slices(spleen, liver)  # the spleen lies within the liver's extent
+    assert none == 0 and same is spleen
+    untouched, none = within_slices(liver, np.zeros_like(spleen))  # nothing found bounds nothing
+    assert none == 0 and untouched is liver
+    with pytest.raises(ValueError):
+        within_slices(liver, spleen[1:])

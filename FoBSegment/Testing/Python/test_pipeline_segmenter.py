@@ -231,3 +231,32 @@ def test_pipeline_modules_stay_small_and_hold_no_tuning_state():
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
                 names = [t.id for t in node.targets if isinstance(t, ast.Name)]
                 assert all(n.isupper() and n.startswith("BAND_") for n in names), f"{f.name}: tunable {names}"
+
+
+def test_cli_keeps_a_result_within_another_structures_slices(tmp_path, example_ct, ct, capsys):
+    """``segment --within FILE``: the spleen walked over five slices keeps only the slices
+    from the first to the last of a given result (here three of them), unchanged on those;
+    a missing bound file is refused before any work."""
+    img, _ = example_ct
+    vol, labels = ct
+    support, k, view = one_slice_support(vol, labels == 1)
+    sup = write_result(tmp_path / "support.seg.nrrd", vol, support, name="spleen", color=(0.62, 0.0, 1.0))
+    bound_stack = np.zeros_like(view.to_stack(labels == 1))
+    bound_stack[k - 1:k + 2] = view.to_stack(labels == 1)[k - 1:k + 2]
+    bound = write_result(tmp_path / "bound.nii.gz", vol, view.from_stack(bound_stack))
+    args = ["segment", "--volume", str(img), "--support-mask", str(sup), "--segment", "spleen",
+            "--slices", f"{k - 2}:{k + 2}", "--device", "cpu"]
+    assert main(args + ["--output", str(tmp_path / "free.seg.nrrd")]) == 0
+    assert main(args + ["--within", str(bound), "--output", str(tmp_path / "kept.seg.nrrd")]) == 0
+    assert "2 slices outside bound.nii.gz's cleared" in capsys.readouterr().out
+    from FoBSegmentLib.geometry import occupied_slices
+    from FoBSegmentLib.io import read_support_mask
+
+    free = view.to_stack(read_support_mask(tmp_path / "free.seg.nrrd", vol).mask)
+    kept = view.to_stack(read_support_mask(tmp_path / "kept.seg.nrrd", vol).mask)
+    assert occupied_slices(free) == list(range(k - 2, k + 3)) and occupied_slices(kept) == [k - 1, k, k + 1]
+    np.testing.assert_array_equal(kept[k - 1:k + 2], free[k - 1:k + 2])
+    missing = tmp_path / "missing.seg.nrrd"
+    assert main(args + ["--within", str(missing), "--output", str(tmp_path / "no.seg.nrrd")]) == 2
+    assert "missing.seg.nrrd does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no.seg.nrrd").exists()

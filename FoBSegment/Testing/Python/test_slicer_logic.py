@@ -180,6 +180,42 @@ def test_all_segments_skips_results_and_empty_segments(scene, ct_nodes):
         sa.run_on_nodes(scene, vnode, seg, None, None, fake, segmentIds=[empty, first.segment_ids[0]])
 
 
+def test_a_segment_kept_within_another_segments_slices(scene, ct_nodes):
+    """``within`` {name: name}: after every segment is computed, the first's result keeps only
+    the slices from the second's first to its last; names outside the run are refused before
+    any work."""
+    from FoBSegmentLib.geometry import occupied_slices
+    from FoBSegmentLib.pipeline.run import SegmentationResult
+
+    class Whole(FakeSegmenter):  # the painted organ on all its slices, as a real result object
+        def segment(self, query, support, support_mask, **kw):
+            mask = np.asarray(support_mask, np.uint8)
+            return SegmentationResult(mask, slices_segmented=len(occupied_slices(mask)))
+
+    vol, lab, vnode = ct_nodes
+    liver, spleen = lab.array == 5, lab.array == 1
+    seg, liver_id = support_segmentation(scene, vnode, liver, "liver", LIVER_COLOR)
+    _, spleen_id = support_segmentation_into(scene, seg, vnode, spleen, "spleen", (0.6, 0.0, 1.0))
+    run = sa.run_on_nodes(scene, vnode, seg, None, None, Whole(), segmentIds=[liver_id, spleen_id],
+                          within={"liver": "spleen"})
+    view = SliceView.for_volume(vol)
+    got = view.to_stack(sa.segment_mask_on_volume(seg, run.segment_ids[0], vnode))
+    liver_st, spleen_st = view.to_stack(liver), view.to_stack(spleen)
+    lo, hi = occupied_slices(spleen_st)[0], occupied_slices(spleen_st)[-1]
+    assert occupied_slices(got) == [i for i in occupied_slices(liver_st) if lo <= i <= hi] != occupied_slices(liver_st)
+    np.testing.assert_array_equal(got[lo:hi + 1], liver_st[lo:hi + 1])
+    np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, run.segment_ids[1], vnode), spleen)
+    assert run.results[0].slices_segmented == len(occupied_slices(got))
+    before = n_segments(seg)
+    with pytest.raises(FoBInputError, match="'kidney'.*not among the segments"):
+        sa.run_on_nodes(scene, vnode, seg, None, None, Whole(), segmentIds=[liver_id, spleen_id],
+                        within={"liver": "kidney"})
+    with pytest.raises(FoBInputError, match="not itself kept within"):
+        sa.read_inputs(vnode, seg, None, segmentIds=[liver_id, spleen_id],
+                       within={"liver": "spleen", "spleen": "liver"})
+    assert n_segments(seg) == before
+
+
 def test_scene_closed_during_the_run_writes_nothing(scene, ct_nodes):
     vol, lab, vnode = ct_nodes
     seg, sid = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
