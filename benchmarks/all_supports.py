@@ -148,7 +148,7 @@ def render(results: dict, seconds: float, variant: str = "default") -> str:
             lines.append(f"| {protocol} | sd / min | "
                          + " | ".join(f"{s:.3f} / {lo:.3f}" for s, lo in zip(m.std(0), m.min(0))) + " |")
         for name, bound in WITHIN.get(key, {}).items():
-            lines += ["", f"`{name}` is kept within the first to last slice of `{bound}`'s result on each query "
+            lines += ["", f"`{name}` is kept within the first to last slice of `{bound}`'s result on each query",
                       f"(`fobsegment evaluate --within {name}:{bound}`; the anatomy of the dataset's labels)."]
         missing = [p for p in ("ep1", "full") if p not in per_protocol]
         if missing:
