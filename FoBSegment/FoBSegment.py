@@ -116,6 +116,7 @@ class FoBSegmentParameterNode:
     showPrompts: show the prompts as markups.
     checkpointPath: a local checkpoint file (for offline computers).
     prepareInBackground: encode a newly selected input volume in the background.
+    keepWithin: "segment: bounding segment" pairs separated by ";" (with allSegments).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -132,6 +133,7 @@ class FoBSegmentParameterNode:
     showPrompts: bool = False
     checkpointPath: pathlib.Path = pathlib.Path("")
     prepareInBackground: bool = True
+    keepWithin: str = ""
 
 
 #
@@ -380,13 +382,16 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seg = p.supportSegmentation.GetSegmentation()
                 segmentIds = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
             sliceRange = (p.firstSlice, p.lastSlice) if p.restrictSliceRange else None
+            from FoBSegmentLib.evaluation import parse_within
+
+            within = parse_within(p.keepWithin) or None
             if self._prepareJob is not None:  # Apply uses what is encoded so far; no double work
                 self._prepareJob.cancel()
             job = self.logic.startProcess(
                 p.inputVolume, p.supportSegmentation, self._currentSegmentId(),
                 outputSegmentationNode=p.outputSegmentation, supportVolumeNode=p.supportVolume,
                 backbone=p.backbone, device=p.device, sliceRange=sliceRange, showPrompts=p.showPrompts,
-                checkpointPath=self._checkpoint(), segmentIds=segmentIds)
+                checkpointPath=self._checkpoint(), segmentIds=segmentIds, within=within)
             self._startJob(job, "apply", _("Cancel"))
 
     def onRefineButton(self) -> None:

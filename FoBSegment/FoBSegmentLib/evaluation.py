@@ -86,17 +86,20 @@ def _load_case(data: Path, case: str):
     return read_volume(img, f"image of case {case}"), _load_labels(data, case)
 
 
-def parse_within(text: str | None, classes: dict) -> dict[str, str]:
-    """``rv:lv_bp,...`` -> {class kept within: class bounding it}, checked against ``classes``."""
+def parse_within(text: str | None, classes: dict | None = None) -> dict[str, str]:
+    """``rv:lv_bp, ...`` (pairs separated by ``,`` or ``;``) -> {structure kept within: structure
+    bounding it}, checked against ``classes`` when given (the panel checks segment names later)."""
     out = {}
-    for part in (text or "").split(","):
+    for part in (text or "").replace(";", ",").split(","):
         if not part.strip():
             continue
         pair = [x.strip() for x in part.split(":")]
         if len(pair) != 2 or not all(pair):
-            raise FoBInputError(f"--within must look like rv:lv_bp (keep rv within lv_bp's slices; got {part!r}).")
+            raise FoBInputError(f"A 'within' pair must look like rv:lv_bp (keep rv within lv_bp's first to last "
+                                f"slice; got {part.strip()!r}).")
         out[pair[0]] = pair[1]
-    check_within(out, classes)
+    if classes is not None:
+        check_within(out, classes)
     return out
 
 

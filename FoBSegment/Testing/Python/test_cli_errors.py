@@ -190,7 +190,7 @@ def test_console_script_prints_no_traceback(case):
 
 
 @pytest.mark.parametrize("within,message", [("rv:liver", "'rv', which is not one of the classes"),
-                                            ("liver", "must look like rv:lv_bp"),
+                                            ("liver", "pair must look like rv:lv_bp"),
                                             ("liver:spleen,spleen:liver", "not itself kept within")])
 def test_evaluate_within_that_cannot_hold(case, capsys, within, message):
     out = case / "results.json"

@@ -151,7 +151,8 @@ def test_bound_widgets_match_parameter_fields():
         if widgets[widget_name].get("class") == "QComboBox":
             assert "Choice(" in fields[param], f"{param}: a QComboBox binding needs a Choice annotation"
     for must in ("inputVolumeSelector", "supportVolumeSelector", "outputSegmentationSelector", "backboneComboBox",
-                 "deviceComboBox", "showPromptsCheckBox", "checkpointPathLineEdit", "prepareCheckBox"):
+                 "deviceComboBox", "showPromptsCheckBox", "checkpointPathLineEdit", "prepareCheckBox",
+                 "keepWithinLineEdit"):
         assert must in bound, f"{must} should be bound to the parameter node"
     adv = widgets["advancedCollapsibleButton"]
     collapsed = [p for p in adv.findall("property") if p.get("name") == "collapsed"]
