@@ -20,6 +20,7 @@ REASONS = {
     "removed_by_refine": "removed by Refine",
     "corrected": "corrected",
     "kept_previous": "previous result kept",
+    "outside_bound": "cleared: outside the bounding segment's slices",
 }
 
 

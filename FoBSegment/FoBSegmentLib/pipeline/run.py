@@ -55,13 +55,16 @@ class SegmentationResult:
         """Clear the mask outside the first to last slice (acquisition axis) of ``bound``, a
         mask on the ``query`` grid: a structure the user knows lies within another's extent
         (cardiac short axis: the right ventricle within the left's blood pool).  An empty
-        ``bound`` bounds nothing.  Returns how many kept slices were cleared."""
+        ``bound`` bounds nothing.  Returns how many kept slices were cleared; the review lists
+        them as outside the bound."""
         view = SliceView.for_volume(query)
         kept, cleared = within_slices(view.to_stack(self.mask > 0), view.to_stack(np.asarray(bound) > 0))
         if cleared:
             self.mask = np.ascontiguousarray(view.from_stack(kept.astype(self.mask.dtype)))
-            self.slices_segmented -= cleared
-        return cleared
+            self.slices_segmented -= len(cleared)
+            for i in cleared:
+                self.slice_info[i] = {**self.slice_info.get(i, {}), "kept": False, "reason": "outside_bound"}
+        return len(cleared)
 
 
 class QueryRun:

@@ -206,6 +206,11 @@ def test_a_segment_kept_within_another_segments_slices(scene, ct_nodes):
     np.testing.assert_array_equal(got[lo:hi + 1], liver_st[lo:hi + 1])
     np.testing.assert_array_equal(sa.segment_mask_on_volume(seg, run.segment_ids[1], vnode), spleen)
     assert run.results[0].slices_segmented == len(occupied_slices(got))
+    from FoBSegmentLib.review import review_rows
+
+    cleared = [r["slice"] for r in review_rows(run.results[0]) if not r["kept"]]
+    assert cleared == [i for i in occupied_slices(liver_st) if not lo <= i <= hi]
+    assert all("outside the bounding segment" in r["status"] for r in review_rows(run.results[0]))
     before = n_segments(seg)
     with pytest.raises(FoBInputError, match="'kidney'.*not among the segments"):
         sa.run_on_nodes(scene, vnode, seg, None, None, Whole(), segmentIds=[liver_id, spleen_id],
