@@ -30,9 +30,10 @@ number of each, in the same order.
 Relative paths are relative to the manifest's folder.  Every case runs by the rules of
 ``fobsegment segment`` (nothing is written half-way; an output never replaces an input).  A
 case whose output is present and verified (same SHA-256 as recorded when it was written) is
-skipped, so an interrupted batch resumes where it stopped; a case that fails is recorded with
-its message and the batch goes on.  ``shard=(i, n)`` keeps rows ``i, i + n, i + 2n, ...``
-(0-based), so a Slurm array or one process per GPU splits a manifest without coordination.
+skipped (unless the case it is kept ``within`` runs again), so an interrupted batch resumes
+where it stopped; a case that fails is recorded with its message and the batch goes on.
+``shard=(i, n)`` keeps rows ``i, i + n, i + 2n, ...`` (0-based), so a Slurm array or one
+process per GPU splits a manifest without coordination.
 ``engine="dask"`` runs the cases on a Dask ``LocalCluster`` (or a given scheduler address)
 with one Segmenter per worker process.
 """
@@ -416,17 +417,20 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
     check_writable_folder(out_dir)
     options = dict(options or {})
     summary = Summary(out_dir, shard)
-    todo = []
+    redo: set = set()
     for case in cases:
         earlier = summary.finished(case, out_dir)
-        if earlier is not None:
+        if case.within in redo:  # its bound is computed again, so is its result
+            earlier = None
+        if earlier is None:
+            redo.add(case.id)
+        else:
             r = CaseResult(**{**{k: earlier.get(k) for k in SUMMARY_FIELDS}, "status": "skipped",
                               "message": "output present and verified"})
             summary.add(r)
             if on_case:
                 on_case(r)
-        else:
-            todo.append(case)
+    todo = [c for c in cases if c.id in redo]
     try:
         if engine == "local":
             for case in todo:

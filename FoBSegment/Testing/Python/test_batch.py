@@ -226,7 +226,8 @@ def test_batch_keeps_a_case_within_anothers_slices(tmp_path, litemedsam):
     """A case with ``within`` keeps only the slices between the first and last slice of the
     named case's result: on a real CT crop the spleen walked through the volume is cut to the
     five slices an oracle run segmented, and is the unbounded run's result on those slices.
-    Run alone (the bound's result missing) it fails with what to do, writing nothing."""
+    Its bound computed again, it is computed again; run alone (the bound's result missing) it
+    fails with what to do, writing nothing."""
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.geometry import SliceView, occupied_slices
 
@@ -247,7 +248,8 @@ def test_batch_keeps_a_case_within_anothers_slices(tmp_path, litemedsam):
                  row.format(id="free", extra="") + row.format(id="bounded", extra=', "within": "part"'))
     out = tmp_path / "out"
     out.mkdir()
-    totals = run_batch(m, out, segmenter=Segmenter(litemedsam))
+    seg = Segmenter(litemedsam)
+    totals = run_batch(m, out, segmenter=seg)
     assert totals["ok"] == 3
     view = SliceView.for_volume(q)
     got = {c: view.to_stack(read_support_mask(out / f"{c}.seg.nrrd", q).mask) for c in ("part", "free", "bounded")}
@@ -259,10 +261,15 @@ def test_batch_keeps_a_case_within_anothers_slices(tmp_path, litemedsam):
     summary = json.loads((out / "summary.json").read_text())["cases"]
     kept = {r["id"]: r["slices_kept"] for r in summary}
     assert kept["bounded"] == len(occupied_slices(got["bounded"])) < kept["free"]
+    # the bound computed again (its output lost): the case it bounds is computed again too
+    (out / "part.seg.nrrd").unlink()
+    run_batch(m, out, segmenter=seg)
+    status = {r["id"]: r["status"] for r in json.loads((out / "summary.json").read_text())["cases"]}
+    assert status == {"part": "ok", "free": "skipped", "bounded": "ok"}
 
     alone = tmp_path / "alone"
     alone.mkdir()
-    run_batch([c for c in read_manifest(m) if c.id == "bounded"], alone, segmenter=Segmenter(litemedsam))
+    run_batch([c for c in read_manifest(m) if c.id == "bounded"], alone, segmenter=seg)
     row = json.loads((alone / "summary.json").read_text())["cases"][0]
     assert row["status"] == "failed" and "run case part first" in row["message"]
     assert not (alone / "bounded.seg.nrrd").exists()
