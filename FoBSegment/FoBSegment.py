@@ -869,10 +869,13 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _refineResults(segmenter, run, inputs, corrected, progress, isCancelled) -> list:
-        """One refined result per result segment of ``run`` (any thread: no MRML)."""
-        return [segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progress,
-                                 is_cancelled=isCancelled)
-                for res, c, m in zip(run.results, corrected, inputs.masks)]
+        """One refined result per result segment of ``run`` (any thread: no MRML), each kept
+        within its bound's slices as the run was (the corrected slices stay)."""
+        from FoBSegmentLib import slicer_adapter
+
+        return slicer_adapter.keep_within(inputs, [
+            segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progress, is_cancelled=isCancelled)
+            for res, c, m in zip(run.results, corrected, inputs.masks)])
 
     def startRefine(self):
         from FoBSegmentLib.worker import BackgroundJob

@@ -148,7 +148,8 @@ def cmd_refine(args) -> int:
     from .pipeline.segmenter import Segmenter
 
     out = io.check_output_path(args.output)
-    inputs = [p for p in (args.volume, args.previous, args.corrected, args.support_volume, args.support_mask) if p]
+    inputs = [p for p in (args.volume, args.previous, args.corrected, args.support_volume, args.support_mask,
+                          args.within) if p]
     io.refuse_overwriting_inputs(out, [p for p in inputs if str(p) != str(args.output)])
     query = io.read_volume(args.volume, "query volume", series=args.series)
     previous = io.read_support_mask(args.previous, query, label=args.label, segment=args.segment)
@@ -157,9 +158,12 @@ def cmd_refine(args) -> int:
     if args.support_mask:
         support = io.read_volume(args.support_volume, "support volume") if args.support_volume else query
         support_mask = io.read_support_mask(args.support_mask, support, label=args.support_label).mask
+    bound = io.read_result_mask(args.within, query) if args.within else None
     io.check_output_geometry(out, query)
     seg = Segmenter(args.backbone, args.device, checkpoint=args.checkpoint, cache_dir=_cache_dir(args))
     res = seg.refine(query, previous.mask, corrected.mask, support, support_mask)
+    if bound is not None:
+        res.keep_within(bound, query)
     changed = sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
     name = corrected.name if corrected.name.endswith("(FoB)") else f"{corrected.name} (FoB)"
     io.write_result(out, query, res.mask, name=name, color=corrected.color, label_value=corrected.label_value or 1)
@@ -286,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--support-volume", help="the original support volume (default: the corrected slices)")
     r.add_argument("--support-mask", help="the original support mask (default: the corrected slices)")
     r.add_argument("--support-label", type=int)
+    r.add_argument("--within", help="as for segment: keep the refined result within this result's first to last "
+                                    "slice (the corrected slices stay)")
     r.add_argument("--output", required=True)
     _add_model_options(r)
     r.set_defaults(func=cmd_refine)

@@ -130,17 +130,17 @@ def occupied_slices(stack: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(stack.reshape(stack.shape[0], -1).any(1))]
 
 
-def within_slices(stack: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, list[int]]:
+def within_slices(stack: np.ndarray, bound: np.ndarray, keep=()) -> tuple[np.ndarray, list[int]]:
     """``stack`` (slices, rows, cols) cleared outside the first to last occupied slice of
-    ``bound`` (a stack of the same shape), and the occupied slices that cleared.  An empty
-    ``bound`` bounds nothing: a structure not found says nothing about its neighbour's
-    extent."""
+    ``bound`` (a stack of the same shape), but for the slices in ``keep``, and the occupied
+    slices that cleared.  An empty ``bound`` bounds nothing: a structure not found says
+    nothing about its neighbour's extent."""
     if stack.shape != bound.shape:
         raise ValueError(f"stack {stack.shape} and bound {bound.shape} differ in shape")
     mine, where = occupied_slices(stack), occupied_slices(bound)
     if not where:
         return stack, []
-    outside = [i for i in mine if i < where[0] or i > where[-1]]
+    outside = [i for i in mine if (i < where[0] or i > where[-1]) and i not in keep]
     if not outside:
         return stack, []
     out = stack.copy()

@@ -643,6 +643,12 @@ def compute(segmenter, inputs: NodeInputs, slice_range=None, support_slices=None
                                          slice_range=slice_range, progress=_progress, is_cancelled=is_cancelled))
     if is_cancelled is not None and is_cancelled():
         raise CancelledError()
+    return keep_within(inputs, results)
+
+
+def keep_within(inputs: NodeInputs, results: list) -> list:
+    """Each result that ``inputs.within`` bounds, kept within its bound's slices (after a run
+    or a refine; the painted slices stay)."""
     for index, bound in inputs.within.items():
         results[index].keep_within(results[bound].mask, inputs.query)
     return results

@@ -55,10 +55,11 @@ class SegmentationResult:
         """Clear the mask outside the first to last slice (acquisition axis) of ``bound``, a
         mask on the ``query`` grid: a structure the user knows lies within another's extent
         (cardiac short axis: the right ventricle within the left's blood pool).  An empty
-        ``bound`` bounds nothing.  Returns how many kept slices were cleared; the review lists
-        them as outside the bound."""
+        ``bound`` bounds nothing, and a slice the user painted is never cleared.  Returns how
+        many kept slices were cleared; the review lists them as outside the bound."""
         view = SliceView.for_volume(query)
-        kept, cleared = within_slices(view.to_stack(self.mask > 0), view.to_stack(np.asarray(bound) > 0))
+        painted = {i for i, v in self.slice_info.items() if v.get("reason") == "annotated"}
+        kept, cleared = within_slices(view.to_stack(self.mask > 0), view.to_stack(np.asarray(bound) > 0), painted)
         if cleared:
             self.mask = np.ascontiguousarray(view.from_stack(kept.astype(self.mask.dtype)))
             self.slices_segmented -= len(cleared)

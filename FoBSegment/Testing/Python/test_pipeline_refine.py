@@ -97,3 +97,17 @@ def test_cli_prepare_then_segment_then_refine(tmp_path, capsys):
     assert "0 encoded" in capsys.readouterr().out
     refined = view.to_stack(read_support_mask(out2, vol).mask)
     assert np.array_equal(refined[worst], g[worst])
+    # --within: the refined result kept within a one-slice bound; the corrected slice stays
+    from FoBSegmentLib.geometry import occupied_slices
+
+    j = k if k != worst else (k + 1 if k + 1 < len(g) else k - 1)
+    one = np.zeros_like(g)
+    one[j] = g[j]
+    bound = write_result(tmp_path / "bound.nii.gz", vol, view.from_stack(one))
+    out3 = tmp_path / "refined_within.seg.nrrd"
+    assert main(["refine", "--volume", str(crop), "--previous", str(out), "--corrected", str(fixed),
+                 "--within", str(bound), "--output", str(out3), *cache]) == 0
+    kept = view.to_stack(read_support_mask(out3, vol).mask)
+    assert set(occupied_slices(kept)) == {j, worst} & set(occupied_slices(refined))
+    assert np.array_equal(kept[worst], g[worst]) and np.array_equal(kept[j], refined[j])
+    assert len(occupied_slices(refined)) > 2, "the bound must have had slices to clear"

@@ -260,3 +260,26 @@ def test_cli_keeps_a_result_within_another_structures_slices(tmp_path, example_c
     assert main(args + ["--within", str(missing), "--output", str(tmp_path / "no.seg.nrrd")]) == 2
     assert "missing.seg.nrrd does not exist" in capsys.readouterr().err
     assert not (tmp_path / "no.seg.nrrd").exists()
+
+
+def test_keep_within_never_clears_a_painted_slice(ct):
+    """A slice the user painted outside the bound stays; the rest outside is cleared and the
+    review says why."""
+    from FoBSegmentLib.geometry import occupied_slices
+    from FoBSegmentLib.pipeline.run import SegmentationResult
+    from FoBSegmentLib.review import review_rows
+
+    vol, labels = ct
+    view = SliceView.for_volume(vol)
+    liver, spleen = view.to_stack(labels == 5), view.to_stack(labels == 1)
+    lo, hi = occupied_slices(spleen)[0], occupied_slices(spleen)[-1]
+    outside = [i for i in occupied_slices(liver) if not lo <= i <= hi]
+    painted = outside[len(outside) // 2]
+    res = SegmentationResult(view.from_stack(liver.astype(np.uint8)), slices_segmented=len(occupied_slices(liver)),
+                             slice_info={painted: {"kept": True, "reason": "annotated"}})
+    assert res.keep_within(view.from_stack(spleen), vol) == len(outside) - 1
+    got = view.to_stack(res.mask)
+    assert occupied_slices(got) == sorted([painted] + [i for i in occupied_slices(liver) if lo <= i <= hi])
+    np.testing.assert_array_equal(got[painted], liver[painted])
+    rows = {r["slice"]: r for r in review_rows(res)}
+    assert rows[painted]["kept"] and all(not rows[i]["kept"] for i in outside if i != painted)
