@@ -382,7 +382,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seg = p.supportSegmentation.GetSegmentation()
                 segmentIds = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
             sliceRange = (p.firstSlice, p.lastSlice) if p.restrictSliceRange else None
-            from FoBSegmentLib.evaluation import parse_within
+            from FoBSegmentLib.geometry import parse_within
 
             within = parse_within(p.keepWithin) or None
             if self._prepareJob is not None:  # Apply uses what is encoded so far; no double work

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import geometry
 from .backbones.base import slice_to_square, square_to_slice
 from .errors import FoBInputError
 from .geometry import SliceView, occupied_slices
@@ -86,31 +87,15 @@ def _load_case(data: Path, case: str):
     return read_volume(img, f"image of case {case}"), _load_labels(data, case)
 
 
-def parse_within(text: str | None, classes: dict | None = None) -> dict[str, str]:
-    """``rv:lv_bp, ...`` (pairs separated by ``,`` or ``;``) -> {structure kept within: structure
-    bounding it}, checked against ``classes`` when given (the panel checks segment names later)."""
-    out = {}
-    for part in (text or "").replace(";", ",").split(","):
-        if not part.strip():
-            continue
-        pair = [x.strip() for x in part.split(":")]
-        if len(pair) != 2 or not all(pair):
-            raise FoBInputError(f"A 'within' pair must look like rv:lv_bp (keep rv within lv_bp's first to last "
-                                f"slice; got {part.strip()!r}).")
-        out[pair[0]] = pair[1]
-    if classes is not None:
-        check_within(out, classes)
-    return out
+def parse_within(text: str | None, classes: dict) -> dict[str, str]:
+    """``--within rv:lv_bp, ...`` -> {class kept within: class bounding it}, checked against ``classes``."""
+    within = geometry.parse_within(text)
+    check_within(within, classes)
+    return within
 
 
 def check_within(within: dict, classes: dict) -> None:
-    for name, bound in within.items():
-        for c in (name, bound):
-            if c not in classes:
-                raise FoBInputError(f"--within names {c!r}, which is not one of the classes {', '.join(classes)}.")
-        if name == bound or bound in within:
-            raise FoBInputError(f"--within {name}:{bound}: a class is kept within another class that is not itself "
-                                "kept within one.")
+    geometry.check_within(within, classes, "--within", f"not one of the classes {', '.join(classes)}.")
 
 
 def evaluation_cases(data, classes: dict, support_case: str, cases: list, protocol: str = "ep1",

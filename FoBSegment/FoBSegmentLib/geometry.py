@@ -148,6 +148,34 @@ def within_slices(stack: np.ndarray, bound: np.ndarray, keep=()) -> tuple[np.nda
     return out, outside
 
 
+def parse_within(text: str | None) -> dict[str, str]:
+    """``rv:lv_bp, ...`` (pairs separated by ``,`` or ``;``) -> {structure kept within: structure
+    bounding it}, for :func:`within_slices`."""
+    out = {}
+    for part in (text or "").replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        pair = [x.strip() for x in part.split(":")]
+        if len(pair) != 2 or not all(pair):
+            raise FoBInputError(f"A 'within' pair must look like rv:lv_bp (keep rv within lv_bp's first to last "
+                                f"slice; got {part.strip()!r}).")
+        out[pair[0]] = pair[1]
+    return out
+
+
+def check_within(within: dict, names, who: str, absent: str) -> None:
+    """Refuse a pair of ``within`` that names a structure outside ``names`` (``absent``: what
+    that means and what to do), keeps a structure within itself, or bounds by a structure that
+    is itself bounded (one level of bound).  ``who`` names the option in the message."""
+    for name, bound in within.items():
+        for n in (name, bound):
+            if n not in names:
+                raise FoBInputError(f"{who} names {n!r}, which is {absent}")
+        if name == bound or bound in within:
+            raise FoBInputError(f"{who} {name!r} -> {bound!r}: a structure is kept within another that is not "
+                                "itself kept within one.")
+
+
 # LPS reference directions for (column, row) of the displayed slice, by the patient axis
 # that the slice normal is closest to.  Radiological convention.
 _DISPLAY_REFS = {

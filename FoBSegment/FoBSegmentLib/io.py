@@ -220,12 +220,7 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
 
 
 def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
-    import slicerio
-
-    try:
-        seg = slicerio.read_segmentation(str(p))
-    except Exception as exc:  # slicerio raises many types for a damaged file
-        raise FoBInputError(f"Cannot read the segmentation {p}: {exc}. Re-save it from Slicer.") from None
+    seg = _read_segmentation(p, "segmentation", "Re-save it from Slicer.")
     segments = seg.get("segments", [])
     names = [s.get("name", "") for s in segments]
     chosen = None
@@ -254,6 +249,16 @@ def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
         )
     color = tuple(float(c) for c in chosen.get("color", _colour_for(chosen["name"], None)))
     return SupportMask(mask.astype(bool), chosen["name"], color, int(chosen.get("labelValue", 1)))
+
+
+def _read_segmentation(p: Path, what: str, advice: str) -> dict:
+    """A ``.seg.nrrd`` read by slicerio; a damaged file is an input error ending in ``advice``."""
+    import slicerio
+
+    try:
+        return slicerio.read_segmentation(str(p))
+    except Exception as exc:  # slicerio raises many types for a damaged file
+        raise FoBInputError(f"Cannot read the {what} {p}: {exc}. {advice}") from None
 
 
 def _segment_on(seg: dict, name: str, volume: Volume) -> np.ndarray:
@@ -287,12 +292,7 @@ def read_result_mask(path: str | Path, query: Volume) -> np.ndarray:
             raise FoBInputError(f"The result {p.name} holds several labels {[float(v) for v in values[:8]]}: give "
                                 "one structure's result (save that label alone).")
         return raw > 0
-    import slicerio
-
-    try:
-        seg = slicerio.read_segmentation(str(p))
-    except Exception as exc:  # slicerio raises many types for a damaged file
-        raise FoBInputError(f"Cannot read the result {p}: {exc}. Write it again (from Slicer or FoBSegment).") from None
+    seg = _read_segmentation(p, "result", "Write it again (from Slicer or FoBSegment).")
     names = [s.get("name", "") for s in seg.get("segments", [])]
     if len(names) != 1:
         raise FoBInputError(f"The result {p.name} holds {len(names)} segments {names}: give one structure's result "

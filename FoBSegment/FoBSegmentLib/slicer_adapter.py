@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CancelledError, FoBInputError
-from .geometry import Volume, validate_volume
+from .geometry import Volume, check_within, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -569,17 +569,10 @@ def read_inputs(volumeNode, supportSegmentationNode, segmentId=None, supportVolu
 
 def _within_indices(within, names: list) -> dict:
     """``{segment name: bounding segment name}`` -> ``{result index: bounding result index}``."""
-    out = {}
-    for name, bound in (within or {}).items():
-        for n in (name, bound):
-            if n not in names:
-                raise FoBInputError(f"'Keep within' names segment {n!r}, which is not among the segments being run "
-                                    f"({', '.join(names)}): paint it and run it in the same Apply.")
-        if name == bound or bound in within:
-            raise FoBInputError(f"'Keep within' {name!r} -> {bound!r}: a segment is kept within another that is "
-                                "not itself kept within one.")
-        out[names.index(name)] = names.index(bound)
-    return out
+    within = dict(within or {})
+    check_within(within, names, "'Keep within'", f"not among the segments being run ({', '.join(names)}): paint "
+                 "it and run it in the same Apply.")
+    return {names.index(name): names.index(bound) for name, bound in within.items()}
 
 
 def read_atlas_inputs(volumeNode, atlas, rule: str | None = None) -> NodeInputs:

@@ -276,13 +276,14 @@ def test_batch_keeps_a_case_within_anothers_slices(tmp_path, litemedsam):
 
 
 def test_within_pairs_as_typed_in_the_panel_or_on_the_command_line():
-    from FoBSegmentLib.evaluation import parse_within
+    from FoBSegmentLib.evaluation import parse_within as parse_classes_within
+    from FoBSegmentLib.geometry import parse_within
 
     assert parse_within(" RV : LV blood pool ; myocardium: LV blood pool ") == {
         "RV": "LV blood pool", "myocardium": "LV blood pool"}
-    assert parse_within("rv:lv_bp", {"lv_bp": 500, "rv": 600}) == {"rv": "lv_bp"}
+    assert parse_classes_within("rv:lv_bp", {"lv_bp": 500, "rv": 600}) == {"rv": "lv_bp"}
     assert parse_within("") == {} and parse_within(None) == {}
     with pytest.raises(FoBInputError, match="pair must look like"):
         parse_within("RV LV blood pool")
     with pytest.raises(FoBInputError, match="not one of the classes"):
-        parse_within("rv:lv", {"lv_bp": 500, "rv": 600})
+        parse_classes_within("rv:lv", {"lv_bp": 500, "rv": 600})
