@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .contrast import contrast_regions, seed_score
+import numpy as np
+
+from .contrast import contrast_regions, prototype_contrast, prototypes, seed_score
 from .slice_prompting import SlicePrediction, SlicePrompt, box_from_mask
 
 
@@ -64,7 +66,31 @@ def walk_scores(run, support_for, body=None) -> dict:
 
 
 def walked_evidence(run, support_for, body=None) -> float:
-    """The seed score summed over every slice a walk kept: a structure that goes on looking
+    """The seed score summed over every slice a walk kept (a structure that goes on looking
     like the support for as many slices as it has beats a look-alike that shows clearly on a
-    few (the colon below the liver)."""
-    return sum(walk_scores(run, support_for, body).values())
+    few: the colon below the liver), times the support's agreement with the walk
+    (:func:`support_agreement`) to the power ``seed.agreement_power``."""
+    evidence = sum(walk_scores(run, support_for, body).values())
+    power = run.settings.seed.agreement_power
+    if power:
+        # a small floor keeps walks the support agrees with in neither order by evidence alone
+        evidence *= max(support_agreement(run, support_for), 1e-3) ** power
+    return evidence
+
+
+def support_agreement(run, support_for) -> float:
+    """The walk checked from the support's side: how much each support slice's annotation looks
+    like what the walk found rather than what borders it there (prototype contrast against the
+    walk's prototypes on its slice at the support slice's relative position), mean over the
+    support slices.  A walk's own evidence asks whether the query region looks like the support;
+    a look-alike can, while the support's organ looks less like the look-alike than like its
+    border (docs/benchmarks/seed_walks.md)."""
+    kept = [i for i in sorted(run.kept) if run.kept[i].any()]
+    if not kept:
+        return 0.0
+    z0, z1 = kept[0], kept[-1]
+    values = []
+    for sup in support_for(z0).siblings:
+        i = min(kept, key=lambda k: abs(k - (z0 + sup.rel * (z1 - z0))))
+        values.append(prototype_contrast(sup.embedding, sup.mask_sq, prototypes(run.embedding(i), run.kept[i])))
+    return float(np.mean(values))
