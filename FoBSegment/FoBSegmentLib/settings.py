@@ -105,9 +105,9 @@ class SeedSettings:
     #: The walk from the clearest seed is kept unless another holds this many times its
     #: evidence (``seed.walked_evidence``).
     walk_margin: float = 1.5
-    #: A walk's evidence is multiplied by the support's agreement with it (``seed.support_agreement``)
-    #: to this power; 0 = evidence alone (CHAOS full 0.781 -> 0.789: docs/benchmarks/seed_walks.md).
-    agreement_power: float = 1.0
+    #: A walk's evidence is multiplied by exp(this x the support's agreement with it,
+    #: ``seed.support_agreement``); 0 = evidence alone (docs/benchmarks/seed_walks.md).
+    agreement_weight: float = 4.0
 
 
 @dataclass(frozen=True)

@@ -68,14 +68,13 @@ def walk_scores(run, support_for, body=None) -> dict:
 def walked_evidence(run, support_for, body=None) -> float:
     """The seed score summed over every slice a walk kept (a structure that goes on looking
     like the support for as many slices as it has beats a look-alike that shows clearly on a
-    few: the colon below the liver), times the support's agreement with the walk
-    (:func:`support_agreement`) to the power ``seed.agreement_power``."""
+    few: the colon below the liver), times exp(``seed.agreement_weight`` x the support's
+    agreement with the walk, :func:`support_agreement`)."""
     evidence = sum(walk_scores(run, support_for, body).values())
-    power = run.settings.seed.agreement_power
-    if power:
-        # a small floor keeps walks the support agrees with in neither order by evidence alone
-        evidence *= max(support_agreement(run, support_for), 1e-3) ** power
-    return evidence
+    weight = run.settings.seed.agreement_weight
+    # exp, not a power: a support unlike its own kind (CHAOS patient 15's liver, as dark as the
+    # muscle around it) disagrees with every walk, and its runs then go by evidence
+    return evidence * float(np.exp(weight * support_agreement(run, support_for))) if weight else evidence
 
 
 def support_agreement(run, support_for) -> float:

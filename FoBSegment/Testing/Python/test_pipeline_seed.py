@@ -22,17 +22,21 @@ def test_solidity_tells_a_crescent_from_a_disc_at_any_aspect():
 
 def test_seed_search_tells_the_rv_crescent_from_the_round_blood_pool(segmenter):
     """MS-CMRSeg patient 6's RV from patient 1's annotation (EP1): inside, the RV and the LV
-    blood pool look alike and the blood pool scores best, so without the shape prior the seed
-    and the walk are on it (Dice 0.00).  The RV is a crescent (solidity about 0.75), the blood
-    pool a disc (0.98): with the prior (the default for a support that is a crescent on every
-    slice) the RV is found (measured 0.86)."""
+    blood pool look alike and the blood pool scores best, so with neither the shape prior nor
+    the support's agreement the seed and the walk are on it (Dice 0.00).  The RV is a crescent
+    (solidity about 0.75), the blood pool a disc (0.98): with the prior (the default for a
+    support that is a crescent on every slice) the RV is found (measured 0.86); the support's
+    annotation also agrees more with the RV's walk than with the blood pool's, which finds it
+    without the prior."""
     s, q, rv, gt, sup, ref = shared_pair("mscmrseg19_bssfp_cmr", 1, 6, label=600)
-    off = segmenter.with_settings(**{"seed.shape_width": 0.0}).segment(q, s, rv, support_slices=sup, query_slices=ref)
+    neither = segmenter.with_settings(**{"seed.shape_width": 0.0, "seed.agreement_weight": 0.0})
+    off = neither.segment(q, s, rv, support_slices=sup, query_slices=ref)
     pool = np.rint(read_volume(shared_case("mscmrseg19_bssfp_cmr", 6)[1]).array) == 500
     m = off.mask.astype(bool)
     assert dice(m, gt) < 0.1 and (m & pool).sum() > 0.5 * m.sum()
-    on = segmenter.segment(q, s, rv, support_slices=sup, query_slices=ref)
-    assert dice(on.mask, gt) > 0.8
+    for change in ({"seed.agreement_weight": 0.0}, {"seed.shape_width": 0.0}, {}):
+        one = segmenter.with_settings(**change).segment(q, s, rv, support_slices=sup, query_slices=ref)
+        assert dice(one.mask, gt) > 0.8, change
 
 
 def test_shape_prior_is_for_supports_that_are_crescents_on_every_slice(segmenter):
@@ -169,3 +173,49 @@ def test_seed_search_can_score_the_second_place_of_each_slice(segmenter):
     first, second = contrast_regions(emb, anchor, segmenter.settings.contrast, 2)
     assert np.array_equal(first, contrast_region(emb, anchor, segmenter.settings.contrast))
     assert (first & second).sum() < 0.5 * min(first.sum(), second.sum()), "two places, not one twice"
+
+
+def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
+    """The support's side of the walk check (``seed.support_agreement``): the CT's liver,
+    annotated on one field of view, agrees more with the liver of another field of view than
+    with the spleen there (alike inside on CT, unlike around); with ``seed.agreement_weight`` 0
+    a walk's evidence is its seed scores alone."""
+    from conftest import other_field_of_view
+    from FoBSegmentLib.backbones.base import slice_to_square
+    from FoBSegmentLib.pipeline.run import QueryRun
+    from FoBSegmentLib.pipeline.seed import support_agreement, walk_scores, walked_evidence
+
+    vol, labels = ct
+    sup_vol, sup_lab = other_field_of_view(vol, labels, 0, 76)
+    qry_vol, qry_lab = other_field_of_view(vol, labels, 36, 112)
+    support = segmenter.prepare_support(sup_vol, sup_lab == 5)
+    run = QueryRun(segmenter, qry_vol)
+    view = SliceView.for_volume(qry_vol)
+
+    def walk_on(label):
+        stack = view.to_stack(qry_lab == label)
+        run.kept = {i: slice_to_square(stack[i]) > 0.5 for i in occupied_slices(stack)}
+        run.result.slice_info = {i: {"iou": 0.9} for i in run.kept}  # what SAM predicted, for the seed scores
+        return support_agreement(run, lambda i: support.central())
+
+    liver, spleen = walk_on(5), walk_on(1)
+    assert liver > 1.3 * spleen > 0
+    plain = run.segmenter.with_settings(**{"seed.agreement_weight": 0.0})
+    off = QueryRun(plain, qry_vol)
+    off.kept, off.result.slice_info = run.kept, run.result.slice_info
+    scores = sum(walk_scores(off, lambda i: support.central()).values())
+    assert walked_evidence(off, lambda i: support.central()) == pytest.approx(scores)
+    assert walked_evidence(run, lambda i: support.central()) == pytest.approx(scores * np.exp(segmenter.settings.seed.agreement_weight * spleen))
+
+
+def test_walk_choice_weighs_the_supports_agreement(segmenter):
+    """CHAOS patient 19's left kidney from patient 8's annotation, no oracle.  Two seeds are
+    walked: the first keeps part of the kidney (Dice 0.46), the second the whole of it (0.94)
+    but with less than the margin's times the first's evidence, so by evidence alone the part
+    is kept.  The support's annotation agrees with the whole kidney's walk about twice as much,
+    which decides for it."""
+    s, q, kidney, gt, sup, _ = shared_pair("chaos_t2spir_mri", 8, 19, label=3)
+    off = segmenter.with_settings(**{"seed.agreement_weight": 0.0}).segment(q, s, kidney, support_slices=sup)
+    on = segmenter.segment(q, s, kidney, support_slices=sup)
+    assert dice(off.mask, gt) < 0.6
+    assert dice(on.mask, gt) > 0.9
