@@ -43,6 +43,8 @@ VARIANTS = [
      {"seed.shape_width": 0.15, "seed.shape_max_solidity": 1.01}),
     ("no shape prior", "seeds not weighted by their shape, not even for a support that is a crescent on every slice",
      {"seed.shape_width": 0.0}),
+    ("no support agreement", "a walk's evidence not weighed by the support's agreement with it (before)",
+     {"seed.agreement_weight": 0.0}),
 ]
 # Measured worse and removed from the code (rows kept from the last run that had them).
 REMOVED = {

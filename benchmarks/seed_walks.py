@@ -35,6 +35,8 @@ from all_supports import DATASETS, cases_in  # noqa: E402
 def _margin_rule(measure, margin: float):
     def choose(walks):
         v = [measure(w) for w in walks]
+        if None in v:
+            return None
         best = int(np.argmax(v))
         return best if v[best] >= margin * v[0] else 0
     return choose
@@ -44,10 +46,21 @@ def _scores(w) -> np.ndarray:
     return np.array(list(w["scores"].values()), float)
 
 
+def _agreeing(weight: float):
+    """Evidence x exp(weight x the support's agreement with the walk); None where the records
+    predate the agreement."""
+    def measure(w):
+        return None if "agreement" not in w else _scores(w).sum() * np.exp(weight * w["agreement"])
+    return measure
+
+
 RULES = {
     "first": lambda walks: 0,
     "most evidence": _margin_rule(lambda w: _scores(w).sum(), 1.0),
-    "most evidence, margin 1.5 (default)": _margin_rule(lambda w: _scores(w).sum(), 1.5),
+    "most evidence, margin 1.5": _margin_rule(lambda w: _scores(w).sum(), 1.5),
+    "most evidence x exp(4 x agreement), margin 1.5 (default)": _margin_rule(_agreeing(4.0), 1.5),
+    "most evidence x exp(2 x agreement), margin 1.5": _margin_rule(_agreeing(2.0), 1.5),
+    "most evidence x exp(8 x agreement), margin 1.5": _margin_rule(_agreeing(8.0), 1.5),
     "most evidence, margin 2": _margin_rule(lambda w: _scores(w).sum(), 2.0),
     "best 5 slices, margin 1.5": _margin_rule(lambda w: np.sort(_scores(w))[-5:].sum(), 1.5),
     "mean evidence": _margin_rule(lambda w: _scores(w).mean(), 1.0),
@@ -61,7 +74,7 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     from FoBSegmentLib.evaluation import _load_case, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.pipeline import protocols
-    from FoBSegmentLib.pipeline.seed import walk_scores
+    from FoBSegmentLib.pipeline.seed import support_agreement, walk_scores
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
@@ -71,10 +84,13 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     def evidence(run, support_for, body=None):
         sc = {int(i): float(v) for i, v in walk_scores(run, support_for, body).items()}
         out, gt = run.out > 0, current["gt"]
-        current["walks"].append({"scores": sc, "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
-        return sum(sc.values())
+        agreement = support_agreement(run, support_for)
+        current["walks"].append({"scores": sc, "agreement": round(agreement, 5),
+                                 "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
+        weight = run.settings.seed.agreement_weight
+        return sum(sc.values()) * float(np.exp(weight * agreement)) if weight else sum(sc.values())
 
-    protocols.walked_evidence = evidence  # the same sum, with every walk recorded
+    protocols.walked_evidence = evidence  # the default's evidence, with every walk recorded
     for name, value in classes.items():
         if only and name not in only:
             continue
@@ -83,8 +99,8 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
             sup = ep1_support_slices(SliceView.for_volume(sv).to_stack(sl == value))
             for q in cases:
                 k = f"{key}|{name}|{s}|{q}"
-                if q == s or k in records:
-                    continue
+                if q == s or k in records and all("agreement" in w for w in records[k]["walks"]):
+                    continue  # recorded already (records from before the agreement are recorded again)
                 qv, ql = vols[q]
                 current.update(gt=SliceView.for_volume(qv).to_stack(ql == value), walks=[])
                 seg.segment(qv, sv, (sl == value).astype(np.uint8), support_slices=sup)
@@ -101,7 +117,10 @@ def score(records: dict, max_walks: list) -> dict:
         for n in max_walks:
             walks = r["walks"][:n]
             for rule, choose in RULES.items():
-                d = walks[choose(walks)]["dice"] if walks else 0.0
+                pick = choose(walks) if walks else None
+                if walks and pick is None:
+                    continue  # records without what the rule needs
+                d = walks[pick]["dice"] if walks else 0.0
                 out.setdefault(key, {}).setdefault(str(n), {}).setdefault(rule, {}).setdefault(name, []).append(d)
     return {key: {n: {rule: {c: round(float(np.mean(v)), 4) for c, v in per.items()} for rule, per in rules.items()}
                   for n, rules in by_n.items()} for key, by_n in out.items()}
@@ -118,8 +137,10 @@ def render(results: dict, meta: dict) -> str:
              "The default (`seed.walks` 2, `seed.walk_margin` 1.5) was chosen on CHAOS, where one walk",
              "loses the liver to the colon below it and the left kidney to the spleen; MS-CMRSeg is the",
              "check. The margin keeps the clearest seed's walk unless another one is clearly stronger:",
-             "without it a long walk on a look-alike wins (the spleen, the RV). Records accumulate over",
-             "runs (resumable); the time below is the last run's.", ""]
+             "without it a long walk on a look-alike wins (the spleen, the RV). Each walk's evidence is",
+             "weighed by the support's agreement with it (`seed.agreement_weight` 4,",
+             "`seed.support_agreement`). Records accumulate over runs (resumable); the time below is the",
+             "last run's.", ""]
     for key, by_n in results.items():
         title, _, classes = DATASETS[key]
         cls = list(classes)

@@ -73,7 +73,8 @@ def walked_evidence(run, support_for, body=None) -> float:
     evidence = sum(walk_scores(run, support_for, body).values())
     weight = run.settings.seed.agreement_weight
     # exp, not a power: a support unlike its own kind (CHAOS patient 15's liver, as dark as the
-    # muscle around it) disagrees with every walk, and its runs then go by evidence
+    # muscle around it) agrees with no walk, the right one included; a power would zero that
+    # walk's evidence, exp leaves its walks' factors alike and the choice to evidence
     return evidence * float(np.exp(weight * support_agreement(run, support_for))) if weight else evidence
 
 
@@ -92,4 +93,4 @@ def support_agreement(run, support_for) -> float:
     for sup in support_for(z0).siblings:
         i = min(kept, key=lambda k: abs(k - (z0 + sup.rel * (z1 - z0))))
         values.append(prototype_contrast(sup.embedding, sup.mask_sq, prototypes(run.embedding(i), run.kept[i])))
-    return float(np.mean(values))
+    return float(np.mean(values)) if values else 0.0

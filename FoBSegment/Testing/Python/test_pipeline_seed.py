@@ -205,7 +205,8 @@ def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
     off.kept, off.result.slice_info = run.kept, run.result.slice_info
     scores = sum(walk_scores(off, lambda i: support.central()).values())
     assert walked_evidence(off, lambda i: support.central()) == pytest.approx(scores)
-    assert walked_evidence(run, lambda i: support.central()) == pytest.approx(scores * np.exp(segmenter.settings.seed.agreement_weight * spleen))
+    weight = segmenter.settings.seed.agreement_weight
+    assert walked_evidence(run, lambda i: support.central()) == pytest.approx(scores * np.exp(weight * spleen))
 
 
 def test_walk_choice_weighs_the_supports_agreement(segmenter):
