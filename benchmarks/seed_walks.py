@@ -46,21 +46,28 @@ def _scores(w) -> np.ndarray:
     return np.array(list(w["scores"].values()), float)
 
 
-def _agreeing(weight: float):
-    """Evidence x exp(weight x the support's agreement with the walk); None where the records
-    predate the agreement."""
-    def measure(w):
-        return None if "agreement" not in w else _scores(w).sum() * np.exp(weight * w["agreement"])
-    return measure
+def _agreement_rule(weight: float, min_gap: float, margin: float = 1.5):
+    """The default's choice (``pipeline.seed.walk_strength``) with these settings; None where
+    the records predate the agreement."""
+    def choose(walks):
+        if any("agreement" not in w for w in walks):
+            return None
+        a0 = walks[0]["agreement"]
+        v = [_scores(w).sum() * (np.exp(weight * (w["agreement"] - a0)) if abs(w["agreement"] - a0) > min_gap else 1.0)
+             for w in walks]
+        best = int(np.argmax(v))
+        return best if v[best] >= margin * v[0] else 0
+    return choose
 
 
 RULES = {
     "first": lambda walks: 0,
     "most evidence": _margin_rule(lambda w: _scores(w).sum(), 1.0),
     "most evidence, margin 1.5": _margin_rule(lambda w: _scores(w).sum(), 1.5),
-    "most evidence x exp(4 x agreement), margin 1.5 (default)": _margin_rule(_agreeing(4.0), 1.5),
-    "most evidence x exp(2 x agreement), margin 1.5": _margin_rule(_agreeing(2.0), 1.5),
-    "most evidence x exp(8 x agreement), margin 1.5": _margin_rule(_agreeing(8.0), 1.5),
+    "evidence x exp(4 x agreement gap over 0.05), margin 1.5 (default)": _agreement_rule(4.0, 0.05),
+    "evidence x exp(4 x agreement gap), margin 1.5": _agreement_rule(4.0, 0.0),
+    "evidence x exp(2 x agreement gap over 0.05), margin 1.5": _agreement_rule(2.0, 0.05),
+    "evidence x exp(8 x agreement gap over 0.05), margin 1.5": _agreement_rule(8.0, 0.05),
     "most evidence, margin 2": _margin_rule(lambda w: _scores(w).sum(), 2.0),
     "best 5 slices, margin 1.5": _margin_rule(lambda w: np.sort(_scores(w))[-5:].sum(), 1.5),
     "mean evidence": _margin_rule(lambda w: _scores(w).mean(), 1.0),
@@ -87,10 +94,9 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
         agreement = support_agreement(run, support_for)
         current["walks"].append({"scores": sc, "agreement": round(agreement, 5),
                                  "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
-        weight = run.settings.seed.agreement_weight
-        return sum(sc.values()) * float(np.exp(weight * agreement)) if weight else sum(sc.values())
+        return sum(sc.values())
 
-    protocols.walked_evidence = evidence  # the default's evidence, with every walk recorded
+    protocols.walked_evidence = evidence  # the same sum, with every walk recorded
     for name, value in classes.items():
         if only and name not in only:
             continue
@@ -138,8 +144,8 @@ def render(results: dict, meta: dict) -> str:
              "loses the liver to the colon below it and the left kidney to the spleen; MS-CMRSeg is the",
              "check. The margin keeps the clearest seed's walk unless another one is clearly stronger:",
              "without it a long walk on a look-alike wins (the spleen, the RV). Each walk's evidence is",
-             "weighed by the support's agreement with it (`seed.agreement_weight` 4,",
-             "`seed.support_agreement`). Records accumulate over runs (resumable); the time below is the",
+             "weighed by the support's agreement with it (`seed.agreement_weight` 4, `seed.agreement_min_gap`",
+             "0.05, `seed.walk_strength`). Records accumulate over runs (resumable); the time below is the",
              "last run's.", ""]
     for key, by_n in results.items():
         title, _, classes = DATASETS[key]

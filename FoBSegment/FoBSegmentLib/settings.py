@@ -105,9 +105,14 @@ class SeedSettings:
     #: The walk from the clearest seed is kept unless another holds this many times its
     #: evidence (``seed.walked_evidence``).
     walk_margin: float = 1.5
-    #: A walk's evidence is multiplied by exp(this x the support's agreement with it,
-    #: ``seed.support_agreement``); 0 = evidence alone (docs/benchmarks/seed_walks.md).
+    #: A walk's evidence is multiplied by exp(this x how much more the support agrees with it
+    #: than with the first walk, ``seed.support_agreement``); 0 = evidence alone
+    #: (``seed.walk_strength``, docs/benchmarks/seed_walks.md).
     agreement_weight: float = 4.0
+    #: Agreement gaps up to this leave the evidence alone: walks on different structures differ
+    #: by 0.08-0.26 where the agreement changes CHAOS's choice, two walks of MS-CMRSeg patient
+    #: 10's blood pool (one past the apex) by 0.02.
+    agreement_min_gap: float = 0.05
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..preprocessing import body_columns
 from ..settings import WORK_SIZE
-from .seed import ranked_seeds, seed_scores, walked_evidence
+from .seed import ranked_seeds, seed_scores, support_agreement, walk_strength, walked_evidence
 from .walk import walk
 
 
@@ -56,24 +56,31 @@ def oracle_slices(run, support, query_slices) -> None:
 def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", body=None, walks=1) -> bool:
     """Walk from the best seed of ``scored`` ({(slice, place): (score, mask)}) and, with ``walks`` > 1,
     from the next best ones that lie on another structure.  The clearest seed's walk is kept
-    unless another holds ``seed.walk_margin`` times its evidence (:func:`walked_evidence`).
-    False where no slice shows the structure."""
-    tried = []
+    unless another holds ``seed.walk_margin`` times its strength (:func:`walk_strength`: the
+    walk's evidence, weighed by the support's agreement with it).  False where no slice shows
+    the structure."""
+    seed_settings = run.settings.seed
+    tried = []  # (walk, evidence, agreement)
     for seed, place in ranked_seeds(scored):
         if len(tried) == walks:
             break
         mask = scored[(seed, place)][1]
-        if any(seed in b.kept and (mask & b.kept[seed]).sum() >= 0.5 * mask.sum() for b, _ in tried):
+        if any(seed in b.kept and (mask & b.kept[seed]).sum() >= 0.5 * mask.sum() for b, *_ in tried):
             continue  # a structure already walked
         b = run.branch()
         # The start prompt where the start prompter chose the place, else the place's own mask.
         b.segment_slice(seed, anchor, mask if place else None, decide_presence=False, given=given)
         walk_from(b, seed)
         run.done = b.done  # the next walk's progress goes on from here
-        tried.append((b, walked_evidence(b, support_for, body) if walks > 1 else 0.0))
+        if walks > 1:
+            agree = support_agreement(b, support_for) if seed_settings.agreement_weight else 0.0
+            tried.append((b, walked_evidence(b, support_for, body), agree))
+        else:
+            tried.append((b, 0.0, 0.0))
     if tried:
-        best = max(tried, key=lambda t: t[1])
-        run.adopt(best[0] if best[1] >= run.settings.seed.walk_margin * tried[0][1] else tried[0][0])
+        strength = [walk_strength(e, a, tried[0][2], seed_settings) for _, e, a in tried]
+        k = int(np.argmax(strength))
+        run.adopt(tried[k][0] if strength[k] >= seed_settings.walk_margin * strength[0] else tried[0][0])
     return bool(tried)
 
 

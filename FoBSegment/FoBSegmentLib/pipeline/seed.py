@@ -66,16 +66,21 @@ def walk_scores(run, support_for, body=None) -> dict:
 
 
 def walked_evidence(run, support_for, body=None) -> float:
-    """The seed score summed over every slice a walk kept (a structure that goes on looking
+    """The seed score summed over every slice a walk kept: a structure that goes on looking
     like the support for as many slices as it has beats a look-alike that shows clearly on a
-    few: the colon below the liver), times exp(``seed.agreement_weight`` x the support's
-    agreement with the walk, :func:`support_agreement`)."""
-    evidence = sum(walk_scores(run, support_for, body).values())
-    weight = run.settings.seed.agreement_weight
-    # exp, not a power: a support unlike its own kind (CHAOS patient 15's liver, as dark as the
-    # muscle around it) agrees with no walk, the right one included; a power would zero that
-    # walk's evidence, exp leaves its walks' factors alike and the choice to evidence
-    return evidence * float(np.exp(weight * support_agreement(run, support_for))) if weight else evidence
+    few (the colon below the liver)."""
+    return sum(walk_scores(run, support_for, body).values())
+
+
+def walk_strength(evidence: float, agreement: float, first_agreement: float, seed) -> float:
+    """A walk's evidence x exp(``seed.agreement_weight`` x how much more the support agrees with
+    it than with the first walk, :func:`support_agreement`).  A gap of ``seed.agreement_min_gap``
+    or less leaves the evidence as it is: two walks of one structure that end on other slices
+    differ by about that much, and the evidence, not the agreement, tells their extents apart.
+    exp of the gap, not a ratio of agreements: a support unlike its own kind (CHAOS patient
+    15's liver, as dark as the muscle around it) agrees with no walk, the right one included."""
+    gap = agreement - first_agreement
+    return evidence * float(np.exp(seed.agreement_weight * gap)) if abs(gap) > seed.agreement_min_gap else evidence
 
 
 def support_agreement(run, support_for) -> float:

@@ -178,12 +178,13 @@ def test_seed_search_can_score_the_second_place_of_each_slice(segmenter):
 def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
     """The support's side of the walk check (``seed.support_agreement``): the CT's liver,
     annotated on one field of view, agrees more with the liver of another field of view than
-    with the spleen there (alike inside on CT, unlike around); with ``seed.agreement_weight`` 0
-    a walk's evidence is its seed scores alone."""
+    with the spleen there (alike inside on CT, unlike around).  A walk's strength is its
+    evidence x exp(weight x the agreement's gap to the first walk's); a gap within
+    ``seed.agreement_min_gap`` leaves the evidence alone."""
     from conftest import other_field_of_view
     from FoBSegmentLib.backbones.base import slice_to_square
     from FoBSegmentLib.pipeline.run import QueryRun
-    from FoBSegmentLib.pipeline.seed import support_agreement, walk_scores, walked_evidence
+    from FoBSegmentLib.pipeline.seed import support_agreement, walk_strength
 
     vol, labels = ct
     sup_vol, sup_lab = other_field_of_view(vol, labels, 0, 76)
@@ -195,18 +196,16 @@ def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
     def walk_on(label):
         stack = view.to_stack(qry_lab == label)
         run.kept = {i: slice_to_square(stack[i]) > 0.5 for i in occupied_slices(stack)}
-        run.result.slice_info = {i: {"iou": 0.9} for i in run.kept}  # what SAM predicted, for the seed scores
         return support_agreement(run, lambda i: support.central())
 
     liver, spleen = walk_on(5), walk_on(1)
     assert liver > 1.3 * spleen > 0
-    plain = run.segmenter.with_settings(**{"seed.agreement_weight": 0.0})
-    off = QueryRun(plain, qry_vol)
-    off.kept, off.result.slice_info = run.kept, run.result.slice_info
-    scores = sum(walk_scores(off, lambda i: support.central()).values())
-    assert walked_evidence(off, lambda i: support.central()) == pytest.approx(scores)
-    weight = segmenter.settings.seed.agreement_weight
-    assert walked_evidence(run, lambda i: support.central()) == pytest.approx(scores * np.exp(weight * spleen))
+    seed = segmenter.settings.seed
+    assert seed.agreement_min_gap < liver - spleen
+    stronger = 2.0 * np.exp(seed.agreement_weight * (liver - spleen))
+    assert walk_strength(2.0, liver, spleen, seed) == pytest.approx(stronger)
+    assert walk_strength(2.0, spleen, liver, seed) < 2.0
+    assert walk_strength(2.0, spleen + 0.5 * seed.agreement_min_gap, spleen, seed) == 2.0
 
 
 def test_walk_choice_weighs_the_supports_agreement(segmenter):
