@@ -178,9 +178,9 @@ def test_seed_search_can_score_the_second_place_of_each_slice(segmenter):
 def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
     """The support's side of the walk check (``seed.support_agreement``): the CT's liver,
     annotated on one field of view, agrees more with the liver of another field of view than
-    with the spleen there (alike inside on CT, unlike around).  A walk's strength is its
-    evidence x exp(weight x the agreement's gap to the first walk's); a gap within
-    ``seed.agreement_min_gap`` leaves the evidence alone."""
+    with the spleen there.  A walk's strength is its evidence x exp(weight x the agreement's
+    gap to the first walk's); a gap within ``seed.agreement_min_gap`` (the CT's liver and
+    spleen, alike on CT) leaves the evidence alone."""
     from conftest import other_field_of_view
     from FoBSegmentLib.backbones.base import slice_to_square
     from FoBSegmentLib.pipeline.run import QueryRun
@@ -201,11 +201,11 @@ def test_the_support_agrees_more_with_a_walk_on_its_own_organ(ct, segmenter):
     liver, spleen = walk_on(5), walk_on(1)
     assert liver > 1.3 * spleen > 0
     seed = segmenter.settings.seed
-    assert seed.agreement_min_gap < liver - spleen
-    stronger = 2.0 * np.exp(seed.agreement_weight * (liver - spleen))
-    assert walk_strength(2.0, liver, spleen, seed) == pytest.approx(stronger)
-    assert walk_strength(2.0, spleen, liver, seed) < 2.0
-    assert walk_strength(2.0, spleen + 0.5 * seed.agreement_min_gap, spleen, seed) == 2.0
+    far = spleen + 2 * seed.agreement_min_gap
+    assert walk_strength(2.0, far, spleen, seed) == pytest.approx(2.0 * np.exp(seed.agreement_weight * (far - spleen)))
+    assert walk_strength(2.0, spleen, far, seed) < 2.0
+    # 0.04 apart here: too close to outweigh the evidence
+    assert walk_strength(2.0, liver, spleen, seed) == 2.0 == walk_strength(2.0, spleen, liver, seed)
 
 
 def test_walk_choice_weighs_the_supports_agreement(segmenter):
