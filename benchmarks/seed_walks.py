@@ -35,8 +35,6 @@ from all_supports import DATASETS, cases_in  # noqa: E402
 def _margin_rule(measure, margin: float):
     def choose(walks):
         v = [measure(w) for w in walks]
-        if None in v:
-            return None
         best = int(np.argmax(v))
         return best if v[best] >= margin * v[0] else 0
     return choose
@@ -46,17 +44,20 @@ def _scores(w) -> np.ndarray:
     return np.array(list(w["scores"].values()), float)
 
 
-def _agreement_rule(weight: float, min_gap: float, margin: float = 1.5):
-    """The default's choice (``pipeline.seed.walk_strength``) with these settings; None where
-    the records predate the agreement."""
+def _agreement_rule(weight: float, min_gap: float):
+    """The pipeline's own choice (``pipeline.seed.choose_walk``) with these agreement settings;
+    None where the records predate the agreement."""
+    from dataclasses import replace
+
+    from FoBSegmentLib.pipeline.seed import choose_walk
+    from FoBSegmentLib.settings import SeedSettings
+
+    seed = replace(SeedSettings(), agreement_weight=weight, agreement_min_gap=min_gap)
+
     def choose(walks):
         if any("agreement" not in w for w in walks):
             return None
-        a0 = walks[0]["agreement"]
-        v = [_scores(w).sum() * (np.exp(weight * (w["agreement"] - a0)) if abs(w["agreement"] - a0) > min_gap else 1.0)
-             for w in walks]
-        best = int(np.argmax(v))
-        return best if v[best] >= margin * v[0] else 0
+        return choose_walk([_scores(w).sum() for w in walks], [w["agreement"] for w in walks], seed)
     return choose
 
 

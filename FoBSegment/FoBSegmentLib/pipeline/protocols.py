@@ -13,7 +13,7 @@ import numpy as np
 
 from ..preprocessing import body_columns
 from ..settings import WORK_SIZE
-from .seed import ranked_seeds, seed_scores, support_agreement, walk_strength, walked_evidence
+from .seed import choose_walk, ranked_seeds, seed_scores, support_agreement, walked_evidence
 from .walk import walk
 
 
@@ -56,7 +56,7 @@ def oracle_slices(run, support, query_slices) -> None:
 def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", body=None, walks=1) -> bool:
     """Walk from the best seed of ``scored`` ({(slice, place): (score, mask)}) and, with ``walks`` > 1,
     from the next best ones that lie on another structure.  The clearest seed's walk is kept
-    unless another holds ``seed.walk_margin`` times its strength (:func:`walk_strength`: the
+    unless another holds ``seed.walk_margin`` times its strength (:func:`choose_walk`: the
     walk's evidence, weighed by the support's agreement with it).  False where no slice shows
     the structure."""
     seed_settings = run.settings.seed
@@ -78,9 +78,8 @@ def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", b
         else:
             tried.append((b, 0.0, 0.0))
     if tried:
-        strength = [walk_strength(e, a, tried[0][2], seed_settings) for _, e, a in tried]
-        k = int(np.argmax(strength))
-        run.adopt(tried[k][0] if strength[k] >= seed_settings.walk_margin * strength[0] else tried[0][0])
+        branches, evidence, agreement = zip(*tried)
+        run.adopt(branches[choose_walk(evidence, agreement, seed_settings)])
     return bool(tried)
 
 

@@ -83,6 +83,14 @@ def walk_strength(evidence: float, agreement: float, first_agreement: float, see
     return evidence * float(np.exp(seed.agreement_weight * gap)) if abs(gap) > seed.agreement_min_gap else evidence
 
 
+def choose_walk(evidence: list, agreement: list, seed) -> int:
+    """Which of a run's walks to keep -> its index: the first (the clearest seed's) unless
+    another's :func:`walk_strength` holds ``seed.walk_margin`` times the first's."""
+    strength = [walk_strength(e, a, agreement[0], seed) for e, a in zip(evidence, agreement)]
+    best = int(np.argmax(strength))
+    return best if strength[best] >= seed.walk_margin * strength[0] else 0
+
+
 def support_agreement(run, support_for) -> float:
     """The walk checked from the support's side: how much each support slice's annotation looks
     like what the walk found rather than what borders it there (prototype contrast against the
