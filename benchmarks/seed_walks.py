@@ -44,20 +44,21 @@ def _scores(w) -> np.ndarray:
     return np.array(list(w["scores"].values()), float)
 
 
-def _agreement_rule(weight: float, min_gap: float):
+def _agreement_rule(weight: float, min_gap: float, same_dice: float = 1.01):
     """The pipeline's own choice (``pipeline.seed.choose_walk``) with these agreement settings;
-    None where the records predate the agreement."""
+    None where the records predate what it needs (the agreement, each walk's overlap with the first)."""
     from dataclasses import replace
 
     from FoBSegmentLib.pipeline.seed import choose_walk
     from FoBSegmentLib.settings import SeedSettings
 
-    seed = replace(SeedSettings(), agreement_weight=weight, agreement_min_gap=min_gap)
+    seed = replace(SeedSettings(), agreement_weight=weight, agreement_min_gap=min_gap, same_structure_dice=same_dice)
 
     def choose(walks):
-        if any("agreement" not in w for w in walks):
+        if any("agreement" not in w or "overlap" not in w for w in walks):
             return None
-        return choose_walk([_scores(w).sum() for w in walks], [w["agreement"] for w in walks], seed)
+        return choose_walk([_scores(w).sum() for w in walks], [w["agreement"] for w in walks], seed,
+                           [w["overlap"] for w in walks])
     return choose
 
 
@@ -65,7 +66,14 @@ RULES = {
     "first": lambda walks: 0,
     "most evidence": _margin_rule(lambda w: _scores(w).sum(), 1.0),
     "most evidence, margin 1.5": _margin_rule(lambda w: _scores(w).sum(), 1.5),
-    "evidence x exp(4 x agreement gap over 0.05), margin 1.5 (default)": _agreement_rule(4.0, 0.05),
+    "evidence x exp(4 x agreement gap over 0.05) on another structure, margin 1.5 (default)":
+        _agreement_rule(4.0, 0.05, 0.85),
+    "evidence x exp(4 x agreement gap) on another structure, margin 1.5": _agreement_rule(4.0, 0.0, 0.85),
+    "evidence x exp(4 x agreement gap over 0.05) on another structure (walks' Dice < 0.75), margin 1.5":
+        _agreement_rule(4.0, 0.05, 0.75),
+    "evidence x exp(4 x agreement gap over 0.05) on another structure (walks' Dice < 0.95), margin 1.5":
+        _agreement_rule(4.0, 0.05, 0.95),
+    "evidence x exp(4 x agreement gap over 0.05), margin 1.5": _agreement_rule(4.0, 0.05),
     "evidence x exp(4 x agreement gap), margin 1.5": _agreement_rule(4.0, 0.0),
     "evidence x exp(2 x agreement gap over 0.05), margin 1.5": _agreement_rule(2.0, 0.05),
     "evidence x exp(8 x agreement gap over 0.05), margin 1.5": _agreement_rule(8.0, 0.05),
@@ -82,7 +90,7 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     from FoBSegmentLib.evaluation import _load_case, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.pipeline import protocols
-    from FoBSegmentLib.pipeline.seed import support_agreement, walk_scores
+    from FoBSegmentLib.pipeline.seed import support_agreement, walk_overlap, walk_scores
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
@@ -93,7 +101,9 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
         sc = {int(i): float(v) for i, v in walk_scores(run, support_for, body).items()}
         out, gt = run.out > 0, current["gt"]
         agreement = support_agreement(run, support_for)
+        current.setdefault("first", run)
         current["walks"].append({"scores": sc, "agreement": round(agreement, 5),
+                                 "overlap": round(walk_overlap(run, current["first"]), 4),
                                  "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
         return sum(sc.values())
 
@@ -106,9 +116,10 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
             sup = ep1_support_slices(SliceView.for_volume(sv).to_stack(sl == value))
             for q in cases:
                 k = f"{key}|{name}|{s}|{q}"
-                if q == s or k in records and all("agreement" in w for w in records[k]["walks"]):
-                    continue  # recorded already (records from before the agreement are recorded again)
+                if q == s or k in records and all("overlap" in w for w in records[k]["walks"]):
+                    continue  # recorded already (records from before the walks' overlap are recorded again)
                 qv, ql = vols[q]
+                current.clear()
                 current.update(gt=SliceView.for_volume(qv).to_stack(ql == value), walks=[])
                 seg.segment(qv, sv, (sl == value).astype(np.uint8), support_slices=sup)
                 records[k] = {"walks": current["walks"]}

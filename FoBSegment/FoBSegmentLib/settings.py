@@ -113,6 +113,11 @@ class SeedSettings:
     #: by 0.08-0.26 where the agreement changes CHAOS's choice, two walks of MS-CMRSeg patient
     #: 10's blood pool (one past the apex) by 0.02.
     agreement_min_gap: float = 0.05
+    #: A walk whose kept masks overlap the first walk's by this 3D Dice or more lies on the
+    #: same structure, and its agreement is not weighed (``seed.walk_overlap``; 1.01 = never).
+    #: Recorded walks: the blood pool again with one end slice more or less 0.91-0.99, a part
+    #: of the liver against the whole up to 0.79, other structures near 0 (seed_walks.md).
+    same_structure_dice: float = 0.85
 
 
 @dataclass(frozen=True)

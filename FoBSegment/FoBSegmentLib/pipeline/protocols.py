@@ -13,7 +13,7 @@ import numpy as np
 
 from ..preprocessing import body_columns
 from ..settings import WORK_SIZE
-from .seed import choose_walk, ranked_seeds, seed_scores, support_agreement, walked_evidence
+from .seed import choose_walk, ranked_seeds, seed_scores, support_agreement, walk_overlap, walked_evidence
 from .walk import walk
 
 
@@ -57,7 +57,8 @@ def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", b
     """Walk from the best seed of ``scored`` ({(slice, place): (score, mask)}) and, with ``walks`` > 1,
     from the next best ones that lie on another structure.  The clearest seed's walk is kept
     unless another holds ``seed.walk_margin`` times its strength (:func:`choose_walk`: the
-    walk's evidence, weighed by the support's agreement with it).  False where no slice shows
+    walk's evidence, weighed by the support's agreement with it where it lies on another
+    structure).  False where no slice shows
     the structure."""
     seed_settings = run.settings.seed
     tried = []  # (walk, evidence, agreement)
@@ -74,12 +75,13 @@ def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", b
         run.done = b.done  # the next walk's progress goes on from here
         if walks > 1:
             agree = support_agreement(b, support_for) if seed_settings.agreement_weight else 0.0
-            tried.append((b, walked_evidence(b, support_for, body), agree))
+            overlap = walk_overlap(b, tried[0][0]) if tried else 1.0
+            tried.append((b, walked_evidence(b, support_for, body), agree, overlap))
         else:
-            tried.append((b, 0.0, 0.0))
+            tried.append((b, 0.0, 0.0, 1.0))
     if tried:
-        branches, evidence, agreement = zip(*tried)
-        run.adopt(branches[choose_walk(evidence, agreement, seed_settings)])
+        branches, evidence, agreement, overlap = zip(*tried)
+        run.adopt(branches[choose_walk(evidence, agreement, seed_settings, overlap)])
     return bool(tried)
 
 

@@ -72,23 +72,38 @@ def walked_evidence(run, support_for, body=None) -> float:
     return sum(walk_scores(run, support_for, body).values())
 
 
-def walk_strength(evidence: float, agreement: float, first_agreement: float, seed) -> float:
+def walk_strength(evidence: float, agreement: float, first_agreement: float, seed, overlap: float = 0.0) -> float:
     """A walk's evidence x exp(``seed.agreement_weight`` x how much more the support agrees with
     it than with the first walk, :func:`support_agreement`).  A gap of ``seed.agreement_min_gap``
-    or less leaves the evidence as it is: two walks of one structure that end on other slices
-    differ by about that much, and the evidence, not the agreement, tells their extents apart.
+    or less leaves the evidence as it is, and so does a walk that lies on the first walk's
+    structure (``overlap``, :func:`walk_overlap`, at least ``seed.same_structure_dice``): two
+    walks of one structure differ where they end, which moves the slices the support is
+    compared with, and the evidence, not the agreement, tells their extents apart.
     exp of the gap, not a ratio of agreements: a support unlike its own kind (CHAOS patient
     15's liver, as dark as the muscle around it) agrees with no walk, the right one included."""
     gap = agreement - first_agreement
-    return evidence * float(np.exp(seed.agreement_weight * gap)) if abs(gap) > seed.agreement_min_gap else evidence
+    if abs(gap) <= seed.agreement_min_gap or overlap >= seed.same_structure_dice:
+        return evidence
+    return evidence * float(np.exp(seed.agreement_weight * gap))
 
 
-def choose_walk(evidence: list, agreement: list, seed) -> int:
+def choose_walk(evidence: list, agreement: list, seed, overlap: list | None = None) -> int:
     """Which of a run's walks to keep -> its index: the first (the clearest seed's) unless
-    another's :func:`walk_strength` holds ``seed.walk_margin`` times the first's."""
-    strength = [walk_strength(e, a, agreement[0], seed) for e, a in zip(evidence, agreement)]
+    another's :func:`walk_strength` holds ``seed.walk_margin`` times the first's.  ``overlap``:
+    each walk's :func:`walk_overlap` with the first (default: none overlaps)."""
+    overlap = [0.0] * len(evidence) if overlap is None else overlap
+    strength = [walk_strength(e, a, agreement[0], seed, o) if k else e
+                for k, (e, a, o) in enumerate(zip(evidence, agreement, overlap))]
     best = int(np.argmax(strength))
     return best if strength[best] >= seed.walk_margin * strength[0] else 0
+
+
+def walk_overlap(run, first) -> float:
+    """3D Dice of two walks' kept masks on the work grid: near 1 where a second seed's walk
+    went back over the first walk's structure, near 0 on another structure."""
+    inter = sum(int((m & first.kept[i]).sum()) for i, m in run.kept.items() if i in first.kept)
+    total = sum(int(m.sum()) for m in run.kept.values()) + sum(int(m.sum()) for m in first.kept.values())
+    return 2.0 * inter / total if total else 0.0
 
 
 def support_agreement(run, support_for) -> float:

@@ -219,3 +219,31 @@ def test_walk_choice_weighs_the_supports_agreement(segmenter):
     on = segmenter.segment(q, s, kidney, support_slices=sup)
     assert dice(off.mask, gt) < 0.6
     assert dice(on.mask, gt) > 0.9
+
+
+def test_the_agreement_is_not_weighed_between_two_walks_of_one_structure(segmenter):
+    """MS-CMRSeg patient 10's blood pool from patient 5's annotation, no oracle.  The second
+    seed lies on the slice past the apex where the first walk stopped, so its walk is the same
+    blood pool two slices longer (the walks' 3D Dice above 0.9).  Its extent moves the slices
+    the support is compared with, and the agreement rises by 0.06: weighed, it would keep the
+    walk past the apex (Dice 0.90); two walks of one structure are told apart by their
+    evidence, which keeps the first (0.94)."""
+    from FoBSegmentLib.pipeline import protocols
+
+    s, q, pool, gt, sup, _ = shared_pair("mscmrseg19_bssfp_cmr", 5, 10, label=500)
+    overlaps = []
+    original = protocols.walk_overlap
+
+    def recorded(run, first):
+        overlaps.append(original(run, first))
+        return overlaps[-1]
+
+    protocols.walk_overlap = recorded
+    try:
+        kept = segmenter.segment(q, s, pool, support_slices=sup)
+    finally:
+        protocols.walk_overlap = original
+    weighed = segmenter.with_settings(**{"seed.same_structure_dice": 1.01}).segment(q, s, pool, support_slices=sup)
+    assert overlaps and overlaps[0] > 0.9
+    assert dice(kept.mask, gt) > 0.93
+    assert dice(weighed.mask, gt) < 0.91
