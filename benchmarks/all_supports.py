@@ -1,6 +1,6 @@
 """The default method with every case of a dataset as the support, every other case as a query.
 
-    .venv/bin/python benchmarks/all_supports.py [--datasets chaos cmr] [--protocols ep1 full]
+    .venv/bin/python benchmarks/all_supports.py [--datasets chaos cmr] [--protocols ep1 full] [--supports 3 5]
 
 The default (background-contrast seed + propagation) learns nothing from the data, so its
 cross-validation is over the choice of support patient: which patient the clinician happens
@@ -53,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     ap.add_argument("--protocols", nargs="+", choices=["ep1", "full"], default=["ep1", "full"])
+    ap.add_argument("--supports", nargs="+", help="run these support cases only (default every case); the "
+                    "others' rows are kept from earlier runs")
     ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
     ap.add_argument("--out", default=None, help="default docs/benchmarks/benchmark_all_supports[_VARIANT].md")
     ap.add_argument("--variant", default="default",
@@ -81,7 +83,7 @@ def main(argv=None):
         title, folder, classes = DATASETS[key]
         cases = cases_in(data / folder)
         for protocol in args.protocols:
-            for support in cases:
+            for support in (c for c in cases if not args.supports or c in args.supports):
                 t = time.perf_counter()
                 r = evaluate(data / folder, classes, support, [c for c in cases if c != support], protocol,
                              segmenter=seg, within=WITHIN.get(key))

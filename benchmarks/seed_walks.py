@@ -1,6 +1,6 @@
 """Which walk to keep when the whole-volume seed search is unsure: one walk or several.
 
-    .venv/bin/python benchmarks/seed_walks.py [--datasets chaos cmr] [--classes NAME ...] [--walks 3]
+    .venv/bin/python benchmarks/seed_walks.py [--datasets chaos cmr] [--classes NAME ...] [--walks 2]
                                               [--score-only]
 
 On another patient's volume (the full protocol) the pipeline walks from the clearest seed
@@ -65,7 +65,7 @@ def _agreement_rule(weight: float, min_gap: float, same_dice: float = 1.01):
 RULES = {
     "first": lambda walks: 0,
     "most evidence": _margin_rule(lambda w: _scores(w).sum(), 1.0),
-    "most evidence, margin 1.5": _margin_rule(lambda w: _scores(w).sum(), 1.5),
+    "most evidence, margin 1.5 (default at 2223914)": _margin_rule(lambda w: _scores(w).sum(), 1.5),
     "evidence x exp(4 x agreement gap over 0.05) on another structure, margin 1.5 (default)":
         _agreement_rule(4.0, 0.05, 0.85),
     "evidence x exp(4 x agreement gap) on another structure, margin 1.5": _agreement_rule(4.0, 0.0, 0.85),
@@ -73,7 +73,7 @@ RULES = {
         _agreement_rule(4.0, 0.05, 0.75),
     "evidence x exp(4 x agreement gap over 0.05) on another structure (walks' Dice < 0.95), margin 1.5":
         _agreement_rule(4.0, 0.05, 0.95),
-    "evidence x exp(4 x agreement gap over 0.05), margin 1.5": _agreement_rule(4.0, 0.05),
+    "evidence x exp(4 x agreement gap over 0.05), margin 1.5 (default at c2459c3)": _agreement_rule(4.0, 0.05),
     "evidence x exp(4 x agreement gap), margin 1.5": _agreement_rule(4.0, 0.0),
     "evidence x exp(2 x agreement gap over 0.05), margin 1.5": _agreement_rule(2.0, 0.05),
     "evidence x exp(8 x agreement gap over 0.05), margin 1.5": _agreement_rule(8.0, 0.05),
@@ -157,8 +157,9 @@ def render(results: dict, meta: dict) -> str:
              "check. The margin keeps the clearest seed's walk unless another one is clearly stronger:",
              "without it a long walk on a look-alike wins (the spleen, the RV). Each walk's evidence is",
              "weighed by the support's agreement with it (`seed.agreement_weight` 4, `seed.agreement_min_gap`",
-             "0.05, `seed.walk_strength`). Records accumulate over runs (resumable); the time below is the",
-             "last run's.", ""]
+             "0.05, `seed.walk_strength`) where it lies on another structure than the first walk",
+             "(`seed.same_structure_dice` 0.85). Records accumulate over runs (resumable); the time below is",
+             "the last run's.", ""]
     for key, by_n in results.items():
         title, _, classes = DATASETS[key]
         cls = list(classes)
@@ -193,7 +194,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
-    ap.add_argument("--walks", type=int, default=3, help="walks recorded per pair, and the most scored")
+    ap.add_argument("--walks", type=int, default=2, help="walks recorded per pair, and the most scored")
     ap.add_argument("--records", default=str(REPO / "runs" / "seed_walks.json"))
     ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
     ap.add_argument("--classes", nargs="+", help="class names to record (default all)")
