@@ -115,8 +115,8 @@ class SeedSettings:
     agreement_min_gap: float = 0.05
     #: A walk whose kept masks overlap the first walk's by this 3D Dice or more lies on the
     #: same structure, and its agreement is not weighed (``seed.walk_overlap``; 1.01 = never).
-    #: Recorded walks: the blood pool again with one end slice more or less 0.91-0.99, a part
-    #: of the liver against the whole up to 0.79, other structures near 0 (seed_walks.md).
+    #: Recorded walks: the same structure again with one to three end slices more 0.87-0.99,
+    #: a part of an organ against all of it up to 0.84, other structures near 0 (seed_walks.md).
     same_structure_dice: float = 0.85
 
 

@@ -58,10 +58,9 @@ def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", b
     from the next best ones that lie on another structure.  The clearest seed's walk is kept
     unless another holds ``seed.walk_margin`` times its strength (:func:`choose_walk`: the
     walk's evidence, weighed by the support's agreement with it where it lies on another
-    structure).  False where no slice shows
-    the structure."""
+    structure).  False where no slice shows the structure."""
     seed_settings = run.settings.seed
-    tried = []  # (walk, evidence, agreement)
+    tried = []  # (walk, evidence, agreement, overlap with the first walk)
     for seed, place in ranked_seeds(scored):
         if len(tried) == walks:
             break

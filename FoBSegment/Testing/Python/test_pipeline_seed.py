@@ -221,7 +221,7 @@ def test_walk_choice_weighs_the_supports_agreement(segmenter):
     assert dice(on.mask, gt) > 0.9
 
 
-def test_the_agreement_is_not_weighed_between_two_walks_of_one_structure(segmenter):
+def test_the_agreement_is_not_weighed_between_two_walks_of_one_structure(segmenter, monkeypatch):
     """MS-CMRSeg patient 10's blood pool from patient 5's annotation, no oracle.  The second
     seed lies on the slice past the apex where the first walk stopped, so its walk is the same
     blood pool two slices longer (the walks' 3D Dice above 0.9).  Its extent moves the slices
@@ -238,11 +238,9 @@ def test_the_agreement_is_not_weighed_between_two_walks_of_one_structure(segment
         overlaps.append(original(run, first))
         return overlaps[-1]
 
-    protocols.walk_overlap = recorded
-    try:
-        kept = segmenter.segment(q, s, pool, support_slices=sup)
-    finally:
-        protocols.walk_overlap = original
+    monkeypatch.setattr(protocols, "walk_overlap", recorded)
+    kept = segmenter.segment(q, s, pool, support_slices=sup)
+    monkeypatch.undo()
     weighed = segmenter.with_settings(**{"seed.same_structure_dice": 1.01}).segment(q, s, pool, support_slices=sup)
     assert overlaps and overlaps[0] > 0.9
     assert dice(kept.mask, gt) > 0.93
