@@ -78,6 +78,10 @@ def main(argv=None):
     seg = Segmenter(backbone, cache_dir=args.cache_dir).with_settings(**changes[args.variant])
     out = Path(args.out)
     results: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    unknown = set(args.supports or ()) - {c for key in args.datasets for c in cases_in(data / DATASETS[key][1])}
+    if unknown:
+        print(f"--supports {' '.join(sorted(unknown))}: no such case in {', '.join(args.datasets)}")
+        return 2
     t_all = time.perf_counter()
     for key in args.datasets:
         title, folder, classes = DATASETS[key]

@@ -101,7 +101,8 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
         sc = {int(i): float(v) for i, v in walk_scores(run, support_for, body).items()}
         out, gt = run.out > 0, current["gt"]
         agreement = support_agreement(run, support_for)
-        current.setdefault("first", run)
+        if not current["walks"]:
+            current["first"] = run
         current["walks"].append({"scores": sc, "agreement": round(agreement, 5),
                                  "overlap": round(walk_overlap(run, current["first"]), 4),
                                  "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
@@ -119,7 +120,6 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
                 if q == s or k in records and all("overlap" in w for w in records[k]["walks"]):
                     continue  # recorded already (records from before the walks' overlap are recorded again)
                 qv, ql = vols[q]
-                current.clear()
                 current.update(gt=SliceView.for_volume(qv).to_stack(ql == value), walks=[])
                 seg.segment(qv, sv, (sl == value).astype(np.uint8), support_slices=sup)
                 records[k] = {"walks": current["walks"]}

@@ -87,13 +87,11 @@ def walk_strength(evidence: float, agreement: float, first_agreement: float, see
     return evidence * float(np.exp(seed.agreement_weight * gap))
 
 
-def choose_walk(evidence: list, agreement: list, seed, overlap: list | None = None) -> int:
+def choose_walk(evidence: list, agreement: list, seed, overlap: list) -> int:
     """Which of a run's walks to keep -> its index: the first (the clearest seed's) unless
     another's :func:`walk_strength` holds ``seed.walk_margin`` times the first's.  ``overlap``:
-    each walk's :func:`walk_overlap` with the first (default: none overlaps)."""
-    overlap = [0.0] * len(evidence) if overlap is None else overlap
-    strength = [walk_strength(e, a, agreement[0], seed, o) if k else e
-                for k, (e, a, o) in enumerate(zip(evidence, agreement, overlap))]
+    each walk's :func:`walk_overlap` with the first."""
+    strength = [walk_strength(e, a, agreement[0], seed, o) for e, a, o in zip(evidence, agreement, overlap)]
     best = int(np.argmax(strength))
     return best if strength[best] >= seed.walk_margin * strength[0] else 0
 
