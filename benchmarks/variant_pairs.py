@@ -1,0 +1,147 @@
+"""Settings changed on some (support, query) pairs, against the all-supports page's figures.
+
+    .venv/bin/python benchmarks/variant_pairs.py --set presence.rel_contrast=0.35 \\
+        [--dataset chaos] [--protocol full] [--supports 1 2 3] [--classes liver spleen] [--out runs/v.json]
+
+A cheaper look at a setting than a full all-supports run: the default pipeline with the
+settings given by dotted name (``SegmenterSettings.with_changes``), every query of each chosen
+support, and per structure the mean 3D Dice of the same pairs on
+docs/benchmarks/benchmark_all_supports.json (which must be of the current default: the page
+says at which commit), with the pairs that move by more than 0.05.  ``--out`` keeps each
+pair's Dice and resumes.  Needs the shared data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "FoBSegment"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from all_supports import DATASETS, WITHIN, cases_in  # noqa: E402
+
+PAGE = REPO / "docs" / "benchmarks" / "benchmark_all_supports.json"
+
+
+def parse_set(items: list) -> dict:
+    """``["a.b=0.3", "c.d=[0, 0.1]"]`` -> {"a.b": 0.3, "c.d": (0, 0.1)} (values read as JSON)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE, e.g. presence.rel_contrast=0.35")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--set {item!r}: the value must be a number, true/false, null, a quoted string or a list")
+        out[name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def run_pairs(seg, data: Path, key: str, protocol: str, supports, classes, done: dict, out: Path | None) -> dict:
+    from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
+    from FoBSegmentLib.geometry import SliceView
+
+    _, folder, labels = DATASETS[key]
+    within = WITHIN.get(key, {})
+    cases = cases_in(data / folder)
+    vols = {c: _load_case(data / folder, c) for c in cases}
+    for s in supports:
+        sv, sl = vols[s]
+        view = SliceView.for_volume(sv)
+        bounds = {}  # (class, query) -> result mask of a class that bounds another
+        for name in sorted(classes, key=lambda c: c in within):  # bounding classes first
+            ss = ep1_support_slices(view.to_stack(sl == labels[name]))
+            for q in cases:
+                k = f"{name}|{s}|{q}"
+                if q == s or (k in done and name not in within.values()):
+                    continue
+                qv, ql = vols[q]
+                ref = ql == labels[name]
+                given = None
+                if protocol == "ep1":
+                    st = SliceView.for_volume(qv).to_stack(ref)
+                    given = [i for i in range(len(st)) if st[i].any()]
+                r = seg.segment(qv, sv, (sl == labels[name]).astype(np.uint8), support_slices=ss,
+                                query_slices=given)
+                if name in within:  # as the all-supports page: within the bounding class's result
+                    r.keep_within(bounds[(within[name], q)], qv)
+                bounds[(name, q)] = r.mask > 0
+                done[k] = round(dice(r.mask > 0, ref), 4)
+                if out is not None:
+                    out.write_text(json.dumps(done))
+    return done
+
+
+def compare(done: dict, page: dict, key: str, protocol: str) -> list[str]:
+    lines, by = [], {}
+    for k, v in done.items():
+        name, s, q = k.split("|")
+        by.setdefault(name, []).append((page[key][protocol][s]["classes"][name]["cases"][q], v, s, q))
+    for name, rows in by.items():
+        base, var = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+        lines.append(f"{name:<14} pairs {len(rows):>3}  default {base.mean():.4f}  variant {var.mean():.4f}  "
+                     f"({var.mean() - base.mean():+.4f}; {int((var - base > 0.01).sum())} up, "
+                     f"{int((base - var > 0.01).sum())} down by more than 0.01)")
+        for b, v, s, q in sorted(rows, key=lambda r: r[1] - r[0]):
+            if abs(v - b) > 0.05:
+                lines.append(f"    support {s} -> {q}: {b:.3f} -> {v:.3f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", nargs="+", required=True, metavar="NAME=VALUE")
+    ap.add_argument("--data", default=os.environ.get("FOBSEGMENT_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="chaos")
+    ap.add_argument("--protocol", choices=["ep1", "full"], default="full")
+    ap.add_argument("--supports", nargs="+", help="default: every case")
+    ap.add_argument("--classes", nargs="+", help="default: every class of the dataset")
+    ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
+    ap.add_argument("--out", help="keep each pair's Dice here (JSON) and resume from it")
+    args = ap.parse_args(argv)
+    changes = parse_set(args.set)
+    data = Path(args.data)
+    _, folder, labels = DATASETS[args.dataset]
+    if not (data / folder).is_dir():
+        print(f"shared data not found at {data / folder}: nothing to benchmark (set FOBSEGMENT_SHARED_DATA)")
+        return 1
+    cases = cases_in(data / folder)
+    supports, classes = args.supports or cases, args.classes or list(labels)
+    unknown = [s for s in supports if s not in cases] + [c for c in classes if c not in labels]
+    if unknown:
+        print(f"not in {args.dataset}: {', '.join(unknown)} (cases {', '.join(cases)}; classes {', '.join(labels)})")
+        return 2
+    unbounded = [f"{c} (within {b})" for c, b in WITHIN.get(args.dataset, {}).items() if c in classes and b not in classes]
+    if unbounded:
+        print(f"--classes: {', '.join(unbounded)} is scored within its bound, as on the all-supports page: "
+              "add the bounding class")
+        return 2
+    import torch
+
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.backbones import create_backbone
+
+    torch.set_num_threads(os.cpu_count())
+    try:
+        seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir).with_settings(**changes)
+    except (ValueError, TypeError) as e:
+        print(f"--set: {e}")
+        return 2
+    out = Path(args.out) if args.out else None
+    done = json.loads(out.read_text()) if out is not None and out.is_file() else {}
+    run_pairs(seg, data, args.dataset, args.protocol, supports, classes, done, out)
+    print(f"{args.dataset} {args.protocol}, {' '.join(args.set)}, supports {' '.join(supports)}:")
+    print("\n".join(compare(done, json.loads(PAGE.read_text()), args.dataset, args.protocol)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
