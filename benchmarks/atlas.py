@@ -104,6 +104,8 @@ def support_sets(cases, refs, masks, name: str, k: int, rng):
             continue
         others = [s for s in cases if s != q and (name, q, s) in masks]
         sets = list(itertools.combinations(others, k))
+        if not sets:  # fewer than k supports' runs kept for this query (a run still under way)
+            continue
         if len(sets) > MAX_SETS:
             sets = [sets[i] for i in sorted(rng.choice(len(sets), MAX_SETS, replace=False))]
         yield q, sets
@@ -298,7 +300,8 @@ def main(argv=None):
             r = score(cases, refs, masks, classes, args.sizes, list(RULES), rng)
             results.setdefault(key, {})[protocol] = r
             made = runs / key / protocol / "pairs.json"
-            pair_runs.setdefault(key, {})[protocol] = json.loads(made.read_text()) if made.is_file() else {"commit": "?"}
+            made = json.loads(made.read_text()) if made.is_file() else {"commit": "?"}
+            pair_runs.setdefault(key, {})[protocol] = made
             warn.setdefault(key, {})[protocol] = [warnings_check(cases, refs, masks, classes, k, rng)
                                                   for k in args.sizes if k >= 3]
             print(key, protocol, "warnings", warn[key][protocol], flush=True)

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"not in {args.dataset}: {', '.join(unknown)} (cases {', '.join(cases)}; classes {', '.join(labels)})")
         return 2
-    unbounded = [f"{c} (within {b})" for c, b in WITHIN.get(args.dataset, {}).items() if c in classes and b not in classes]
+    unbounded = [f"{c} (within {b})" for c, b in WITHIN.get(args.dataset, {}).items()
+                 if c in classes and b not in classes]
     if unbounded:
         print(f"--classes: {', '.join(unbounded)} is scored within its bound, as on the all-supports page: "
               "add the bounding class")
