@@ -299,9 +299,9 @@ def main(argv=None):
             rng = np.random.default_rng(0)
             r = score(cases, refs, masks, classes, args.sizes, list(RULES), rng)
             results.setdefault(key, {})[protocol] = r
-            made = runs / key / protocol / "pairs.json"
-            made = json.loads(made.read_text()) if made.is_file() else {"commit": "?"}
-            pair_runs.setdefault(key, {})[protocol] = made
+            record = runs / key / protocol / "pairs.json"
+            pair_runs.setdefault(key, {})[protocol] = (json.loads(record.read_text()) if record.is_file()
+                                                       else {"commit": "?"})
             warn.setdefault(key, {})[protocol] = [warnings_check(cases, refs, masks, classes, k, rng)
                                                   for k in args.sizes if k >= 3]
             print(key, protocol, "warnings", warn[key][protocol], flush=True)
