@@ -45,6 +45,28 @@ def parse_set(items: list) -> dict:
     return out
 
 
+def check_types(changes: dict) -> str | None:
+    """A value whose kind differs from the default's (a word for a number, a number for a
+    tuple) -> what is wrong; None where every value fits."""
+    import dataclasses
+
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+    for name, value in changes.items():
+        group, _, leaf = name.partition(".")
+        default = getattr(getattr(DEFAULT_SETTINGS, group, None), leaf, None) if leaf else None
+        if value is None and default is not None:
+            hint = {f.name: str(f.type) for f in dataclasses.fields(getattr(DEFAULT_SETTINGS, group))}.get(leaf, "")
+            if "None" in hint:
+                continue
+        kinds = {bool: (bool,), int: (int,), float: (int, float), tuple: (tuple,), str: (str,)}
+        want = kinds.get(type(default))
+        fits = want is not None and isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
+        if default is not None and want is not None and not fits:
+            return f"--set {name}: {value!r} is not a {type(default).__name__} like its default {default!r}"
+    return None
+
+
 def run_pairs(seg, data: Path, key: str, protocol: str, supports, classes, done: dict, out: Path | None) -> dict:
     from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView
@@ -131,6 +153,10 @@ def main(argv=None) -> int:
     from FoBSegmentLib.backbones import create_backbone
 
     torch.set_num_threads(os.cpu_count())
+    wrong = check_types(changes)
+    if wrong:
+        print(wrong)
+        return 2
     try:
         seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir).with_settings(**changes)
     except (ValueError, TypeError) as e:
