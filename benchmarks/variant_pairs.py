@@ -68,37 +68,26 @@ def check_types(changes: dict) -> str | None:
 
 
 def run_pairs(seg, data: Path, key: str, protocol: str, supports, classes, done: dict, out: Path | None) -> dict:
-    from FoBSegmentLib.evaluation import _load_case, dice, ep1_support_slices
-    from FoBSegmentLib.geometry import SliceView
+    """Each support's queries through ``evaluate``, as the all-supports page runs them (its
+    support slices, oracle slices and bound); a support already in ``done`` for a class is
+    not run again for it (its bounding class is, to bound it)."""
+    from FoBSegmentLib.evaluation import evaluate
 
     _, folder, labels = DATASETS[key]
-    within = WITHIN.get(key, {})
+    bound_by = WITHIN.get(key, {})
     cases = cases_in(data / folder)
-    vols = {c: _load_case(data / folder, c) for c in cases}
     for s in supports:
-        sv, sl = vols[s]
-        view = SliceView.for_volume(sv)
-        bounds = {}  # (class, query) -> result mask of a class that bounds another
-        for name in sorted(classes, key=lambda c: c in within):  # bounding classes first
-            ss = ep1_support_slices(view.to_stack(sl == labels[name]))
-            for q in cases:
-                k = f"{name}|{s}|{q}"
-                if q == s or (k in done and name not in within.values()):
-                    continue
-                qv, ql = vols[q]
-                ref = ql == labels[name]
-                given = None
-                if protocol == "ep1":
-                    st = SliceView.for_volume(qv).to_stack(ref)
-                    given = [i for i in range(len(st)) if st[i].any()]
-                r = seg.segment(qv, sv, (sl == labels[name]).astype(np.uint8), support_slices=ss,
-                                query_slices=given)
-                if name in within:  # as the all-supports page: within the bounding class's result
-                    r.keep_within(bounds[(within[name], q)], qv)
-                bounds[(name, q)] = r.mask > 0
-                done[k] = round(dice(r.mask > 0, ref), 4)
-                if out is not None:
-                    out.write_text(json.dumps(done))
+        todo = [c for c in classes if not any(k.startswith(f"{c}|{s}|") for k in done)]
+        todo += [bound_by[c] for c in todo if c in bound_by and bound_by[c] not in todo]
+        if not todo:
+            continue
+        r = evaluate(data / folder, {c: labels[c] for c in todo}, s, [c for c in cases if c != s], protocol,
+                     segmenter=seg, within={c: b for c, b in bound_by.items() if c in todo})
+        for name in todo:
+            for q, d in r["classes"][name]["cases"].items():
+                done[f"{name}|{s}|{q}"] = d
+        if out is not None:
+            out.write_text(json.dumps(done))
     return done
 
 
@@ -147,16 +136,16 @@ def main(argv=None) -> int:
         print(f"--classes: {', '.join(unbounded)} is scored within its bound, as on the all-supports page: "
               "add the bounding class")
         return 2
+    wrong = check_types(changes)
+    if wrong:
+        print(wrong)
+        return 2
     import torch
 
     from FoBSegmentLib import Segmenter
     from FoBSegmentLib.backbones import create_backbone
 
     torch.set_num_threads(os.cpu_count())
-    wrong = check_types(changes)
-    if wrong:
-        print(wrong)
-        return 2
     try:
         seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir).with_settings(**changes)
     except (ValueError, TypeError) as e:
