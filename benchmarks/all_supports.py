@@ -101,13 +101,19 @@ def main(argv=None):
     return 0
 
 
-def _version() -> str:
+def head_commit() -> str:
+    """The short hash of the checked-out commit ('' outside a git checkout): the code a page's
+    figures came from."""
     import subprocess
 
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _version() -> str:
     from FoBSegmentLib import __version__
 
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = head_commit()
     return f"v{__version__}, commit {commit}" if commit else f"v{__version__}"
 
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from all_supports import DATASETS, WITHIN, cases_in  # noqa: E402
+from all_supports import DATASETS, WITHIN, cases_in, head_commit  # noqa: E402
 
 MAX_SETS = 300  # combinations per query and size beyond which a fixed random sample is scored
 
@@ -50,13 +50,6 @@ def run_pairs(seg, data: Path, key: str, protocol: str, runs: Path) -> None:
               f"({time.perf_counter() - t:.0f} s, {r['slices_encoded']} slices encoded)", flush=True)
     # The page names the code that ran the pairs, which a later --score-only does not know.
     (runs / key / protocol / "pairs.json").write_text(json.dumps({"commit": head_commit(), "within": WITHIN.get(key)}))
-
-
-def head_commit() -> str:
-    import subprocess
-
-    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 def load_masks(data: Path, key: str, protocol: str, runs: Path):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from all_supports import DATASETS, cases_in  # noqa: E402
+from all_supports import DATASETS, cases_in, head_commit  # noqa: E402
 
 
 def _margin_rule(measure, margin: float):
@@ -183,8 +183,6 @@ def render(results: dict, meta: dict) -> str:
 
 
 def main(argv=None):
-    import subprocess
-
     import torch
 
     from FoBSegmentLib import Segmenter, __version__
@@ -224,9 +222,7 @@ def main(argv=None):
         print(f"no records in {rec_path}: run without --score-only first")
         return 1
     results = score(records, list(range(1, args.walks + 1)))
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"version": f"v{__version__}", "commit": commit, "cpu": cpu_description(),
+    meta = {"version": f"v{__version__}", "commit": head_commit(), "cpu": cpu_description(),
             "minutes": (time.perf_counter() - t0) / 60}
     if args.score_only and out.with_suffix(".json").is_file():  # the recording run's time and machine
         meta.update({k: json.loads(out.with_suffix(".json").read_text())["meta"][k] for k in ("minutes", "cpu")})
