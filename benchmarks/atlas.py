@@ -48,8 +48,17 @@ def run_pairs(seg, data: Path, key: str, protocol: str, runs: Path) -> None:
                      segmenter=seg, output_dir=out, within=WITHIN.get(key))
         print(f"{key:<6} {protocol:<5} support {support:<3} mean {r['mean_dice']} "
               f"({time.perf_counter() - t:.0f} s, {r['slices_encoded']} slices encoded)", flush=True)
-    # The page names the code that ran the pairs, which a later --score-only does not know.
-    (runs / key / protocol / "pairs.json").write_text(json.dumps({"commit": head_commit(), "within": WITHIN.get(key)}))
+    # The page names the code that ran the pairs, which a later --score-only does not know; a
+    # runs folder resumed at another commit holds pairs of both.
+    record = runs / key / protocol / "pairs.json"
+    commits = pair_commits(json.loads(record.read_text())) if record.is_file() else []
+    commits += [c for c in [head_commit() or "?"] if c not in commits]
+    record.write_text(json.dumps({"commits": commits, "within": WITHIN.get(key)}))
+
+
+def pair_commits(record: dict) -> list[str]:
+    """The commits a runs folder's pairs were run at (``pairs.json``; older ones name one)."""
+    return list(record.get("commits") or [record.get("commit", "?")])
 
 
 def load_masks(data: Path, key: str, protocol: str, runs: Path):
@@ -212,7 +221,8 @@ def render(results: dict, meta: dict, warn: dict) -> str:
         for protocol in per_protocol:
             run = meta.get("runs", {}).get(key, {}).get(protocol, {})
             bound = run.get("within") or {}
-            lines.append(f"{protocol}: pairs run at commit {run.get('commit', '?')}"
+            commits = pair_commits(run)
+            lines.append(f"{protocol}: pairs run at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
                          + (", " + ", ".join(f"`{a}` kept within `{b}`" for a, b in bound.items()) if bound
                             else (", without the RV's bound" if key in WITHIN else "")) + ".")
         lines += ["", "| protocol | rule | supports | " + " | ".join(cls)

@@ -73,8 +73,9 @@ def best_walk(run, anchor, scored: dict, walk_from, support_for, given="seed", b
         walk_from(b, seed)
         run.done = b.done  # the next walk's progress goes on from here
         if walks > 1:
-            agree = support_agreement(b, support_for) if seed_settings.agreement_weight else 0.0
-            overlap = walk_overlap(b, tried[0][0]) if tried else 1.0
+            weighed = bool(seed_settings.agreement_weight)  # else neither moves walk_strength
+            agree = support_agreement(b, support_for) if weighed else 0.0
+            overlap = walk_overlap(b, tried[0][0]) if tried and weighed else 1.0
             tried.append((b, walked_evidence(b, support_for, body), agree, overlap))
         else:
             tried.append((b, 0.0, 0.0, 1.0))
