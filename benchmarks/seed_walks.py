@@ -90,7 +90,7 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     from FoBSegmentLib.evaluation import _load_case, ep1_support_slices
     from FoBSegmentLib.geometry import SliceView
     from FoBSegmentLib.pipeline import protocols
-    from FoBSegmentLib.pipeline.seed import support_agreement, walk_overlap, walk_scores
+    from FoBSegmentLib.pipeline.seed import choose_walk, walk_scores
 
     _, folder, classes = DATASETS[key]
     cases = cases_in(data / folder)
@@ -100,15 +100,16 @@ def record_pairs(seg, data: Path, key: str, records: dict, save, only=None) -> N
     def evidence(run, support_for, body=None):
         sc = {int(i): float(v) for i, v in walk_scores(run, support_for, body).items()}
         out, gt = run.out > 0, current["gt"]
-        agreement = support_agreement(run, support_for)
-        if not current["walks"]:
-            current["first"] = run
-        current["walks"].append({"scores": sc, "agreement": round(agreement, 5),
-                                 "overlap": round(walk_overlap(run, current["first"]), 4),
-                                 "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
+        current["walks"].append({"scores": sc, "dice": round(float(2 * (out & gt).sum() / (out.sum() + gt.sum())), 4)})
         return sum(sc.values())
 
-    protocols.walked_evidence = evidence  # the same sum, with every walk recorded
+    def choose(evidence, agreement, seed, overlap):
+        for walk, a, o in zip(current["walks"], agreement, overlap):
+            walk.update(agreement=round(a, 5), overlap=round(o, 4))
+        return choose_walk(evidence, agreement, seed, overlap)
+
+    # The same sum and the same choice, with every walk recorded as best_walk weighed it.
+    protocols.walked_evidence, protocols.choose_walk = evidence, choose
     for name, value in classes.items():
         if only and name not in only:
             continue
