@@ -58,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
     ap.add_argument("--out", default=None, help="default docs/benchmarks/benchmark_all_supports[_VARIANT].md")
     ap.add_argument("--variant", default="default",
-                    help="settings of benchmarks/default_settings.py, e.g. 'previous rules', to see whether a "
+                    help="settings of benchmarks/default_settings.py, e.g. 'shape prior', to see whether a "
                          "choice made on two support patients holds for the others")
     args = ap.parse_args(argv)
     from default_settings import VARIANTS

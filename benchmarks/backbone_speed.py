@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FoBSegment"))
-ANCHORS = {"sam_vit_b": "about 20 s per slice here (brief)", "sam_vit_h": "75-110 s per slice here (brief)"}
+ANCHORS = {"sam_vit_b": "about 20 s per slice here (reference figure)", "sam_vit_h": "75-110 s per slice here (reference figure)"}
 
 
 def child(variant: str, device: str, batches: list[int], repeats: int) -> dict:

@@ -59,7 +59,7 @@ def test_propagated_box_settles_on_this_slices_organ(segmenter):
     """Standard protocol, patient 8's liver from patient 13's annotation.  Toward the liver's
     tip each slice's organ is smaller than its neighbour's and SAM fills the neighbour's box;
     re-fitting the box to SAM's own mask keeps it on this slice's organ.  (With the walk of
-    v0.1.0 the neighbour's box alone gave 1.8x the liver's volume; with today's seed and walk
+    v0.1.0 the neighbour's box alone gave 1.8x the liver's volume; with v0.2.0's seed and walk
     it overshoots less, and settling still gains 0.03.)"""
     s, q, liver, gt, sup, ref = shared_pair("chaos_t2spir_mri", 13, 8, label=1)
     res = segmenter.segment(q, s, liver, support_slices=sup, query_slices=ref)
