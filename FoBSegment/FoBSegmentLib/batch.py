@@ -29,9 +29,10 @@ number of each, in the same order.
 
 Relative paths are relative to the manifest's folder.  Every case runs by the rules of
 ``fobsegment segment`` (nothing is written half-way; an output never replaces an input).  A
-case whose output is present and verified (same SHA-256 as recorded when it was written) is
-skipped (unless the case it is kept ``within`` runs again), so an interrupted batch resumes
-where it stopped; a case that fails is recorded with its message and the batch goes on.
+case whose output is present and verified (same SHA-256 as recorded when it was written) and
+whose recipe is unchanged (the row, its input files' size and modification time, the model and
+its settings) is skipped (unless the case it is kept ``within`` runs again), so an interrupted
+batch resumes where it stopped and a changed row runs again; a case that fails is recorded with its message and the batch goes on.
 ``shard=(i, n)`` keeps rows ``i, i + n, i + 2n, ...`` (0-based), so a Slurm array or one
 process per GPU splits a manifest without coordination.
 ``engine="dask"`` runs the cases on a Dask ``LocalCluster`` (or a given scheduler address)
@@ -53,7 +54,8 @@ from .files import atomic_write, check_writable_folder
 
 FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
           "output", "support_slices", "oracle", "atlas_fusion", "within")
-SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256")
+SUMMARY_FIELDS = ("id", "status", "message", "output", "slices_kept", "slices_encoded", "seconds", "dice", "sha256",
+                  "recipe")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class CaseResult:
     seconds: float | None = None
     dice: float | None = None
     sha256: str = ""
+    recipe: str = ""  # case_recipe(): what the output was made from
     extra: dict = field(default_factory=dict)
 
 
@@ -93,9 +96,17 @@ class CaseResult:
 def read_manifest(path: str | Path) -> list[Case]:
     """CSV (header row) or JSON lines -> cases; a bad row is a clear error naming the row."""
     p = Path(path)
+    if p.is_dir():
+        raise FoBInputError(f"The manifest {p} is a folder; give the manifest file (CSV or JSON lines).")
     if not p.is_file():
         raise FoBInputError(f"The manifest {p} does not exist. Check the path.")
-    text = p.read_text(encoding="utf-8-sig")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise FoBInputError(f"The manifest {p.name} is not a text file (CSV or JSON lines, UTF-8): check that "
+                            "--manifest names the manifest, not an image.") from None
+    except OSError as exc:
+        raise FoBInputError(f"Cannot read the manifest {p}: {exc.strerror or exc}. Check its permissions.") from None
     rows: list[dict] = []
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         for n, line in enumerate(text.splitlines(), 1):
@@ -104,12 +115,18 @@ def read_manifest(path: str | Path) -> list[Case]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise FoBInputError(f"Line {n} of the manifest {p.name} is not JSON ({exc.msg}).") from None
+                if not isinstance(rows[-1], dict):
+                    raise FoBInputError(f"Line {n} of the manifest {p.name} is not a JSON object such as "
+                                        '{"query": "q.nii.gz", "support_mask": "m.nii.gz"}.')
     else:
         rows = list(csv.DictReader(text.splitlines()))
     if not rows:
         raise FoBInputError(f"The manifest {p.name} lists no case.")
     cases, ids = [], set()
     for n, row in enumerate(rows, 1):
+        if None in row:  # csv.DictReader keys a row's surplus cells None
+            raise FoBInputError(f"Row {n} of {p.name} has more cells than the header has columns "
+                                f"({len(row) - 1 + len(row[None])} vs {len(row) - 1}); quote cells holding commas.")
         unknown = set(row) - set(FIELDS)
         if unknown:
             raise FoBInputError(f"Row {n} of {p.name} has unknown column(s) {sorted(unknown)}; known: {', '.join(FIELDS)}.")
@@ -130,8 +147,12 @@ def read_manifest(path: str | Path) -> list[Case]:
         def int_of(k):
             v = get(k)
             try:
-                return None if v is None else int(float(v))
-            except ValueError:
+                if v is None:
+                    return None
+                if float(v) != int(float(v)):
+                    raise ValueError
+                return int(float(v))
+            except (ValueError, OverflowError):
                 raise FoBInputError(f"Row {n} of {p.name}: {k} must be an integer (got {v!r}).") from None
 
         def slices_of(k):
@@ -248,6 +269,38 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def case_recipe(case: Case, options: dict, segmenter=None) -> str:
+    """A digest of what a case's output is made from: the row, each input file's resolved path,
+    size and modification time, the model and its settings.  A resumed batch reuses an output
+    only under the same recipe: a row edited to another label, a re-exported input or another
+    backbone must not be reported as done."""
+    from . import __version__
+
+    def stamp(path):
+        if path is None:
+            return None
+        try:
+            st = Path(path).stat()
+            return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [str(path), None, None]
+
+    row = asdict(case)
+    for k in ("query", "support_mask", "support_volume", "reference"):
+        row[k] = stamp(row[k])
+    row["more_supports"] = [[stamp(v), stamp(m)] for v, m in case.more_supports]
+    if segmenter is not None:
+        model = [getattr(segmenter.backbone, "name", str(segmenter.backbone)), repr(segmenter.settings),
+                 getattr(segmenter, "prompt_source", "")]
+    else:
+        from .settings import DEFAULT_SETTINGS
+
+        model = [options.get("backbone", "litemedsam"), stamp(options.get("checkpoint")),
+                 repr(options.get("settings", DEFAULT_SETTINGS)), options.get("prompt_source", "contrast")]
+    text = json.dumps([__version__, row, model], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancelled=None,
              segmenter=None) -> CaseResult:
     """Segment one case; input errors become a ``failed`` result with their message.
@@ -287,7 +340,7 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
             from .evaluation import dice
 
             d = round(dice(res.mask > 0, reference), 4)
-        name = f"{sm.name} (FoB)"
+        name = io.result_name(sm.name)
         io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
         return CaseResult(case.id, "ok", "", str(out), res.slices_segmented, res.slices_encoded,
                           round(time.perf_counter() - t0, 2), d, sha256_of(out))
@@ -355,11 +408,13 @@ class Summary:
                     continue  # a line cut by a kill
                 self.done[r["id"]] = r
 
-    def finished(self, case: Case, out_dir: Path) -> dict | None:
-        """The earlier result of a case whose output is still there and unchanged."""
+    def finished(self, case: Case, out_dir: Path, recipe: str) -> dict | None:
+        """The earlier result of a case whose output is still there and unchanged, made by the
+        same recipe (:func:`case_recipe`)."""
         r = self.done.get(case.id)
         out = out_dir / case.output
-        if r and r.get("status") in ("ok", "skipped") and out.is_file() and r.get("sha256") == sha256_of(out):
+        if (r and r.get("status") in ("ok", "skipped") and r.get("recipe") == recipe and out.is_file()
+                and r.get("sha256") == sha256_of(out)):
             return r
         return None
 
@@ -412,14 +467,17 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
     and recorded."""
     cases = shard_cases(manifest if isinstance(manifest, list) else read_manifest(manifest), shard)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FoBInputError(f"The output folder {out_dir} is a file; give a folder with --output-dir.")
     if not out_dir.is_dir():
         raise FoBInputError(f"The output folder {out_dir} does not exist. Create it first.")
     check_writable_folder(out_dir)
     options = dict(options or {})
     summary = Summary(out_dir, shard)
+    recipes = {c.id: case_recipe(c, options, segmenter) for c in cases}
     redo: set = set()
     for case in cases:
-        earlier = summary.finished(case, out_dir)
+        earlier = summary.finished(case, out_dir, recipes[case.id])
         if case.within in redo:  # its bound is computed again, so is its result
             earlier = None
         if earlier is None:
@@ -439,6 +497,7 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
                 r = run_case(case, out_dir, options, progress, is_cancelled, segmenter)
                 if r.status == "cancelled":
                     raise CancelledError()
+                r.recipe = recipes[case.id]
                 summary.add(r)
                 if on_case:
                     on_case(r)
@@ -446,7 +505,7 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
             if segmenter is not None:
                 raise FoBInputError("The dask engine builds its own Segmenter in every worker: pass options, "
                                     "not a segmenter.")
-            _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled)
+            _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled, recipes)
         else:
             raise FoBInputError(f"Unknown engine {engine!r}: use local or dask.")
     finally:
@@ -454,7 +513,7 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
     return totals
 
 
-def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled):
+def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled, recipes):
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -474,6 +533,7 @@ def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_c
                                      pure=False) for c in wave]
             for fut in as_completed(futures):
                 r = CaseResult(**fut.result())
+                r.recipe = recipes[r.id]
                 summary.add(r)
                 if on_case:
                     on_case(r)

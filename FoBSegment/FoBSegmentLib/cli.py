@@ -83,7 +83,7 @@ def _segment_and_write(args, inp, desc: str, run):
         close()
     cleared = res.keep_within(bound, inp.query) if bound is not None else 0
     sm = inp.support_mask
-    name = f"{sm.name} (FoB)"
+    name = io.result_name(sm.name)
     io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
     runtime = getattr(seg.backbone, "runtime", "torch")
     print(f"wrote {inp.output}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
@@ -150,10 +150,12 @@ def cmd_refine(args) -> int:
     out = io.check_output_path(args.output)
     inputs = [p for p in (args.volume, args.previous, args.corrected, args.support_volume, args.support_mask,
                           args.within) if p]
-    io.refuse_overwriting_inputs(out, [p for p in inputs if str(p) != str(args.output)])
+    io.refuse_overwriting_inputs(out, inputs)
     query = io.read_volume(args.volume, "query volume", series=args.series)
-    previous = io.read_support_mask(args.previous, query, label=args.label, segment=args.segment)
-    corrected = io.read_support_mask(args.corrected, query, label=args.label, segment=args.segment)
+    previous = io.read_support_mask(args.previous, query, label=args.label, segment=args.segment,
+                                    what="previous result")
+    corrected = io.read_support_mask(args.corrected, query, label=args.label, segment=args.segment,
+                                     what="corrected result")
     support = support_mask = None
     if args.support_mask:
         support = io.read_volume(args.support_volume, "support volume") if args.support_volume else query
@@ -165,7 +167,7 @@ def cmd_refine(args) -> int:
     if bound is not None:
         res.keep_within(bound, query)
     changed = sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
-    name = corrected.name if corrected.name.endswith("(FoB)") else f"{corrected.name} (FoB)"
+    name = io.result_name(corrected.name)
     io.write_result(out, query, res.mask, name=name, color=corrected.color, label_value=corrected.label_value or 1)
     print(f"wrote {out}: {changed} slices recomputed from {len([i for i, v in res.slice_info.items() if v.get('reason') == 'annotated'])} "
           f"corrected, {res.slices_encoded} encoded, {res.seconds:.1f} s")
@@ -180,6 +182,7 @@ def cmd_info(args) -> int:
     from .settings import DEFAULT_SETTINGS
 
     cache = args.cache_dir or ck.default_cache_dir()
+    ck.check_cache_dir(cache)
     cached = ck.cached_status(args.cache_dir)
     print(f"device: {resolve_device('auto')} (auto)")
     print(f"cache folder: {cache}  (override with --cache-dir or FOBSEGMENT_CACHE_DIR)")

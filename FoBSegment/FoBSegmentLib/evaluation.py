@@ -65,9 +65,13 @@ def parse_classes(text: str) -> dict[str, int]:
             continue
         try:
             name, value = part.split("=")
-            out[name.strip()] = int(value)
+            name, value = name.strip(), int(value)
         except ValueError:
             raise FoBInputError(f"--classes must look like liver=1,spleen=4 (got {part!r}).") from None
+        if name in out:
+            raise FoBInputError(f"--classes names {name!r} twice ({name}={out[name]} and {name}={value}); give "
+                                "each class one label value.")
+        out[name] = value
     if not out:
         raise FoBInputError("--classes is empty: give name=value pairs such as liver=1,spleen=4.")
     return out
@@ -148,6 +152,9 @@ def evaluate(data, classes: dict, support_case: str, cases: list, protocol: str 
     again resumes; ``shard`` and ``engine="dask"`` split the work like ``fobsegment batch``."""
     if protocol not in ("ep1", "full"):
         raise FoBInputError(f"Unknown protocol {protocol!r}: use ep1 or full.")
+    if not [c for c in cases if str(c) != str(support_case)]:
+        raise FoBInputError(f"No query case: the cases are only the support case {support_case}. Give other "
+                            "cases to segment from it.")
     if method not in METHODS:
         raise FoBInputError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
     if within and method != "pipeline":
@@ -284,14 +291,30 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)), suffix=".json.tmp")
 
 
+def check_json_output(path, data, cases) -> None:
+    """``--json`` checked before any work: a file name in an existing, writable folder that is
+    none of the evaluation's images or labels."""
+    from .files import check_writable_folder
+    from .io import refuse_overwriting_inputs
+
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise FoBInputError(f"The folder of --json {p.parent} does not exist. Create it first.")
+    if p.is_dir():
+        raise FoBInputError(f"--json {p} is a folder; give a file name such as {p / 'results.json'}.")
+    check_writable_folder(p.parent, "--json")
+    refuse_overwriting_inputs(p, [Path(data) / f"{kind}_{c}.nii.gz" for c in cases for kind in ("image", "label")],
+                              "--json")
+
+
 def cmd_evaluate(args) -> int:
     from .batch import parse_shard
 
     classes = parse_classes(args.classes)
     within = parse_within(args.within, classes)
     cases = [c for c in args.cases.split(",") if c]
-    if args.json and not Path(args.json).parent.exists():
-        raise FoBInputError(f"The folder of --json {Path(args.json).parent} does not exist.")
+    if args.json:
+        check_json_output(args.json, args.data, [args.support_case, *cases])
     if args.output_dir and not Path(args.output_dir).is_dir():
         raise FoBInputError(f"The output folder {args.output_dir} does not exist. Create it first.")
     if args.engine == "dask" and (args.prompt_source != "contrast" or args.method != "pipeline"):

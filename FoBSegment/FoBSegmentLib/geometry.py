@@ -59,6 +59,20 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
+    def on_lattice_of(self, other: "Volume", tol: float = 1e-3) -> bool:
+        """True when this volume's voxels are voxels of ``other`` (the same spacing and axes, an
+        origin a whole number of voxels away) and the two overlap: a part of ``other``'s grid,
+        as a Slicer segmentation stores only its segments' extent of the image it was drawn on."""
+        if not (np.allclose(self.spacing, other.spacing, atol=tol)
+                and np.allclose(self.direction, other.direction, atol=tol)):
+            return False
+        to_index = np.linalg.inv(np.asarray(other.direction, float) @ np.diag(np.asarray(other.spacing, float)))
+        offset = to_index @ (np.asarray(self.origin, float) - np.asarray(other.origin, float))
+        if np.abs(offset - np.round(offset)).max() > 0.05:
+            return False
+        offset = np.round(offset)
+        return bool(np.all(offset + np.asarray(self.shape_ijk) > 0) and np.all(offset < np.asarray(other.shape_ijk)))
+
     def is_same_image(self, other: "Volume") -> bool:
         """The same image (not a copy of it): the same object, or the same grid over the same
         voxel memory."""

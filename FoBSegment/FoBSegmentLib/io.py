@@ -34,7 +34,7 @@ def read_volume(path: str | Path, what: str = "volume", series: str | None = Non
     import SimpleITK as sitk
 
     p = Path(path)
-    if not p.exists():
+    if not _readable(p, what):
         raise FoBInputError(f"The {what} file {p} does not exist. Check the path.")
     try:
         if p.is_dir():
@@ -61,6 +61,21 @@ def read_volume(path: str | Path, what: str = "volume", series: str | None = Non
             f"(NIfTI, NRRD, MHA or a DICOM folder) ({first[:160]}). Re-export or re-copy it."
         ) from None
     return image_to_volume(image, what=what, name=p.name)
+
+
+def _readable(p: Path, what: str) -> bool:
+    """Does ``p`` exist?  A file or folder that exists but may not be read is an input error
+    of its own (the advice for a damaged file would not help)."""
+    try:
+        if not p.exists():
+            return False
+        if not p.is_dir():
+            with open(p, "rb"):
+                pass
+        return True
+    except PermissionError:
+        raise FoBInputError(f"Cannot read the {what} {p}: permission denied (the file or a folder on its path). "
+                            "Check its permissions.") from None
 
 
 def _pick_series(folder: Path, reader, uids: list, choice, what: str) -> str:
@@ -164,13 +179,13 @@ def _colour_for(name: str, value: int | None) -> tuple:
 
 
 def read_support_mask(path: str | Path, support: Volume, label: int | None = None,
-                      segment: str | None = None) -> SupportMask:
+                      segment: str | None = None, what: str = "support mask") -> SupportMask:
     """A labelmap (any value, or ``label``) or a Slicer ``.seg.nrrd`` (segment by name or label
     value) -> binary mask on the support grid.  The grids must agree; we never resample
     silently because a mask drawn on another grid would be a silent wrong answer."""
     p = Path(path)
-    if not p.exists():
-        raise FoBInputError(f"The support mask file {p} does not exist. Check the path.")
+    if not _readable(p, what):
+        raise FoBInputError(f"The {what} file {p} does not exist. Check the path.")
     if _suffix(p) == ".seg.nrrd":
         return _read_seg_nrrd(p, support, label, segment)
     if segment is not None:
@@ -178,25 +193,26 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
             f"--segment {segment!r} names a segment, but {p.name} is a plain labelmap without segment "
             "names. Use --label N for a labelmap, or pass a Slicer .seg.nrrd."
         )
-    labvol = read_volume(p, what="support mask")
+    labvol = read_volume(p, what=what)
     if not labvol.same_grid(support):
         raise FoBInputError(
-            f"The support mask {p.name} (size {labvol.shape_ijk}, spacing {np.round(labvol.spacing, 3)}) is "
-            f"not on the support image's grid (size {support.shape_ijk}, spacing {np.round(support.spacing, 3)}). "
+            f"The {what} {p.name} (size {labvol.shape_ijk}, spacing {np.round(labvol.spacing, 3)}, origin "
+            f"{np.round(labvol.origin, 2)}) is not on the support image's grid (size {support.shape_ijk}, spacing "
+            f"{np.round(support.spacing, 3)}, origin {np.round(support.origin, 2)}). "
             "Save the mask on the same grid as the image it was drawn on (in Slicer: export the segmentation "
             "with the image as reference volume)."
         )
     raw = np.asarray(labvol.array)
     if not raw.any() or not (raw > 0).any():
         raise FoBInputError(
-            f"The support mask {p.name} is empty: no voxel is labelled. Paint the structure on at "
+            f"The {what} {p.name} is empty: no voxel is labelled. Paint the structure on at "
             "least one slice of the support image."
         )
     if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.mod(raw, 1) == 0):
         # Not a labelmap but a soft or interpolated mask: the library's rule, value > 0 is the structure.
         if label is not None:
             raise FoBInputError(
-                f"The support mask {p.name} holds non-integer values, so it is not a labelmap and --label "
+                f"The {what} {p.name} holds non-integer values, so it is not a labelmap and --label "
                 f"{label} cannot select from it. Drop --label (every voxel > 0 is the structure) or save "
                 "an integer labelmap.")
         return SupportMask(raw > 0, "mask", _colour_for("mask", None), None)
@@ -207,12 +223,12 @@ def read_support_mask(path: str | Path, support: Volume, label: int | None = Non
     if label is None:
         if len(values) > 1:
             raise FoBInputError(
-                f"The support mask {p.name} holds several labels {values}; choose one with --label N."
+                f"The {what} {p.name} holds several labels {values}; choose one with --label N."
             )
         label = values[0]
     if label not in values:
         raise FoBInputError(
-            f"Label {label} is not present in the support mask {p.name}; it holds {values}. "
+            f"Label {label} is not present in the {what} {p.name}; it holds {values}. "
             "Pass one of these with --label."
         )
     name = f"label_{label}"
@@ -242,7 +258,7 @@ def _read_seg_nrrd(p: Path, support: Volume, label, segment) -> SupportMask:
         chosen = segments[0]
     else:
         raise FoBInputError(f"{p.name} holds several segments {names}; choose one with --segment NAME.")
-    mask = _segment_on(seg, chosen["name"], support)
+    mask = _segment_on(seg, chosen["name"], support, p.name, "support image")
     if not mask.any():
         raise FoBInputError(
             f"Segment {chosen['name']!r} in {p.name} is empty on the support image. Paint it on at least one slice."
@@ -261,8 +277,10 @@ def _read_segmentation(p: Path, what: str, advice: str) -> dict:
         raise FoBInputError(f"Cannot read the {what} {p}: {exc}. {advice}") from None
 
 
-def _segment_on(seg: dict, name: str, volume: Volume) -> np.ndarray:
-    """One segment of a segmentation read by slicerio, as a boolean mask on ``volume``'s grid."""
+def _segment_on(seg: dict, name: str, volume: Volume, file_name: str = "", what: str = "image") -> np.ndarray:
+    """One segment of a segmentation read by slicerio, as a boolean mask on ``volume``'s grid.
+    The segmentation must lie on that grid (it may store only part of it): one drawn on another
+    image is refused, not resampled, as a labelmap on another grid is."""
     import slicerio
 
     extracted = slicerio.extract_segments(seg, [(name, 1)])
@@ -273,14 +291,22 @@ def _segment_on(seg: dict, name: str, volume: Volume) -> np.ndarray:
     direction = ijk_to_lps[:3, :3] / np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     labvol = Volume(np.transpose(voxels, (2, 1, 0)), spacing, ijk_to_lps[:3, 3], direction)
-    return _resample_nearest_onto(labvol, volume) if not labvol.same_grid(volume) else labvol.array > 0
+    if labvol.same_grid(volume):
+        return labvol.array > 0
+    if not labvol.on_lattice_of(volume):
+        raise FoBInputError(
+            f"The segmentation {file_name} was not drawn on the {what}: its grid (spacing {np.round(spacing, 3)}, "
+            f"origin {np.round(ijk_to_lps[:3, 3], 2)}) is not part of the {what}'s (spacing "
+            f"{np.round(volume.spacing, 3)}, origin {np.round(volume.origin, 2)}). Give the segmentation made on "
+            "that image (in Slicer: its reference geometry is that volume).")
+    return _resample_nearest_onto(labvol, volume)
 
 
 def read_result_mask(path: str | Path, query: Volume) -> np.ndarray:
     """A result written by :func:`write_result` (one segment, or a labelmap) as a boolean mask
     on the query's grid; unlike a support mask it may be empty (nothing found)."""
     p = Path(path)
-    if not p.is_file():
+    if not _readable(p, "result") or not p.is_file():
         raise FoBInputError(f"The result {p} does not exist. Check the path, or segment that structure first.")
     if _suffix(p) != ".seg.nrrd":
         vol = read_volume(p, what="result")
@@ -297,7 +323,7 @@ def read_result_mask(path: str | Path, query: Volume) -> np.ndarray:
     if len(names) != 1:
         raise FoBInputError(f"The result {p.name} holds {len(names)} segments {names}: give one structure's result "
                             "(export that segment alone).")
-    return _segment_on(seg, names[0], query)
+    return _segment_on(seg, names[0], query, p.name, "query")
 
 
 def _resample_nearest_onto(src: Volume, ref: Volume) -> np.ndarray:
@@ -327,15 +353,19 @@ def check_output_path(path: str | Path) -> Path:
     return p
 
 
-def refuse_overwriting_inputs(output: str | Path, inputs) -> None:
+def refuse_overwriting_inputs(output: str | Path, inputs, option: str = "--output") -> None:
     """The output must never replace an input (symlinks, '..', letter case all resolved)."""
     for src in inputs:
         src = Path(src)
-        inside = src.is_dir() and Path(output).exists() and Path(output).resolve().parent == src.resolve()
+        try:
+            inside = src.is_dir() and Path(output).exists() and Path(output).resolve().parent == src.resolve()
+        except OSError as exc:  # a folder on the way that may not be listed
+            raise FoBInputError(f"Cannot check the input {src}: {exc.strerror or exc}. Check its folder's "
+                                "permissions.") from None
         if same_file(output, src) or inside:
             raise FoBInputError(
                 f"The output {output} is the input {src}: writing it would replace that input. Choose "
-                "another --output path.")
+                f"another {option} path.")
 
 
 @dataclass
@@ -381,6 +411,12 @@ def check_output_geometry(path: str | Path, query: Volume) -> None:
                 f"The query's direction matrix is not a rotation (sheared or skewed axes); NIfTI cannot "
                 f"store it and the result would be misplaced. Write .nrrd, .mha or .seg.nrrd instead of "
                 f"{Path(path).name}.")
+
+
+def result_name(name: str) -> str:
+    """A result's segment name: the support's, marked ``(FoB)`` once (a support that is itself a
+    FoBSegment result keeps its single mark)."""
+    return name if name.endswith("(FoB)") else f"{name} (FoB)"
 
 
 def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = "segment",

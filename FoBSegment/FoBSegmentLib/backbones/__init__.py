@@ -51,6 +51,9 @@ def create_backbone(name: str = "litemedsam", device: str = "auto", checkpoint: 
         raise FoBInputError(
             f"Unknown backbone {name!r}. Available: {', '.join(BACKBONES)} (see `fobsegment info`)."
         )
+    from ..checkpoints import check_cache_dir
+
+    check_cache_dir(cache_dir)
     dev = resolve_device(device)
     if name == "litemedsam":
         from .litemedsam import LiteMedSAMBackbone

@@ -199,6 +199,8 @@ def _slice_range(slice_range, n: int) -> tuple[int, int]:
     if slice_range is None:
         return 0, n - 1
     a, b = int(slice_range[0]), int(slice_range[1])
+    if a > b:
+        raise FoBInputError(f"Slice range {a}:{b} runs backwards: give the first slice first ({b}:{a}).")
     if not (0 <= a <= b < n):
         raise FoBInputError(
             f"Slice range {a}:{b} is outside the query image, which has {n} slices along its "

@@ -38,6 +38,9 @@ class Segmenter:
                  batch_size: int | None = None, download_progress=None, is_cancelled=None):
         if not isinstance(settings, SegmenterSettings):
             raise FoBInputError(f"settings must be a SegmenterSettings, not {type(settings).__name__}.")
+        from ..checkpoints import check_cache_dir
+
+        check_cache_dir(cache_dir)
         if not isinstance(backbone, Backbone):
             from ..backbones import create_backbone
 

@@ -162,6 +162,10 @@ def test_evaluate_is_a_batch_with_references(tmp_path, litemedsam):
     status = {row["id"]: row["status"] for row in json.loads((out / "summary.json").read_text())["cases"]}
     assert status == {"spleen-2": "skipped", "spleen-3": "failed"}
     assert again["classes"]["spleen"]["cases"] == r["classes"]["spleen"]["cases"] and again["slices_encoded"] == 0
+    # Another protocol into the same folder is another recipe: segmented again, not reported as done.
+    full = evaluate(data, {"spleen": 1}, "1", ["2", "3"], "full", segmenter=seg, output_dir=out)
+    status = {row["id"]: row["status"] for row in json.loads((out / "summary.json").read_text())["cases"]}
+    assert status == {"spleen-2": "ok", "spleen-3": "failed"} and full["protocol"] == "full"
 
 
 def test_manifest_atlas_of_several_supports(cohort, tmp_path, litemedsam):
@@ -287,3 +291,51 @@ def test_within_pairs_as_typed_in_the_panel_or_on_the_command_line():
         parse_within("RV LV blood pool")
     with pytest.raises(FoBInputError, match="not one of the classes"):
         parse_classes_within("rv:lv", {"lv_bp": 500, "rv": 600})
+
+
+def test_manifest_cells_that_would_be_misread(tmp_path):
+    """A fractional label, a JSON line that is not an object, a row with surplus cells and a
+    manifest that is not text are refused with the row and the reason, not truncated or crashed on."""
+    cases = {
+        "frac.csv": ("query,support_mask,label\nq.nii.gz,m.nii.gz,4.9\n", "label must be an integer"),
+        "scalar.jsonl": ('{"query": "q.nii.gz", "support_mask": "m.nii.gz"}\n42\n', "Line 2 .* not a JSON object"),
+        "surplus.csv": ("query,support_mask\nq.nii.gz,m.nii.gz,extra\n", "more cells than the header"),
+        "binary.csv": (None, "not a text file"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        if text is None:
+            path.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe binary")
+        else:
+            path.write_text(text)
+        with pytest.raises(FoBInputError, match=message):
+            read_manifest(path)
+    ok = tmp_path / "whole.csv"
+    ok.write_text("query,support_mask,label\nq.nii.gz,m.nii.gz,4.0\n")
+    assert read_manifest(ok)[0].label == 4
+
+
+def test_a_changed_case_is_not_reported_as_done(cohort, litemedsam):
+    """Resuming reuses an output only under the same recipe: a row pointing at another support,
+    an input re-written (newer modification time) or another model runs again."""
+    import os
+
+    manifest, out, rows = cohort
+    options = {"backbone": litemedsam}
+    run_batch(manifest, out, options)
+    changed = [{**r, "label": "1" if r["id"] == "case1" else ""} for r in rows]  # case1 names its label now
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, list(changed[0]))
+        w.writeheader()
+        w.writerows(changed)
+    q3 = manifest.parent / "q3.nii.gz"
+    st = q3.stat()
+    os.utime(q3, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    seen = []
+    run_batch(manifest, out, options, on_case=seen.append)
+    status = {r.id: r.status for r in seen}
+    assert status == {"case0": "skipped", "case1": "ok", "case2": "failed", "case3": "ok"}
+    again = []
+    run_batch(manifest, out, {"backbone": "no_such_backbone"}, on_case=again.append)
+    assert {r.id: r.status for r in again} == {f"case{n}": "failed" for n in range(4)}
+    assert "Unknown backbone" in again[0].message

@@ -204,3 +204,78 @@ def test_segment_within_a_file_of_several_structures(case, capsys):
     out = case / "out.nii.gz"
     err = _run(_seg(case, label=5, within=case / "lab.nii.gz"), capsys, out)
     assert "holds several labels" in err and "one structure's result" in err
+
+
+def _evaluation_data(case):
+    """``case`` laid out as an evaluation folder: image_N / label_N for cases 1 and 2."""
+    for n in ("1", "2"):
+        (case / f"image_{n}.nii.gz").write_bytes((case / "ct.nii.gz").read_bytes())
+        (case / f"label_{n}.nii.gz").write_bytes((case / "lab.nii.gz").read_bytes())
+    return case
+
+
+@pytest.mark.parametrize("inp", ["volume", "previous", "corrected"])
+def test_refine_never_writes_over_an_input(case, capsys, inp):
+    """Every input of ``refine``, given again as its output, is refused before any work and is
+    left as it was."""
+    files = {"volume": case / "ct.nii.gz", "previous": case / "prev.nii.gz", "corrected": case / "fixed.nii.gz"}
+    liver = (sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lab.nii.gz"))) == 5).astype(np.uint8)
+    ref = sitk.ReadImage(str(case / "ct.nii.gz"))
+    for name in ("previous", "corrected"):
+        img = sitk.GetImageFromArray(liver)
+        img.CopyInformation(ref)
+        sitk.WriteImage(img, str(files[name]))
+    before = files[inp].read_bytes()
+    argv = ["refine", "--volume", str(files["volume"]), "--previous", str(files["previous"]), "--corrected",
+            str(files["corrected"]), "--output", str(files[inp])]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "writing it would replace that input" in err
+    assert files[inp].read_bytes() == before
+
+
+@pytest.mark.parametrize("json_name,message", [("label_2.nii.gz", "would replace that input"),
+                                               ("sub", "is a folder")])
+def test_evaluate_json_checked_before_any_work(case, capsys, json_name, message):
+    """``--json`` naming an input or a folder is refused before the evaluation runs (nothing
+    printed but the error), and the input is untouched."""
+    data = _evaluation_data(case)
+    (data / "sub").mkdir()
+    before = (data / "label_2.nii.gz").read_bytes()
+    code = main(["evaluate", "--data", str(data), "--classes", "liver=5", "--support-case", "1", "--cases", "2",
+                 "--json", str(data / json_name)])
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and "Traceback" not in captured.err
+    assert "Dice" not in captured.out, "refused before any case ran"
+    assert (data / "label_2.nii.gz").read_bytes() == before
+
+
+@pytest.mark.parametrize("classes,cases,message", [("liver=5,liver=1", "2", "names 'liver' twice"),
+                                                   ("liver=5", "1", "No query case")])
+def test_evaluate_classes_and_cases_that_say_nothing_or_two_things(case, capsys, classes, cases, message):
+    data = _evaluation_data(case)
+    code = main(["evaluate", "--data", str(data), "--classes", classes, "--support-case", "1", "--cases", cases])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cache_folder_that_is_a_file(case, capsys):
+    err = _run(_seg(case, label=5, cache_dir=case / "lab.nii.gz"), capsys, case / "out.nii.gz")
+    assert "is a file, not a folder" in err
+
+
+def test_segmentation_drawn_on_another_image(case, capsys):
+    """A ``.seg.nrrd`` whose grid is not part of the support image's is refused (a labelmap on
+    another grid is too); one that stores only its segment's extent of the image is read."""
+    from FoBSegmentLib import read_support_mask, read_volume, write_result
+
+    ct = read_volume(case / "ct.nii.gz")
+    liver = np.rint(read_volume(case / "lab.nii.gz").array) == 5
+    write_result(case / "liver.seg.nrrd", ct, liver, name="liver")
+    assert read_support_mask(case / "liver.seg.nrrd", ct).mask.sum() == liver.sum()
+    moved = sitk.ReadImage(str(case / "ct.nii.gz"))
+    moved.SetOrigin(tuple(o + 0.37 * s for o, s in zip(moved.GetOrigin(), moved.GetSpacing())))
+    sitk.WriteImage(moved, str(case / "other.nii.gz"))
+    err = _run(_seg(case, volume=case / "other.nii.gz", mask=case / "liver.seg.nrrd"), capsys, case / "out.nii.gz")
+    assert "was not drawn on the support image" in err

@@ -143,6 +143,8 @@ def test_bad_inputs_are_reported(ct, segmenter):
     support, k, _ = one_slice_support(vol, labels == 5)
     with pytest.raises(FoBInputError, match="outside the query image"):
         segmenter.segment(vol, vol, support, slice_range=(100, 500))
+    with pytest.raises(FoBInputError, match="runs backwards"):
+        segmenter.segment(vol, vol, support, slice_range=(30, 5))
     with pytest.raises(FoBInputError, match="read_volume"):
         segmenter.segment(vol.array, None, support)
     with pytest.raises(FoBInputError, match="SegmenterSettings"):
