@@ -26,6 +26,9 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     from .io import read_volume, write_segments
     from .pipeline.segmenter import Segmenter
 
+    if bool(volume) != bool(labels):
+        raise FoBInputError("The demo needs --volume and --labels together (a CT and its TotalSegmentator label "
+                            "map), or neither for the shipped example.")
     volume = Path(volume) if volume else REPO_DATA / "example_ct.nii.gz"
     labels = Path(labels) if labels else REPO_DATA / "example_seg.nii.gz"
     if not volume.is_file() or not labels.is_file():
@@ -33,11 +36,15 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
             f"Demo data not found ({volume}). Run the demo from a FoBSegment repository checkout, or pass "
             "--volume and --labels (a CT and its TotalSegmentator label map)."
         )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
     q = read_volume(volume, "demo volume")
-    lab = np.rint(read_volume(labels, "demo labels").array).astype(np.int64)
+    lab_vol = read_volume(labels, "demo labels")
+    if not lab_vol.same_grid(q):
+        raise FoBInputError(f"The demo labels {labels.name} are not on the grid of {volume.name}: give the label map "
+                            "made for that CT.")
+    lab = np.rint(lab_vol.array).astype(np.int64)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     seg = Segmenter(backbone, device, cache_dir=cache_dir)
     say(f"FoBSegment demo: {volume.name} {q.shape_ijk}, backbone {seg.backbone.name} on {seg.backbone.device}, "
         f"prompts {seg.prompt_source}/{seg.start_prompter.strategy}")

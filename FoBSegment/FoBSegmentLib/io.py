@@ -40,7 +40,13 @@ def read_volume(path: str | Path, what: str = "volume", series: str | None = Non
         if p.is_dir():
             reader = sitk.ImageSeriesReader()
             series_choice = series
-            series = reader.GetGDCMSeriesIDs(str(p))
+            # GDCM warns on stderr about every non-DICOM file of a folder; the error below says it all.
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            try:
+                series = reader.GetGDCMSeriesIDs(str(p))
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
             if not series:
                 raise FoBInputError(
                     f"The folder {p} given as {what} holds no DICOM series. Point to a folder of "

@@ -279,3 +279,17 @@ def test_segmentation_drawn_on_another_image(case, capsys):
     sitk.WriteImage(moved, str(case / "other.nii.gz"))
     err = _run(_seg(case, volume=case / "other.nii.gz", mask=case / "liver.seg.nrrd"), capsys, case / "out.nii.gz")
     assert "was not drawn on the support image" in err
+
+
+def test_demo_volume_needs_its_labels(case, capsys):
+    out = case / "demo"
+    code = main(["demo", "--volume", str(case / "ct.nii.gz"), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--volume and --labels together" in err and "Traceback" not in err
+    other = sitk.ReadImage(str(case / "lab.nii.gz"))[:, :, :5]
+    sitk.WriteImage(other, str(case / "short.nii.gz"))
+    code = main(["demo", "--volume", str(case / "ct.nii.gz"), "--labels", str(case / "short.nii.gz"),
+                 "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not on the grid" in err
+    assert not out.exists(), "nothing created for a refused demo"
