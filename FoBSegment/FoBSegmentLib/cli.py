@@ -62,6 +62,11 @@ def cmd_segment(args) -> int:
     slice_range = _parse_range(args.slices)
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0] if volumes else None,
                                       args.label, args.segment, args.series, also_inputs=[args.within])
+    from .pipeline.run import check_slice_range
+    from .pipeline.support import check_support_slices
+
+    check_support_slices(inp.support, inp.support_mask.mask, support_slices)  # before a model is built
+    check_slice_range(slice_range, inp.query)
     _segment_and_write(args, inp, "segmenting", lambda seg, update: seg.segment(
         inp.query, inp.support, inp.support_mask.mask, support_slices=support_slices, slice_range=slice_range,
         progress=update))

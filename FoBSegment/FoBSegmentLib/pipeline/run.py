@@ -195,6 +195,12 @@ class QueryRun:
         return r
 
 
+def check_slice_range(slice_range, query: Volume) -> tuple[int, int]:
+    """The first and last slice a run on ``query`` covers (acquisition axis), checked."""
+    view = SliceView.for_volume(query)
+    return _slice_range(slice_range, query.array.shape[2 - view.slice_axis_ijk])
+
+
 def _slice_range(slice_range, n: int) -> tuple[int, int]:
     if slice_range is None:
         return 0, n - 1

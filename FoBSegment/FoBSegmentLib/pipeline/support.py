@@ -74,10 +74,7 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
         )
     view = SliceView.for_volume(support)
     stack, mstack = view.to_stack(support.array), view.to_stack(mask > 0)
-    annotated = occupied_slices(mstack)
-    if not annotated:
-        raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
-    chosen = _chosen_slices(support_slices, annotated, stack.shape[0])
+    annotated, chosen = _annotated_and_chosen(mstack, support_slices)
     norm = fit_normalisation(support.array)
     embs = embedder.embed(stack, norm, chosen, on_encoded=on_encoded)
     body = body_columns(stack, norm)
@@ -94,6 +91,20 @@ def prepare_support(embedder, support: Volume, support_mask: np.ndarray, support
     for sl in slices:
         sl.siblings = every
     return Support(slices, view, annotated)
+
+
+def check_support_slices(support: Volume, support_mask: np.ndarray, support_slices=None) -> list:
+    """The support slices a run will use (default: every annotated one), checked without
+    encoding anything, so that a command can refuse a bad choice before building a model."""
+    view = SliceView.for_volume(support)
+    return _annotated_and_chosen(view.to_stack(np.asarray(support_mask) > 0), support_slices)[1]
+
+
+def _annotated_and_chosen(mstack: np.ndarray, support_slices) -> tuple[list, list]:
+    annotated = occupied_slices(mstack)
+    if not annotated:
+        raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
+    return annotated, _chosen_slices(support_slices, annotated, mstack.shape[0])
 
 
 def _chosen_slices(support_slices, annotated: list, n: int) -> list:

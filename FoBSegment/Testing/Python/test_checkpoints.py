@@ -128,7 +128,7 @@ def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
 def test_catalogue_size_mismatch_fails_without_partial_file(server, tmp_path, monkeypatch):
     # the real sam_vit_b entry, pointed at a file that is not it
     monkeypatch.delenv(ck.ENV_SAM_BASE_URL, raising=False)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="offers .* bytes but the checkpoint has 375042383 bytes"):
         ck.ensure_checkpoint("sam_vit_b", cache_dir=tmp_path, url=server.base + "tiny_sam.pth")
     assert _listing(tmp_path / "checkpoints") == []
 

@@ -1,6 +1,7 @@
 """Bad input: a clear one-paragraph error, a non-zero exit, no traceback, no output file."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,19 @@ def case(tmp_path):
 
 
 def _run(argv, capsys, out: Path):
-    code = main(argv)
+    """Run the command line on bad input: refused with exit 2, before any slice is segmented."""
+    from unittest import mock
+
+    from FoBSegmentLib.pipeline.segmenter import Segmenter
+
+    def work_started(*a, **k):
+        raise AssertionError("the input was refused only after the work had started")
+
+    with mock.patch.object(Segmenter, "segment", work_started), \
+            mock.patch.object(Segmenter, "segment_atlas", work_started), mock.patch.object(Segmenter, "refine", work_started):
+        code = main(argv)
     err = capsys.readouterr().err
-    assert code != 0, "bad input must give a non-zero exit"
+    assert code == 2, "bad input gives exit 2"
     assert "Traceback" not in err
     assert err.startswith("fobsegment: error:")
     assert not out.exists(), "no output file may be left behind"
@@ -66,7 +77,7 @@ def test_empty_support_mask(case, capsys):
 
 def test_label_not_present(case, capsys):
     err = _run(_seg(case, label=99), capsys, case / "out.nii.gz")
-    assert "Label 99 is not present" in err and "5" in err
+    assert "Label 99 is not present" in err and re.search(r"it holds \[[0-9, ]*\b5\b[0-9, ]*\]", err)
 
 
 def test_several_labels_need_a_choice(case, capsys):
@@ -176,7 +187,7 @@ def test_sam_checkpoint_with_wrong_checksum(case, capsys, tmp_path):
     fake = tmp_path / "sam_vit_b_01ec64.pth"
     fake.write_bytes(b"not the real checkpoint" * 100)
     err = _run(_seg(case, label=5, backbone="sam_vit_b", checkpoint=fake), capsys, case / "out.nii.gz")
-    assert "sam_vit_b" in err
+    assert "is not the official 'sam_vit_b' checkpoint" in err
 
 
 def test_console_script_prints_no_traceback(case):
@@ -293,3 +304,20 @@ def test_demo_volume_needs_its_labels(case, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "not on the grid" in err
     assert not out.exists(), "nothing created for a refused demo"
+
+
+def test_output_the_format_cannot_hold_is_refused_first(case, capsys):
+    """A sheared query for a NIfTI output, and an ``.mhd`` output, are refused before the work
+    (the writer would refuse them too, but only after the whole run)."""
+    from FoBSegmentLib import Volume, read_volume, write_result
+
+    ct = read_volume(case / "ct.nii.gz")
+    d = np.array([[1, 0.3, 0], [0, 1, 0], [0, 0, 1.0]])
+    sheared = Volume(ct.array, ct.spacing, ct.origin, d / np.linalg.norm(d, axis=0))
+    write_result(case / "sheared.nrrd", sheared, np.ones(ct.array.shape, bool))  # any content: a grey volume
+    liver = np.rint(read_volume(case / "lab.nii.gz").array) == 5
+    write_result(case / "sheared_liver.nrrd", sheared, liver)
+    err = _run(_seg(case, volume=case / "sheared.nrrd", mask=case / "sheared_liver.nrrd"), capsys, case / "out.nii.gz")
+    assert "NIfTI cannot store it" in err
+    err = _run(_seg(case, label=5, out=case / "out.mhd"), capsys, case / "out.mhd")
+    assert "Unsupported output format" in err

@@ -94,7 +94,7 @@ def test_cli_prepare_then_segment_then_refine(tmp_path, capsys):
     out2 = tmp_path / "refined.seg.nrrd"
     assert main(["refine", "--volume", str(crop), "--previous", str(out), "--corrected", str(fixed),
                  "--output", str(out2), *cache]) == 0
-    assert "0 encoded" in capsys.readouterr().out
+    assert ", 0 encoded," in capsys.readouterr().out, "a refine of a prepared volume only decodes"
     refined = view.to_stack(read_support_mask(out2, vol).mask)
     assert np.array_equal(refined[worst], g[worst])
     # --within: the refined result kept within a one-slice bound; the corrected slice stays
