@@ -212,7 +212,9 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for job in (self._job, self._prepareJob):
             if job is not None:
                 job.cancel()
-        self.logic.lastRun = None
+        self.logic.forgetLastRun()
+        self._reviewRows = []
+        self.ui.reviewTable.setRowCount(0)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -264,8 +266,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lastSliceSpinBox.enabled = p.restrictSliceRange
         self.ui.refineButton.enabled = self._job is None and self.logic.lastRun is not None
         self.ui.nextDoubtfulButton.enabled = bool(self._reviewRows)
-        if self._job is not None:
-            self.ui.applyButton.enabled = self._jobKind == "apply"
+        if self._job is not None:  # the Apply button is the job's Cancel button (_startJob, onApplyButton)
             return
         hasSegment = bool(p.supportSegmentation) and (p.allSegments or bool(self._currentSegmentId()))
         if p.inputVolume and hasSegment:
@@ -397,7 +398,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRefineButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("FoBSegment could not refine."), waitCursor=True):
             job = self.logic.startRefine()
-            self._startJob(job, "refine", None)
+            self._startJob(job, "refine", _("Cancel"))
 
     def _confirmDownload(self, backbone) -> bool:
         need = self.logic.needsDownload(backbone, self._checkpoint())
@@ -414,8 +415,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job, self._jobKind = job, kind
         self._runStart = time.time()
         self._setInputsEnabled(False)
-        if buttonText:
-            self.ui.applyButton.text = buttonText
+        self.ui.applyButton.text = buttonText
+        self.ui.applyButton.enabled = True
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.show()
         self.ui.statusLabel.text = _("Starting...")
@@ -487,8 +488,9 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except CancelledError:
             self.ui.statusLabel.text = _("Cancelled; nothing was written.")
         except Exception as exc:
-            self.ui.statusLabel.text = _("Failed: {e}").format(e=exc)
-            slicer.util.errorDisplay(str(exc), windowTitle=_("FoBSegment"))
+            text = failureText(exc)
+            self.ui.statusLabel.text = _("Failed: {e}").format(e=text)
+            slicer.util.errorDisplay(text, windowTitle=_("FoBSegment"))
         finally:
             self._updateGUI()
 
@@ -532,6 +534,21 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.jumpToSlice(self._reviewRows[r][0])
                 return
         self.ui.statusLabel.text = _("No doubtful slice in the last run.")
+
+
+def failureText(exc: BaseException) -> str:
+    """What the panel says when a run fails: an input error's own message; out of memory and
+    unexpected errors with what to do (the latter's traceback goes to the log for a report)."""
+    from FoBSegmentLib.errors import FoBError
+
+    if isinstance(exc, FoBError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return _("Out of memory. Restrict the slice range, close other volumes or applications, or choose the "
+                 "CPU device (a GPU has less memory), then try again.")
+    logging.error("FoBSegment: the run failed", exc_info=(type(exc), exc, exc.__traceback__))
+    return _("Unexpected error ({kind}: {e}). The details are in the application log (Help > Report a bug); "
+             "please report it.").format(kind=type(exc).__name__, e=str(exc) or _("no message"))
 
 
 #
@@ -746,7 +763,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         segmenter = self.getSegmenter(backbone, device, checkpointPath, downloadProgressCallback, isCancelled)
         results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, progressCallback, isCancelled)
         run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
-        self._remember(run, inputs, segmenter)
+        self._remember(run, inputs, segmenter, sliceRange)
         logging.info(f"FoBSegment: finished in {time.time() - start:.1f} s")
         return run.segment_ids
 
@@ -774,7 +791,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         segmenter = self.getSegmenter(backbone, device, checkpointPath, None, isCancelled)
         results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, progressCallback, isCancelled)
         run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, outputSegmentationNode, showPrompts)
-        self._remember(run, inputs, segmenter)
+        self._remember(run, inputs, segmenter, sliceRange)
         logging.info(f"FoBSegment: atlas of {len(inputs.atlas)} supports finished in {time.time() - start:.1f} s")
         for s in results[0].supports:
             if s["unlike_others"]:
@@ -783,7 +800,12 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                                 "its annotation or its anatomy is unlike the rest; check it or leave it out.")
         return run.segment_ids[0]
 
-    def _remember(self, run, inputs, segmenter) -> None:
+    def forgetLastRun(self) -> None:
+        """The scene is closing: nothing of it may be refined or jumped to any more."""
+        self.lastRun, self._lastInputs = None, None
+
+    def _remember(self, run, inputs, segmenter, sliceRange=None) -> None:
+        run.slice_range = tuple(sliceRange) if sliceRange is not None else None  # Refine keeps to it
         self.lastRun, self._lastInputs, self._lastSegmenter = run, inputs, segmenter
         for res in run.results:
             logging.info(f"FoBSegment: {res.slices_segmented} slices segmented, {res.slices_encoded} encoded, "
@@ -804,13 +826,14 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
             job.set_message(_("Loading the model"))
             segmenter = self.getSegmenter(
                 backbone, device, checkpointPath,
-                lambda done, total: job.progress(done, total, _("Downloading the model")), job.is_cancelled)
+                lambda done, total: job.set_message(_("Downloading the model: {d:.0f} of {t:.0f} MB").format(
+                    d=done / 2**20, t=(total or 0) / 2**20)), job.is_cancelled)
             job.set_message("")
             results = slicer_adapter.compute(segmenter, inputs, sliceRange, None, job.progress, job.is_cancelled)
             return inputs, results, segmenter
 
         job = BackgroundJob(work).start()
-        job.outputSegmentationNode, job.showPrompts = outputSegmentationNode, showPrompts
+        job.outputSegmentationNode, job.showPrompts, job.sliceRange = outputSegmentationNode, showPrompts, sliceRange
         return job
 
     def finishProcess(self, job):
@@ -820,7 +843,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         inputs, results, segmenter = job.result
         run = slicer_adapter.write_outputs(slicer.mrmlScene, inputs, results, job.outputSegmentationNode,
                                            job.showPrompts)
-        self._remember(run, inputs, segmenter)
+        self._remember(run, inputs, segmenter, job.sliceRange)
         return run
 
     def startPreparation(self, volumeNode, backbone="litemedsam", device="auto", checkpointPath=None):
@@ -847,17 +870,26 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------- refine
     def _refineInputs(self):
+        import numpy as np
+
         from FoBSegmentLib import slicer_adapter
         from FoBSegmentLib.errors import FoBInputError
 
         run, inputs = self.lastRun, self._lastInputs
         if run is None or inputs is None:
             raise FoBInputError("Nothing to refine: run Apply first, then correct the result in the Segment Editor.")
+        if run.output_node.GetScene() is None or not run.output_node.GetScene().IsNodePresent(run.output_node):
+            raise FoBInputError("The result's segmentation was removed from the scene; run Apply again.")
+        if inputs.volumeNode.GetScene() is None or not inputs.volumeNode.GetScene().IsNodePresent(inputs.volumeNode):
+            raise FoBInputError("The volume of the last run was removed from the scene; run Apply again.")
         corrected = []
         for sid in run.segment_ids:
             if run.output_node.GetSegmentation().GetSegment(sid) is None:
                 raise FoBInputError("The result segment was deleted; run Apply again.")
             corrected.append(slicer_adapter.segment_mask_on_volume(run.output_node, sid, inputs.volumeNode))
+        if all(np.array_equal(c > 0, res.mask > 0) for c, res in zip(corrected, run.results)):
+            raise FoBInputError("Nothing was corrected: edit the result in the Segment Editor on the slices that "
+                                "are wrong, then press Refine.")
         return run, inputs, corrected
 
     def refine(self, progressCallback=None, isCancelled=None) -> int:
@@ -865,7 +897,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         of recomputed slices.  Corrected slices are never changed."""
         run, inputs, corrected = self._refineInputs()
         refined = self._refineResults(self._lastSegmenter, run, inputs, corrected, progressCallback, isCancelled)
-        return self._writeRefined(run, inputs, refined)
+        return self._writeRefined(run, inputs, refined, corrected)
 
     @staticmethod
     def _refineResults(segmenter, run, inputs, corrected, progress, isCancelled) -> list:
@@ -874,7 +906,8 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         from FoBSegmentLib import slicer_adapter
 
         return slicer_adapter.keep_within(inputs, [
-            segmenter.refine(inputs.query, res.mask, c, inputs.support, m, progress=progress, is_cancelled=isCancelled)
+            segmenter.refine(inputs.query, res.mask, c, inputs.support, m, slice_range=run.slice_range,
+                             progress=progress, is_cancelled=isCancelled)
             for res, c, m in zip(run.results, corrected, inputs.masks)])
 
     def startRefine(self):
@@ -887,27 +920,52 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
             return self._refineResults(segmenter, run, inputs, corrected, job.progress, job.is_cancelled)
 
         job = BackgroundJob(work).start()
-        job.refineOf = run
+        job.refineOf, job.corrected = run, corrected
         return job
 
     def finishRefine(self, job) -> int:
-        run, inputs, _corrected = self._refineInputs()
-        if job.refineOf is not run:
-            from FoBSegmentLib.errors import FoBInputError
+        import numpy as np
 
+        from FoBSegmentLib.errors import FoBInputError
+
+        if job.refineOf is not self.lastRun:
             raise FoBInputError("Another run finished meanwhile; refine again.")
-        return self._writeRefined(run, inputs, job.result)
+        run, inputs, corrected = self._refineInputs()
+        if any(not np.array_equal(now > 0, then > 0) for now, then in zip(corrected, job.corrected)):
+            raise FoBInputError("The result was edited while Refine ran: your edits are kept and this refine was "
+                                "not written. Press Refine again.")
+        return self._writeRefined(run, inputs, job.result, corrected)
 
-    def _writeRefined(self, run, inputs, refined) -> int:
+    def _writeRefined(self, run, inputs, refined, corrected) -> int:
+        """Overwrite each result segment with its refined mask, all or nothing: a failure puts
+        back the segments already overwritten (``corrected``: what they held)."""
         from FoBSegmentLib import slicer_adapter
 
-        changed = 0
-        for sid, res, name, color in zip(run.segment_ids, refined, inputs.names, inputs.colors):
-            slicer_adapter.write_mask_as_segment(res.mask, inputs.volumeNode, run.output_node, None, None,
-                                                 overwrite_segment_id=sid)
-            changed += sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
+        self._saveUndoState(run.output_node)
+        done = []
+        try:
+            for sid, res in zip(run.segment_ids, refined):
+                slicer_adapter.write_mask_as_segment(res.mask, inputs.volumeNode, run.output_node, None, None,
+                                                     overwrite_segment_id=sid)
+                done.append(sid)
+        except BaseException:
+            for sid, before in zip(done, corrected):
+                slicer_adapter.write_mask_as_segment(before, inputs.volumeNode, run.output_node, None, None,
+                                                     overwrite_segment_id=sid)
+            raise
         run.results = refined
-        return changed
+        return sum(sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated") for res in refined)
+
+    @staticmethod
+    def _saveUndoState(segmentationNode) -> None:
+        """Before Refine overwrites a result: an undo state in the Segment Editor, when it shows
+        that segmentation, so that its Undo takes back the refine and not the user's last stroke."""
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        except AttributeError:  # no Segment Editor module (console without GUI, tests)
+            return
+        if editor.segmentationNode() is segmentationNode:
+            editor.saveStateForUndo()
 
     # -------------------------------------------------------------- review
     @staticmethod

@@ -369,22 +369,22 @@ def write_mask_as_segment(mask, volumeNode, segmentationNode, name, color, sourc
 # Prompts
 # ----------------------------------------------------------------------------------------
 
-def remove_prompt_markups(scene) -> int:
-    """Remove the prompt markups left by earlier runs; returns how many nodes were removed."""
+def _prompt_markups(scene) -> list:
+    """The prompt markup nodes in ``scene``."""
+    if scene is None:
+        return []
+    nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
+    return [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())
+            if nodes.GetItemAsObject(n).GetAttribute(PROMPT_NODE_ATTRIBUTE)]
+
+
+def remove_prompt_markups(scene, doomed=None) -> int:
+    """Remove the prompt markups left by earlier runs (or the nodes ``doomed``); returns how
+    many nodes were removed."""
     if scene is None:
         return 0
-    doomed = []
-    nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
-    for n in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(n)
-        if node.GetAttribute(PROMPT_NODE_ATTRIBUTE):
-            doomed.append(node)
-    for node in doomed:
-        displays = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
-        scene.RemoveNode(node)
-        for display in displays:
-            if display is not None and scene.IsNodePresent(display):
-                scene.RemoveNode(display)
+    doomed = _prompt_markups(scene) if doomed is None else doomed
+    remove_node_and_displays(scene, doomed)
     return len(doomed)
 
 
@@ -440,9 +440,8 @@ def prompts_to_markups(prompts, volumeNode, scene=None, name="FoB prompts", repl
         if show_boxes and box is not None:
             for xyz in ijk_to_ras_points(volumeNode, _box_corners_ijk(box)):
                 points["box"].append((xyz, f"box {int(p.slice_index)}"))
-    if replace:
-        remove_prompt_markups(scene)
     colors = {"foreground": FG_COLOR, "background": BG_COLOR, "box": BOX_COLOR}
+    earlier = _prompt_markups(scene) if replace else []  # removed once the new ones exist
     created = []
     try:
         vtk = _vtk()
@@ -456,12 +455,21 @@ def prompts_to_markups(prompts, volumeNode, scene=None, name="FoB prompts", repl
                 if hasattr(node, "SetNthControlPointLocked"):
                     node.SetNthControlPointLocked(idx, True)
     except BaseException:
-        for node in created:
-            for n in range(node.GetNumberOfDisplayNodes()):
-                scene.RemoveNode(node.GetNthDisplayNode(n))
-            scene.RemoveNode(node)
+        remove_node_and_displays(scene, created)
         raise
+    if earlier:
+        remove_prompt_markups(scene, earlier)
     return created
+
+
+def remove_node_and_displays(scene, nodes) -> None:
+    """Remove ``nodes`` and their display nodes (which the scene keeps otherwise, and saves)."""
+    for node in nodes:
+        displays = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
+        scene.RemoveNode(node)
+        for display in displays:
+            if display is not None and scene.IsNodePresent(display):
+                scene.RemoveNode(display)
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,6 +486,7 @@ class NodeRun:
     prompt_nodes: list = field(default_factory=list)
     created_output_node: bool = False
     skipped: list = field(default_factory=list)  # (segment name, why) of segments not used
+    slice_range: tuple | None = None  # the run's (first, last) slice, which Refine keeps to
 
 
 @dataclass
@@ -655,6 +664,12 @@ def write_outputs(scene, inputs: NodeInputs, results: list, outputSegmentationNo
         raise FoBInputError("The input volume was removed from the scene (closed?) during the run; "
                             "nothing was written.")
     scene = scene or volumeNode.GetScene()
+    for node, what in ((outputSegmentationNode, "output segmentation"),
+                       (inputs.supportSegmentationNode if inputs.same_volume and outputSegmentationNode is None
+                        else None, "segmentation the result goes into (the support's)")):
+        if node is not None and not scene.IsNodePresent(node):
+            raise FoBInputError(f"The {what} was removed from the scene during the run; nothing was written. "
+                                "Choose an output segmentation and Apply again.")
     created = False
     output = outputSegmentationNode
     if output is None and inputs.same_volume:
@@ -683,7 +698,7 @@ def write_outputs(scene, inputs: NodeInputs, results: list, outputSegmentationNo
         for sid in written:
             output.GetSegmentation().RemoveSegment(sid)
         if created:
-            scene.RemoveNode(output)
+            remove_node_and_displays(scene, [output])
         raise
     return NodeRun(written, output, results, prompt_nodes, created, list(inputs.skipped))
 

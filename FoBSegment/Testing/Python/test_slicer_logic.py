@@ -274,6 +274,43 @@ def test_cancel_or_failure_writes_nothing(scene, ct_nodes, monkeypatch):
     assert written and (n_segments(seg), n_segments(out), scene.GetNumberOfNodes()) == (1, 0, n_nodes)
 
 
+def test_output_removed_during_the_run_writes_nothing(scene, ct_nodes):
+    """The output segmentation (chosen, or the support's) deleted while the run computed: an
+    input error, no segment written anywhere."""
+    vol, lab, vnode = ct_nodes
+    seg, sid = support_segmentation(scene, vnode, lab.array == 5, "liver", LIVER_COLOR)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    inputs = sa.read_inputs(vnode, seg, sid)
+    results = sa.compute(FakeSegmenter(), inputs)
+    scene.RemoveNode(out)
+    with pytest.raises(FoBInputError, match="output segmentation was removed"):
+        sa.write_outputs(scene, inputs, results, out)
+    scene.RemoveNode(seg)
+    with pytest.raises(FoBInputError, match="support's.*removed"):
+        sa.write_outputs(scene, inputs, results)
+    assert n_segments(out) == 0 and n_segments(seg) == 1
+
+
+def test_failed_run_leaves_no_node_and_keeps_the_earlier_prompts(scene, ct_nodes, monkeypatch):
+    """A run that made its own output segmentation and then failed removes it with its display
+    node; prompts of an earlier run are replaced only once the new ones exist."""
+    vol, lab, vnode = ct_nodes
+    other = node_from_volume(scene, vol, "support volume")
+    seg, sid = support_segmentation(scene, other, lab.array == 5, "liver", LIVER_COLOR)
+    first = sa.run_on_nodes(scene, vnode, seg, sid, None, FakeSegmenter(), supportVolumeNode=other, show_prompts=True)
+    prompts = [n.GetID() for n in first.prompt_nodes]
+    n_nodes = scene.GetNumberOfNodes()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("markups failed")
+
+    monkeypatch.setattr(sa, "_new_markups", fails)
+    with pytest.raises(RuntimeError, match="markups failed"):
+        sa.run_on_nodes(scene, vnode, seg, sid, None, FakeSegmenter(), supportVolumeNode=other, show_prompts=True)
+    assert scene.GetNumberOfNodes() == n_nodes, "no segmentation or display node left behind"
+    assert prompts and all(scene.GetNodeByID(i) is not None for i in prompts), "the earlier prompts are kept"
+
+
 # --------------------------------------------------------------------------------------
 # the real pipeline: LiteMedSAM on the CPU
 # --------------------------------------------------------------------------------------
