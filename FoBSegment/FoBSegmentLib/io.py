@@ -355,6 +355,9 @@ def check_output_path(path: str | Path) -> Path:
         )
     if p.is_dir():
         raise FoBInputError(f"The output path {p} is a folder; give a file name such as {p / 'result.seg.nrrd'}.")
+    if p.is_file() and not p.stat().st_mode & 0o222:
+        raise FoBInputError(f"The output {p} exists and is write-protected: it is not replaced. Choose another "
+                            "output path, or remove the protection first.")
     check_writable_folder(p.parent)
     return p
 
@@ -395,6 +398,7 @@ def read_segmentation_inputs(output, volume, support_mask, support_volume=None, 
     support = read_volume(support_volume, f"support volume{what}", series=series) if support_volume else query
     sm = read_support_mask(support_mask, support, label=label, segment=segment)
     check_output_geometry(out, query)
+    check_segment_name(result_name(sm.name), _suffix(out))
     return SegmentationInputs(out, query, support, sm)
 
 
@@ -425,6 +429,32 @@ def result_name(name: str) -> str:
     return name if name.endswith("(FoB)") else f"{name} (FoB)"
 
 
+def check_segments_to_write(segments, shape: tuple, suffix: str) -> None:
+    """What :func:`write_segments` is given, checked before it writes: one or more masks on the
+    query's grid, label values a label map holds (1 to 65535: 0 is background), and segment
+    names a ``.seg.nrrd`` header can hold (one line of ASCII)."""
+    if not segments:
+        raise FoBInputError("Nothing to write: give at least one (mask, name, colour, label value).")
+    for mask, name, _color, value in segments:
+        if tuple(np.shape(mask)) != shape:
+            raise FoBInputError(f"The mask of {name!r} has shape {tuple(np.shape(mask))}, the query {shape}: a result "
+                                "must be on the query's grid.")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= 65535:
+            raise FoBInputError(f"The label value of {name!r} must be a whole number from 1 to 65535 (got {value!r}).")
+        check_segment_name(str(name), suffix)
+
+
+def check_segment_name(name: str, suffix: str) -> None:
+    """A segment name a ``.seg.nrrd`` header can hold: one line of ASCII."""
+    if suffix != ".seg.nrrd":  # a label map stores no names
+        return
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise FoBInputError(f"The segment name {name!r} holds a line break or control character: rename the segment.")
+    if not name.isascii():
+        raise FoBInputError(f"The segment name {name!r} has characters a .seg.nrrd header cannot hold (only ASCII): "
+                            "rename the segment (e.g. without accents), or write .nii.gz, .nrrd or .mha.")
+
+
 def write_result(path: str | Path, query: Volume, mask: np.ndarray, name: str = "segment",
                  color=(1.0, 0.0, 0.0), label_value: int = 1) -> Path:
     """Write one binary mask in the query geometry (see :func:`write_segments`)."""
@@ -439,9 +469,13 @@ def write_segments(path: str | Path, query: Volume, segments) -> Path:
     import SimpleITK as sitk
 
     p = check_output_path(path)
+    if not isinstance(query, Volume):
+        raise FoBInputError(f"The query must be a FoBSegmentLib Volume (got {type(query).__name__}): the output "
+                            "takes its geometry.")
     check_output_geometry(p, query)
     suffix = _suffix(p)
     expected_shape = tuple(query.array.shape)
+    check_segments_to_write(segments, expected_shape, suffix)
 
     if suffix == ".seg.nrrd":
         import slicerio

@@ -9,7 +9,11 @@ was measured; the figures live in the benchmark pages under ``docs/benchmarks/``
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
+
+from .errors import FoBInputError
 
 #: Side of the square grid on which masks, boxes and generator heatmaps live (every backbone).
 WORK_SIZE = 256
@@ -194,23 +198,82 @@ class SegmenterSettings:
     #: the least recently used go first.
     decode_cache_disk_mb: float = 2048.0
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
     def with_changes(self, **changes) -> "SegmenterSettings":
         """A copy with fields changed by dotted name: ``with_changes(**{"walk.pad_px": 6.0})``."""
         groups: dict = {}
         top = {}
         for name, value in changes.items():
             group, _, leaf = name.partition(".")
-            if not hasattr(self, group):
-                raise ValueError(f"Unknown setting {name!r}")
+            known = [f.name for f in dataclasses.fields(self)]
+            if group not in known:
+                raise FoBInputError(f"Unknown setting {name!r}; the settings are {', '.join(known)}.")
             if leaf:
-                if not hasattr(getattr(self, group), leaf):
-                    raise ValueError(f"Unknown setting {name!r}")
+                sub = getattr(self, group)
+                if not dataclasses.is_dataclass(sub) or leaf not in [f.name for f in dataclasses.fields(sub)]:
+                    names = ", ".join(f"{group}.{f.name}" for f in dataclasses.fields(sub)) if dataclasses.is_dataclass(
+                        sub) else group
+                    raise FoBInputError(f"Unknown setting {name!r}; known: {names}.")
                 groups.setdefault(group, {})[leaf] = value
             else:
                 top[group] = value
         for group, kw in groups.items():
             top[group] = dataclasses.replace(getattr(self, group), **kw)
         return dataclasses.replace(self, **top)
+
+
+#: Counts of at least one; every other number is at least zero unless signed.
+_AT_LEAST_ONE = {"seed.scan_slices", "seed.walks", "seed.regions", "seed.shape_min_slices", "contrast.per_level",
+                 "ring.wall_sectors"}
+#: Contrasts (cosine differences) may be negative.
+_SIGNED = {"presence.min_contrast", "contrast.levels"}
+#: Fractions, 0 to 1.
+_FRACTIONS = {"presence.min_overlap", "presence.min_iou", "presence.rel_contrast", "seed.side_penalty",
+              "contrast.split_fraction", "ring.hole_ratio"}
+
+
+def check_settings(settings: "SegmenterSettings") -> None:
+    """Every field of ``settings`` of its declared kind and in its range, else an input error
+    naming the setting (a wrong value would otherwise fail deep inside a run, or silently
+    segment nothing)."""
+    def leaves(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", str(f.type), value
+
+    for name, kind, value in leaves(settings):
+        problem = _problem(name, kind, value)
+        if problem:
+            raise FoBInputError(f"Setting {name} must be {problem} (got {value!r}).")
+
+
+def _problem(name: str, kind: str, value) -> str | None:
+    """What is wrong with ``value`` for a field declared ``kind`` (None: nothing)."""
+    base, optional = kind.split("|")[0].strip(), "None" in kind
+    if base.endswith("Settings"):  # a group replaced as a whole
+        return None if dataclasses.is_dataclass(value) else f"a {base}"
+    if value is None:
+        return None if optional else "given (not None)"
+    if base == "bool":
+        return None if isinstance(value, bool) else "True or False"
+    if base == "str":
+        return None if isinstance(value, str) else "text"
+    items = value if base == "tuple" else (value,)
+    if base == "tuple" and (not isinstance(value, tuple) or not value):
+        return "a tuple of numbers"
+    whole = base == "int"
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral if whole else numbers.Real) or not math.isfinite(v):
+            return "a whole number" if whole else "a number"
+        low = 1 if name in _AT_LEAST_ONE else (-math.inf if name in _SIGNED else 0)
+        if v < low or (name in _FRACTIONS and v > 1):
+            return f"from {low} to 1" if name in _FRACTIONS else f"at least {low}"
+    return None
 
 
 DEFAULT_SETTINGS = SegmenterSettings()

@@ -58,7 +58,7 @@ def agreement(masks) -> np.ndarray:
 def check_supports(query, supports, rule: str) -> list:
     """``[(volume, mask[, support slices]), ...]`` -> ``[(volume, mask, slices)]``, every
     support checked before the first run so that a bad one costs no work."""
-    from .segmenter import _check_volume
+    from .inputs import check_volume as _check_volume
 
     if rule not in RULES:
         raise FoBInputError(f"Unknown atlas fusion rule {rule!r}: use one of {', '.join(RULES)}.")

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import FoBInputError
-from ..geometry import occupied_slices
+from ..geometry import SliceView, occupied_slices
 
 WALLS = ("image", "band")
 
@@ -112,3 +112,15 @@ def draw_wall(image: np.ndarray, cavity: np.ndarray, thickness: float, spacing, 
     if ring.wall == "band":
         return wall_around(cavity, thickness, spacing)
     return wall_from_image(image, cavity, thickness, spacing, ring)
+
+
+def draw_walls(query, cavities, thickness: float, ring) -> tuple[SliceView, np.ndarray]:
+    """The wall around each kept slice's cavity of ``cavities`` (a SegmentationResult on
+    ``query``) -> (the query's SliceView, the walls as a stack of slices)."""
+    view = SliceView.for_volume(query)
+    inner, image = view.to_stack(cavities.mask > 0), view.to_stack(query.array)
+    out = np.zeros(inner.shape, np.uint8)
+    for i, info in cavities.slice_info.items():
+        if info.get("kept") and inner[i].any():
+            out[i] = draw_wall(image[i], inner[i], thickness, view.pixel_spacing, ring)
+    return view, out

@@ -15,10 +15,12 @@ from ..geometry import SliceView, Volume, occupied_slices, validate_image_conten
 from ..settings import DEFAULT_SETTINGS, SegmenterSettings
 from . import protocols
 from .embedding import Embedder
-from .ring_structures import check_wall_rule, draw_wall, split_ring, wall_thickness
+from .inputs import check_mask, check_segment_call, check_slice_range
+from .inputs import check_volume as _check_volume
+from .ring_structures import check_wall_rule, draw_walls, split_ring, wall_thickness
 from .run import QueryRun, SegmentationResult
 from .slice_prompting import ContrastPrompter, SlicePredictor
-from .support import Support, prepare_support
+from .support import Support, _chosen_slices, prepare_support
 
 
 class Segmenter:
@@ -91,7 +93,7 @@ class Segmenter:
         stack = SliceView.for_volume(volume).to_stack(volume.array)
         from .run import _slice_range
 
-        lo, hi = _slice_range(slice_range, stack.shape[0])
+        lo, hi = _slice_range(check_slice_range(slice_range), stack.shape[0])
         norm = fit_normalisation(volume.array)
         before = self.encoded_count
         total = hi - lo + 1
@@ -118,11 +120,10 @@ class Segmenter:
         is polled after every encoded or decoded slice and raises ``CancelledError``.
         ``holes='auto'``: a support mask enclosing holes (a wall around a cavity) is segmented
         as a ring structure; ``'off'`` never."""
-        _check_volume(query, "query")
-        if support is not None:
-            _check_volume(support, "support")
+        support_mask, support_slices, slice_range, query_slices = check_segment_call(
+            query, support, support_mask, support_slices, slice_range, query_slices)
         sup_vol = query if support is None else support
-        m = np.asarray(support_mask) > 0
+        m = support_mask > 0
         if holes != "off" and m.shape == sup_vol.array.shape and m.any():
             s_view = SliceView.for_volume(sup_vol)
             ms = s_view.to_stack(m)
@@ -203,6 +204,10 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
+        if support is not None:
+            _check_volume(support, "support")
+            support_mask = check_mask(support_mask)
+        slice_range = check_slice_range(slice_range)
         view, prev, corr = rf.to_stacks(query, previous_mask, corrected_mask)
         anchors = rf.edited_slices(prev, corr)
         run = QueryRun(self, query, slice_range, progress, is_cancelled, started)
@@ -227,17 +232,15 @@ class Segmenter:
         support's thickness (``settings.ring``)."""
         check_wall_rule(self.settings.ring)
         t0, enc0 = time.perf_counter(), self.encoded_count
-        chosen = support_slices or occupied_slices(ms)
-        hole_sup = [int(i) for i in chosen if hole[int(i)].any()]
+        chosen = _chosen_slices(support_slices, occupied_slices(ms), ms.shape[0])
+        hole_sup = [i for i in chosen if hole[i].any()]
+        if support_slices and not hole_sup:
+            raise FoBInputError(f"Support slice(s) {support_slices} show no cavity inside the ring-shaped structure; "
+                                "choose slices where the wall encloses it.")
         inner = self._segment_structure(query, support, s_view.from_stack(hole), hole_sup, slice_range,
                                         query_slices, progress, is_cancelled)
         t_mm = wall_thickness(ms, hole, hole_sup, self.settings.ring.default_thickness_px, s_view.pixel_spacing)
-        view = SliceView.for_volume(query)
-        inner_st, image = view.to_stack(inner.mask > 0), view.to_stack(query.array)
-        out = np.zeros(inner_st.shape, np.uint8)
-        for i, info in inner.slice_info.items():
-            if info.get("kept") and inner_st[i].any():
-                out[i] = draw_wall(image[i], inner_st[i], t_mm, view.pixel_spacing, self.settings.ring)
+        view, out = draw_walls(query, inner, t_mm, self.settings.ring)
         if support is None or support is query:  # the user's own annotation stays exactly as drawn
             for i in occupied_slices(ms):
                 out[i] = ms[i]
@@ -247,14 +250,6 @@ class Segmenter:
         inner.slices_encoded = self.encoded_count - enc0
         inner.seconds = time.perf_counter() - t0
         return inner
-
-
-def _check_volume(v, what: str) -> None:
-    if not isinstance(v, Volume):
-        raise FoBInputError(
-            f"The {what} must be a FoBSegmentLib Volume (got {type(v).__name__}): read files with "
-            "FoBSegmentLib.read_volume(path), or wrap an array with Volume(array, spacing, origin, direction)."
-        )
 
 
 def default_weights(backbone_name: str) -> Path | None:

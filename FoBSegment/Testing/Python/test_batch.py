@@ -339,3 +339,18 @@ def test_a_changed_case_is_not_reported_as_done(cohort, litemedsam):
     run_batch(manifest, out, {"backbone": "no_such_backbone"}, on_case=again.append)
     assert {r.id: r.status for r in again} == {f"case{n}": "failed" for n in range(4)}
     assert "Unknown backbone" in again[0].message
+
+
+def test_batch_command_exits_1_when_a_case_failed(cohort, capsys):
+    """On the command line a batch with a failed case exits 1 (for a script or a Slurm array to
+    notice) and names the case and its reason; the others are written."""
+    from FoBSegmentLib.cli import main
+
+    manifest, out, rows = cohort
+    cache = out.parent / "cache"
+    code = main(["batch", "--manifest", str(manifest), "--output-dir", str(out), "--cache-dir", str(cache)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "case2: failed (" in printed and "empty" in printed
+    assert "totals: cases 4, ok 3, skipped 0, failed 1" in printed
+    assert all((out / f"case{n}.seg.nrrd").is_file() for n in (0, 1, 3))

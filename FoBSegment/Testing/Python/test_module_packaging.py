@@ -12,6 +12,7 @@ import sys
 import textwrap
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -336,3 +337,21 @@ def test_logic_process_wiring_with_a_stand_in_model(example_ct):
     assert out["made"] == 1, "one Segmenter per (backbone, device, checkpoint): embeddings stay cached"
     assert out["ticks"] == [1] and out["equal"]
     assert {"backbone", "device", "checkpoint"} <= set(out["kwargs"])
+
+
+def test_sample_data_support_is_a_liver_slice_of_the_example_ct(example_ct):
+    """The Sample Data entry (registerSampleData): its files are listed for installation, and
+    the shipped support is one painted slice of the example CT's liver, on the CT's grid."""
+    from FoBSegmentLib import read_support_mask, read_volume
+
+    sample = MODULE_DIR / "Resources" / "SampleData" / "example_liver_slice.seg.nrrd"
+    text = (MODULE_DIR / "FoBSegment.py").read_text()
+    assert sample.name in text and "example_ct.nii.gz" in text
+    resources = _cmake_list((MODULE_DIR / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")
+    assert f"Resources/SampleData/{sample.name}" in resources
+    ct = read_volume(example_ct[0])
+    mask = read_support_mask(sample, ct).mask
+    liver = np.rint(read_volume(example_ct[1]).array) == 5
+    painted = [k for k in range(mask.shape[0]) if mask[k].any()]
+    assert len(painted) == 1 and mask.sum() > 500
+    assert (mask & liver).sum() == mask.sum(), "every painted voxel lies in the liver"

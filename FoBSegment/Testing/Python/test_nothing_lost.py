@@ -359,3 +359,89 @@ def test_stale_onnx_part_is_cleaned(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     _clean_stale_parts(tmp_path)
     assert not stale.exists() and fresh.exists(), "a part another process may still write is kept"
+
+
+# 13 ----------------------------------------------------------------- what a writer is given
+def test_writer_refuses_what_it_cannot_write_faithfully(small, tmp_path):
+    """A mask off the query's grid, a label value a label map cannot hold (0 is background), a
+    segment name a .seg.nrrd header cannot hold, nothing to write, a write-protected output:
+    refused, and nothing written or replaced."""
+    from FoBSegmentLib.io import write_segments
+
+    vol, _ = small
+    m = _mask(vol)
+    bad = [(dict(mask=m[:, :10]), "on the query's grid"), (dict(label_value=0), "from 1 to 65535"),
+           (dict(label_value=2.5), "from 1 to 65535"), (dict(label_value=70000), "from 1 to 65535")]
+    for ext in (".nii.gz", ".seg.nrrd"):
+        for kw, message in bad:
+            kw = {"mask": m, **kw}
+            with pytest.raises(FoBInputError, match=message):
+                write_result(tmp_path / f"r{ext}", vol, kw.pop("mask"), **kw)
+    with pytest.raises(FoBInputError, match="only ASCII"):
+        write_result(tmp_path / "r.seg.nrrd", vol, m, name="Milz – größer")
+    with pytest.raises(FoBInputError, match="line break"):
+        write_result(tmp_path / "r.seg.nrrd", vol, m, name="a\nb:=c")
+    with pytest.raises(FoBInputError, match="Nothing to write"):
+        write_segments(tmp_path / "r.nrrd", vol, [])
+    assert not list(tmp_path.glob("r*"))
+    write_result(tmp_path / "u.nii.gz", vol, m, name="Milz – größer")  # a label map keeps no name
+    kept = write_result(tmp_path / "kept.nii.gz", vol, m)
+    os.chmod(kept, 0o444)
+    before = kept.read_bytes()
+    with pytest.raises(FoBInputError, match="write-protected"):
+        write_result(kept, vol, np.zeros_like(m))
+    assert kept.read_bytes() == before and kept.stat().st_mode & 0o777 == 0o444
+
+
+# 14 ----------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_during_a_segmentation_exits_130_and_writes_nothing(small, tmp_path, monkeypatch, capsys):
+    from FoBSegmentLib.pipeline.segmenter import Segmenter as Seg
+
+    vol, path = small
+    sup = write_result(tmp_path / "sup.nii.gz", vol, _mask(vol))
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"an earlier result")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Seg, "segment", interrupted)
+    code = main(["segment", "--volume", str(path), "--support-mask", str(sup), "--output", str(out)])
+    assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier result" and not list(tmp_path.glob(".fobsegment-*"))
+
+
+def test_ctrl_c_during_a_batch_keeps_the_finished_cases(small, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C lets the current case finish and stops before the next (exit 130); the
+    finished cases stay recorded, so the same command resumes."""
+    import json
+    import signal
+
+    import FoBSegmentLib.batch as batch
+
+    vol, path = small
+    write_result(tmp_path / "sup.nii.gz", vol, _mask(vol))
+    (tmp_path / "cases.csv").write_text("id,query,support_mask\n" + "".join(
+        f"c{n},{path.name},sup.nii.gz\n" for n in range(3)))
+    (tmp_path / "out").mkdir()
+    ran = []
+
+    def one_case(case, out_dir, options, progress=None, is_cancelled=None, segmenter=None):
+        ran.append(case.id)
+        if case.id == "c1":
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C during case c1
+        (out_dir / case.output).write_bytes(b"result")
+        return batch.CaseResult(case.id, "ok", output=str(out_dir / case.output),
+                                sha256=batch.sha256_of(out_dir / case.output))
+
+    monkeypatch.setattr(batch, "run_case", one_case)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        code = main(["batch", "--manifest", str(tmp_path / "cases.csv"), "--output-dir", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert code == 130 and "finished cases are kept" in err
+    assert ran == ["c0", "c1"], "the case running at Ctrl-C finishes; no further case starts"
+    done = [json.loads(line)["id"] for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert done == ["c0", "c1"]

@@ -54,11 +54,16 @@ def test_atlas_outvotes_a_support_unlike_the_others(ct, segmenter):
     assert kept and all(1 <= res.slice_info[i]["votes"] <= res.slice_info[i]["of"] == 3 for i in kept)
 
 
-def test_atlas_inputs_are_checked_before_work(ct, segmenter):
+def test_atlas_inputs_are_checked_before_work(ct, segmenter, monkeypatch):
     vol, labels = ct
     v, lab = crop(vol, labels, 0, 100)
     m = one_slice_support(v, lab == 5)[0]
     before = segmenter.encoded_count
+
+    def no_run(*a, **k):  # the cache of earlier tests could hide a run; a spy cannot be fooled
+        raise AssertionError("a support's run started before the atlas inputs were checked")
+
+    monkeypatch.setattr(segmenter, "segment", no_run)
     with pytest.raises(FoBInputError, match="query itself"):
         segmenter.segment_atlas(vol, [(v, m), (vol, labels == 5)])
     with pytest.raises(FoBInputError, match="at least one support"):
@@ -72,6 +77,7 @@ def test_atlas_inputs_are_checked_before_work(ct, segmenter):
     with pytest.raises(FoBInputError, match=r"Atlas support 2: the mask has shape"):
         segmenter.segment_atlas(vol, [(v, m), (v, m[1:])])
     assert segmenter.encoded_count == before  # refused before the first run
+    monkeypatch.undo()
 
     def cancel():
         return True

@@ -105,21 +105,31 @@ def test_wall_from_the_image_beats_the_supports_thickness_on_other_patients():
     assert sum(x > y for x, y in zip(image, band)) >= 10
 
 
-def test_an_unknown_wall_rule_or_unusable_sectors_are_refused_before_any_slice_is_segmented(litemedsam):
+def test_an_unknown_wall_rule_or_unusable_sectors_are_refused_before_any_slice_is_segmented(litemedsam, ct):
+    """Checked on a ring drawn on the example CT (no shared data needed): settings out of range
+    are refused when made; a wall rule the ring code does not know, or more smoothing than
+    sectors, when the ring is segmented, before any slice is encoded."""
+    from scipy import ndimage
+
     from FoBSegmentLib import Segmenter
 
-    img, lab = shared_case("mscmrseg19_bssfp_cmr", 2)
-    vol = read_volume(img)
-    support, _, _ = one_slice_support(vol, np.rint(read_volume(lab).array) == 200, which="largest")
+    vol, labels = ct
+    support, k, view = one_slice_support(vol, labels == 5)
+    st = view.to_stack(support > 0)
+    ring = np.zeros_like(st)
+    ring[k] = st[k] & ~ndimage.binary_erosion(st[k], iterations=4)
+    support = view.from_stack(ring)
     seg = Segmenter(litemedsam, settings=DEFAULT_SETTINGS.with_changes(**{"ring.wall": "thick"}))
     with pytest.raises(FoBInputError, match="ring.wall='thick'.*image, band"):
         seg.segment(vol, vol, support)
     assert seg.encoded_count == 0
-    for bad in ({"ring.wall_sectors": 0}, {"ring.wall_smooth": -1}, {"ring.wall_smooth": 48}):
-        seg = Segmenter(litemedsam, settings=DEFAULT_SETTINGS.with_changes(**bad))
-        with pytest.raises(FoBInputError, match="at least 4 sectors"):
-            seg.segment(vol, vol, support)
-        assert seg.encoded_count == 0
+    for bad in ({"ring.wall_sectors": 0}, {"ring.wall_smooth": -1}):
+        with pytest.raises(FoBInputError, match="at least"):
+            DEFAULT_SETTINGS.with_changes(**bad)
+    seg = Segmenter(litemedsam, settings=DEFAULT_SETTINGS.with_changes(**{"ring.wall_smooth": 48}))
+    with pytest.raises(FoBInputError, match="at least 4 sectors"):
+        seg.segment(vol, vol, support)
+    assert seg.encoded_count == 0
 
 
 def test_myocardium_is_drawn_around_the_blood_pool(segmenter):

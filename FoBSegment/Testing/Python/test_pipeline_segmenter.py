@@ -8,7 +8,7 @@ from conftest import SHARED_DATA, dice, one_slice_support, shared_case
 from FoBSegmentLib import CancelledError, FoBInputError, Segmenter, read_volume, write_result
 from FoBSegmentLib.backbones.base import square_to_slice
 from FoBSegmentLib.cli import main
-from FoBSegmentLib.geometry import SliceView
+from FoBSegmentLib.geometry import SliceView, occupied_slices
 from FoBSegmentLib.preprocessing import fit_normalisation
 
 
@@ -43,7 +43,15 @@ def test_segment_ct_liver_in_query_geometry(ct, segmenter):
     assert dice(st[k - 4:k + 5], g[k - 4:k + 5]) > 0.85
     assert np.array_equal(st[k], g[k]), "the annotated slice keeps the user's annotation"
     assert seen and seen[-1][0] == seen[-1][1] and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
-    assert res.prompts and all(p.points_ijk.shape[1] == 3 for p in res.prompts)
+    assert res.prompts
+    for p in res.prompts:  # each recorded box lies on its slice, over the structure there
+        lo = np.clip(np.floor(p.box_ijk.min(0)).astype(int), 0, None)
+        hi = np.ceil(p.box_ijk.max(0)).astype(int)
+        box = np.zeros(vol.array.shape, bool)
+        box[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = True
+        on = view.to_stack(box)
+        assert occupied_slices(on) == [p.slice_index], "a box prompt is drawn on its own slice only"
+        assert (on[p.slice_index] & g[p.slice_index]).sum() > 0.8 * g[p.slice_index].sum()
 
 
 def test_recorded_prompts_are_what_the_box_trained_decoder_received(ct, segmenter):
@@ -149,6 +157,44 @@ def test_bad_inputs_are_reported(ct, segmenter):
         segmenter.segment(vol.array, None, support)
     with pytest.raises(FoBInputError, match="SegmenterSettings"):
         Segmenter(segmenter.backbone, settings={"walk": 1})
+
+
+def test_what_a_console_caller_passes_is_checked_before_any_work(ct, segmenter):
+    """Arguments of the wrong kind or out of range are input errors before a slice is encoded,
+    and a label map of several structures is not silently united into one."""
+    from scipy import ndimage
+
+    vol, labels = ct
+    support, k, view = one_slice_support(vol, labels == 5)
+    before = segmenter.encoded_count
+    cases = [
+        (dict(query_slices=[500]), "outside the query"),
+        (dict(query_slices=[]), "query_slices is empty"),
+        (dict(support_slices=6), "list of slice numbers"),
+        (dict(support_slices=[6.7]), "whole slice numbers"),
+        (dict(slice_range=(3,)), r"\(first, last\)"),
+        (dict(slice_range="3:8"), r"\(first, last\)"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(FoBInputError, match=message):
+            segmenter.segment(vol, None, support, **kw)
+    with pytest.raises(FoBInputError, match="several labels"):
+        segmenter.segment(vol, None, np.rint(labels).astype(np.int16) * (view.from_stack(view.to_stack(labels > 0)) > 0))
+    with pytest.raises(FoBInputError, match="No support mask"):
+        segmenter.segment(vol, None, None)
+    with pytest.raises(FoBInputError, match="bool voxels"):
+        segmenter.segment(vol.with_array(vol.array > 0), None, support)
+    with pytest.raises(FoBInputError, match="must be a FoBSegmentLib Volume"):
+        segmenter.refine(vol, support, support, support=vol.array, support_mask=support)
+    # a ring (a wall around a cavity): its support slices are checked as a compact structure's
+    st = view.to_stack(labels == 5)
+    ring = np.zeros_like(st)
+    ring[k] = st[k] & ~ndimage.binary_erosion(st[k], iterations=4)
+    with pytest.raises(FoBInputError, match="out of range"):
+        segmenter.segment(vol, None, view.from_stack(ring), support_slices=[500])
+    with pytest.raises(FoBInputError, match="carry no annotation"):
+        segmenter.segment(vol, None, view.from_stack(ring), support_slices=[k + 1])
+    assert segmenter.encoded_count == before, "refused before any slice was encoded"
 
 
 def test_oblique_cardiac_case_end_to_end(segmenter, tmp_path):

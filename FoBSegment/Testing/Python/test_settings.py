@@ -39,3 +39,39 @@ def test_every_setting_is_documented():
     for owner, name in fields:
         line = next(i for i, l in enumerate(src.splitlines()) if l.strip().startswith(f"{name}:"))
         assert src.splitlines()[line - 1].strip().startswith("#:"), f"{owner}.{name} undocumented"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"walk.pad_px": -5}, "walk.pad_px must be at least 0"),
+    ({"presence.min_iou": 2.0}, "presence.min_iou must be from 0 to 1"),
+    ({"seed.walks": 0}, "seed.walks must be at least 1"),
+    ({"seed.walks": 2.5}, "seed.walks must be a whole number"),
+    ({"decode_cache": "no"}, "decode_cache must be True or False"),
+    ({"walk.pad_px": "6"}, "walk.pad_px must be a number"),
+    ({"contrast.levels": 0.1}, "contrast.levels must be a tuple of numbers"),
+    ({"walk": 3}, "walk must be a WalkSettings"),
+    ({"presence.min_area_px": None}, "presence.min_area_px must be given"),
+    ({"walk.padpx": 1}, "known: walk.pad_px"),
+])
+def test_a_setting_out_of_its_kind_or_range_is_refused(change, message):
+    """A wrong value is an input error naming the setting, not a failure deep inside a run or
+    a run that silently segments nothing."""
+    from FoBSegmentLib.errors import FoBInputError
+
+    with pytest.raises(FoBInputError, match=message):
+        DEFAULT_SETTINGS.with_changes(**change)
+
+
+def test_every_measured_variant_is_a_valid_setting():
+    """The variants the benchmark pages were measured with (signed floors, 'never' sentinels such
+    as same_structure_dice 1.01, None) stay valid settings."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    from default_settings import VARIANTS
+
+    for _name, _why, changes in VARIANTS:
+        DEFAULT_SETTINGS.with_changes(**changes)
+    DEFAULT_SETTINGS.with_changes(**{"seed.same_structure_dice": 1.01, "presence.min_contrast": -0.5,
+                                     "contrast.split_fraction": None, "seed.agreement_weight": 0.0})

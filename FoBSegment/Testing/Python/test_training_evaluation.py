@@ -120,7 +120,7 @@ def test_evaluate_ep1_ceiling_and_json(tmp_path, litemedsam):
                  "--protocol", "full", "--json", str(out), "--device", "cpu"])
     assert code == 0
     j = json.loads(out.read_text())
-    assert j["protocol"] == "full" and 0.0 <= j["mean_dice"] <= 1.0
+    assert j["protocol"] == "full" and j["mean_dice"] > 0.5, "the oracle-free run finds the liver of the crop"
     assert set(j["classes"]["liver"]["cases"]) == {"8"} and "seconds" in j and "slices_encoded" in j
 
 
