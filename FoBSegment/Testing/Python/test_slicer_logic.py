@@ -470,12 +470,27 @@ def test_atlas_inputs_are_refused_before_any_work(scene, ct_nodes):
     assert scene.GetNumberOfNodes() == nodes
 
 
-def test_atlas_cancelled_writes_nothing(scene, ct_nodes):
+def test_atlas_cancelled_after_one_support_writes_nothing(scene, ct_nodes, litemedsam, monkeypatch):
+    """The real ``Segmenter.segment_atlas`` (its loop over supports and its fusion), each
+    support's run stood in for: a cancel during the second support's run reaches the caller and
+    the scene is as before, though the first support's run had finished."""
+    from FoBSegmentLib import Segmenter
+
     vol, lab, vnode = ct_nodes
     other = node_from_volume(scene, vol.with_array(vol.array.copy()), "patient 1")
     seg, sid = support_segmentation(scene, other, lab.array == 5, "liver", LIVER_COLOR)
     inputs = sa.read_atlas_inputs(vnode, [(other, seg, sid), (other, seg, sid)])
-    nodes = scene.GetNumberOfNodes()
+    real, fake, runs = Segmenter(litemedsam), FakeSegmenter(), []
+
+    def one_support(query, support, mask, **kw):
+        runs.append(1)
+        if len(runs) == 2:
+            raise CancelledError("cancelled by the user")
+        return fake.segment(query, support, mask, slice_range=kw.get("slice_range"))
+
+    monkeypatch.setattr(real, "segment", one_support)
+    nodes, segments = scene.GetNumberOfNodes(), n_segments(seg)
     with pytest.raises(CancelledError):
-        sa.compute(FakeSegmenter(), inputs, is_cancelled=lambda: True)
-    assert scene.GetNumberOfNodes() == nodes
+        results = sa.compute(real, inputs)
+        sa.write_outputs(scene, inputs, results)
+    assert len(runs) == 2 and scene.GetNumberOfNodes() == nodes and n_segments(seg) == segments
