@@ -79,8 +79,13 @@ class Backbone(abc.ABC):
         Intensity normalisation (CT window, MR percentiles) happens before, in
         :mod:`FoBSegmentLib.preprocessing`, because it depends on the whole volume.
         """
-        t = _resize_pad(slice2d, self.input_size)
-        return self.normalise_input(np.repeat(t[None], 3, axis=0))
+        # Normalised before padding: the padding is 0 in the model's input space (SAM's own
+        # preprocess pads after its pixel normalisation), not black normalised.
+        n = self.input_size
+        t = _resize_longest(slice2d, n)
+        out = np.zeros((3, n, n), np.float32)
+        out[:, :t.shape[0], :t.shape[1]] = self.normalise_input(np.repeat(t[None], 3, axis=0))
+        return out
 
     def normalise_input(self, x: np.ndarray) -> np.ndarray:
         """Model-specific pixel normalisation of a (3, S, S) tensor in [0, 1]."""
@@ -122,15 +127,20 @@ def square_to_slice(square: np.ndarray, shape: tuple) -> np.ndarray:
     return resize(a[..., :nr, :nc], (rows, cols))
 
 
-def _resize_pad(image: np.ndarray, n: int) -> np.ndarray:
-    """(rows, cols) -> (n, n) float32: longer side resized to n (bilinear), zero-padded
-    bottom/right: the padded square every SAM-family model expects."""
+def _resize_longest(image: np.ndarray, n: int) -> np.ndarray:
+    """(rows, cols) -> float32 with the longer side resized to n (bilinear)."""
     a = np.asarray(image, dtype=np.float32)
     rows, cols = a.shape[-2:]
     scale = n / max(rows, cols)
-    nr, nc = max(1, round(rows * scale)), max(1, round(cols * scale))
+    return resize(a, (max(1, round(rows * scale)), max(1, round(cols * scale))))
+
+
+def _resize_pad(image: np.ndarray, n: int) -> np.ndarray:
+    """(rows, cols) -> (n, n) float32: longer side resized to n (bilinear), zero-padded
+    bottom/right: the padded square every SAM-family model expects."""
+    t = _resize_longest(image, n)
     out = np.zeros((n, n), np.float32)
-    out[:nr, :nc] = resize(a, (nr, nc))
+    out[:t.shape[0], :t.shape[1]] = t
     return out
 
 

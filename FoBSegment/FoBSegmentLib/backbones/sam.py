@@ -162,7 +162,7 @@ class SamBackbone(Backbone):
         return f"{self.name}-{self._sha[:16]}"
 
     def preprocess_id(self) -> str:
-        return f"{type(self).__name__}-in{self.input_size}-{self.pixel_norm}-v1"
+        return f"{type(self).__name__}-in{self.input_size}-{self.pixel_norm}-v2"  # v2: padded after normalising
 
     # --- model --------------------------------------------------------------------------
     def normalise_input(self, x: np.ndarray) -> np.ndarray:

@@ -49,14 +49,26 @@ def test_download_then_load_encode_decode(tiny_backbone, tiny_ckpt):  # noqa: F8
     assert not np.allclose(boxed.logits, one.logits)  # the prompt matters
 
 
-def test_encode_matches_the_models_own_encoder(tiny_backbone):
+def test_slice_to_mask_matches_segment_anythings_own_predictor(tiny_backbone):
+    """A non-square slice through prepare -> encode -> decode(box) gives segment-anything's own
+    SamPredictor result: its embedding, its IoU and its low-resolution logits.  (The padding
+    of a non-square slice is 0 after the pixel normalisation, as SAM pads.)"""
+    from segment_anything import SamPredictor
+
     bb, _ = tiny_backbone
-    x = torch.rand(2, 3, 1024, 1024)
-    with torch.no_grad():
-        ref = bb.model.image_encoder(x).numpy()
-    out = bb.encode(x.numpy())
-    assert out.shape == (2, *EMBED_SHAPE)
-    assert np.allclose(out, ref, atol=1e-6)
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (768, 1024)).astype(np.uint8)  # rows, cols: 256 rows of padding
+    predictor = SamPredictor(bb.model)
+    predictor.set_image(np.repeat(grey[..., None], 3, axis=2))
+    box = np.array([100, 150, 600, 500])  # x0, y0, x1, y1 in image pixels
+    _, iou, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+
+    emb = bb.encode(bb.prepare(grey.astype(np.float32) / 255)[None])
+    assert emb.shape == (1, *EMBED_SHAPE)
+    np.testing.assert_allclose(emb, predictor.features.numpy(), atol=1e-5)
+    dec = bb.decode(emb[0], box=box / 1024.0)
+    np.testing.assert_allclose(dec.iou, iou, atol=1e-5)
+    np.testing.assert_allclose(dec.logits, low, atol=1e-4)
 
 
 def test_pixel_normalisation(tiny_ckpt):  # noqa: F811
