@@ -1,6 +1,7 @@
 """The settings object (FoBSegmentLib.settings)."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,13 @@ def test_every_measured_variant_is_a_valid_setting():
         DEFAULT_SETTINGS.with_changes(**changes)
     DEFAULT_SETTINGS.with_changes(**{"seed.same_structure_dice": 1.01, "presence.min_contrast": -0.5,
                                      "contrast.split_fraction": None, "seed.agreement_weight": 0.0})
+
+
+def test_a_default_segmenter_keeps_the_cache_folder_within_the_documented_limits(litemedsam, tmp_path):
+    """README: the cache folder keeps at most 10 GB of embeddings and 2 GB of decoded masks."""
+    from FoBSegmentLib import Segmenter
+
+    seg = Segmenter(litemedsam, cache_dir=tmp_path)
+    assert seg.cache.disk_bytes == 10 * 2**30 and seg.decoded.disk_bytes == 2 * 2**30
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert "at most 10 GB of embeddings and 2 GB of" in readme
