@@ -928,6 +928,8 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
 
         from FoBSegmentLib.errors import FoBInputError
 
+        if self.lastRun is None:
+            raise FoBInputError("The scene was closed while Refine ran; nothing was written.")
         if job.refineOf is not self.lastRun:
             raise FoBInputError("Another run finished meanwhile; refine again.")
         run, inputs, corrected = self._refineInputs()
@@ -949,9 +951,12 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                                                      overwrite_segment_id=sid)
                 done.append(sid)
         except BaseException:
-            for sid, before in zip(done, corrected):
-                slicer_adapter.write_mask_as_segment(before, inputs.volumeNode, run.output_node, None, None,
-                                                     overwrite_segment_id=sid)
+            try:
+                for sid, before in zip(done, corrected):
+                    slicer_adapter.write_mask_as_segment(before, inputs.volumeNode, run.output_node, None, None,
+                                                         overwrite_segment_id=sid)
+            except Exception:  # the first failure is the one to report; this one goes to the log
+                logging.exception("FoBSegment: putting back the segments after a failed Refine failed too")
             raise
         run.results = refined
         return sum(sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated") for res in refined)

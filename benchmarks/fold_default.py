@@ -36,7 +36,8 @@ def fold_means(runs: dict, support: str, cases: list[str], classes: list[str]) -
         per_case = run["classes"][cls]["cases"]
         missing = [c for c in cases if c not in per_case]
         if missing:
-            raise SystemExit(f"support {support}, {cls}: no run on case(s) {', '.join(missing)} in the all-supports json")
+            raise SystemExit(f"support {support}, {cls}: no run on case(s) {', '.join(missing)} in the "
+                             "all-supports json")
         means[cls] = sum(per_case[c] for c in cases) / len(cases)
     return means
 

@@ -32,7 +32,8 @@ Relative paths are relative to the manifest's folder.  Every case runs by the ru
 case whose output is present and verified (same SHA-256 as recorded when it was written) and
 whose recipe is unchanged (the row, its input files' size and modification time, the model and
 its settings) is skipped (unless the case it is kept ``within`` runs again), so an interrupted
-batch resumes where it stopped and a changed row runs again; a case that fails is recorded with its message and the batch goes on.
+batch resumes where it stopped and a changed row runs again; a case that fails is recorded
+with its message and the batch goes on.
 ``shard=(i, n)`` keeps rows ``i, i + n, i + 2n, ...`` (0-based), so a Slurm array or one
 process per GPU splits a manifest without coordination.
 ``engine="dask"`` runs the cases on a Dask ``LocalCluster`` (or a given scheduler address)
@@ -161,8 +162,10 @@ def read_manifest(path: str | Path) -> list[Case]:
                 return None
             try:
                 items = v if isinstance(v, list) else str(v).replace(";", " ").replace(",", " ").split()
-                return tuple(int(x) for x in items)
-            except ValueError:
+                if any(isinstance(x, bool) or float(x) != int(float(x)) for x in items):
+                    raise ValueError
+                return tuple(int(float(x)) for x in items)
+            except (ValueError, TypeError):
                 raise FoBInputError(f"Row {n} of {p.name}: {k} must be slice numbers such as '12 18 24' "
                                     f"(got {v!r}).") from None
 
@@ -179,6 +182,10 @@ def read_manifest(path: str | Path) -> list[Case]:
         out = get("output") or f"{cid}.seg.nrrd"
         if Path(out).name != out:
             raise FoBInputError(f"Row {n} of {p.name}: output must be a file name, not a path ({out!r}).")
+        twin = next((c for c in cases if c.output.lower() == out.lower()), None)
+        if twin is not None:
+            raise FoBInputError(f"Row {n} of {p.name}: output {out!r} is also case {twin.id!r}'s; each case needs "
+                                "its own output file.")
         case = Case(cid, path_of("query"), path_of("support_mask"), path_of("support_volume"), int_of("label"),
                     get("segment"), path_of("reference"), int_of("reference_label"), out, slices_of("support_slices"),
                     flag_of("oracle"))
@@ -289,14 +296,16 @@ def case_recipe(case: Case, options: dict, segmenter=None) -> str:
     for k in ("query", "support_mask", "support_volume", "reference"):
         row[k] = stamp(row[k])
     row["more_supports"] = [[stamp(v), stamp(m)] for v, m in case.more_supports]
-    if segmenter is not None:
-        model = [getattr(segmenter.backbone, "name", str(segmenter.backbone)), repr(segmenter.settings),
-                 getattr(segmenter, "prompt_source", "")]
-    else:
-        from .settings import DEFAULT_SETTINGS
+    # The same model list whether the Segmenter is given or built from the options (an
+    # evaluation resumed under another engine must not run again).
+    from .settings import DEFAULT_SETTINGS
 
-        model = [options.get("backbone", "litemedsam"), stamp(options.get("checkpoint")),
-                 repr(options.get("settings", DEFAULT_SETTINGS)), options.get("prompt_source", "contrast")]
+    backbone = segmenter.backbone if segmenter is not None else options.get("backbone", "litemedsam")
+    prompter = getattr(segmenter, "start_prompter", None)
+    model = [getattr(backbone, "name", backbone), stamp(options.get("checkpoint")),
+             repr(segmenter.settings if segmenter is not None else options.get("settings", DEFAULT_SETTINGS)),
+             segmenter.prompt_source if segmenter is not None else options.get("prompt_source", "contrast"),
+             stamp(getattr(prompter, "weights", None) or options.get("weights"))]
     text = json.dumps([__version__, row, model], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -341,7 +350,8 @@ def run_case(case: Case, out_dir: Path, options: dict, progress=None, is_cancell
 
             d = round(dice(res.mask > 0, reference), 4)
         name = io.result_name(sm.name)
-        io.write_result(out, query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+        io.write_result(out, query, res.mask, name=name, color=sm.color,
+                        label_value=io.result_label(sm.label_value))
         return CaseResult(case.id, "ok", "", str(out), res.slices_segmented, res.slices_encoded,
                           round(time.perf_counter() - t0, 2), d, sha256_of(out))
     except CancelledError:
@@ -473,6 +483,7 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
         raise FoBInputError(f"The output folder {out_dir} does not exist. Create it first.")
     check_writable_folder(out_dir)
     options = dict(options or {})
+    _refuse_outputs_over_inputs(cases, out_dir)
     summary = Summary(out_dir, shard)
     recipes = {c.id: case_recipe(c, options, segmenter) for c in cases}
     redo: set = set()
@@ -511,6 +522,17 @@ def run_batch(manifest, out_dir, options: dict | None = None, shard=(0, 1), engi
     finally:
         totals = summary.write([c.id for c in cases])
     return totals
+
+
+def _refuse_outputs_over_inputs(cases: list, out_dir: Path) -> None:
+    """No case's output may replace any case's input (an output folder that is also the
+    manifest's folder): refused before any case runs."""
+    from . import io
+
+    inputs = {p for c in cases for p in (c.query, c.support_mask, c.support_volume, c.reference,
+                                         *[q for pair in c.more_supports for q in pair]) if p is not None}
+    for c in cases:
+        io.refuse_overwriting_inputs(out_dir / c.output, inputs, f"output (case {c.id})")
 
 
 def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled, recipes):

@@ -110,7 +110,8 @@ def check_cache_dir(cache_dir: str | Path | None) -> None:
     """A cache folder that exists must be a folder: a file given as one (``--cache-dir``,
     ``FOBSEGMENT_CACHE_DIR``) is refused before any work.  One that cannot be written is
     allowed: the caches then stay in memory."""
-    if cache_dir is not None and Path(cache_dir).expanduser().exists() and not Path(cache_dir).expanduser().is_dir():
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    if Path(cache_dir).expanduser().exists() and not Path(cache_dir).expanduser().is_dir():
         raise FoBInputError(f"The cache folder {cache_dir} is a file, not a folder. Give a folder with --cache-dir "
                             f"(or {ENV_CACHE_DIR}); it is created if missing.")
 

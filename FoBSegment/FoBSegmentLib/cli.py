@@ -89,7 +89,8 @@ def _segment_and_write(args, inp, desc: str, run):
     cleared = res.keep_within(bound, inp.query) if bound is not None else 0
     sm = inp.support_mask
     name = io.result_name(sm.name)
-    io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color, label_value=sm.label_value or 1)
+    io.write_result(inp.output, inp.query, res.mask, name=name, color=sm.color,
+                    label_value=io.result_label(sm.label_value))
     runtime = getattr(seg.backbone, "runtime", "torch")
     print(f"wrote {inp.output}: segment {name!r}, {res.slices_segmented} of {res.slices_total} slices, "
           f"{res.slices_encoded} encoded, {res.seconds:.1f} s on {res.device} ({res.backbone} in {runtime}, "
@@ -115,6 +116,9 @@ def _segment_atlas(args) -> int:
     supports = [(inp.support, inp.support_mask.mask),
                 *io.read_more_supports(zip(volumes[1:], masks[1:]), args.label, args.segment)]
     slice_range = _parse_range(args.slices)
+    from .pipeline.run import check_slice_range
+
+    check_slice_range(slice_range, inp.query)  # before a model is built
     res = _segment_and_write(args, inp, f"segmenting from {len(supports)} supports", lambda seg, update:
                              seg.segment_atlas(inp.query, supports, rule=args.atlas_fusion, slice_range=slice_range,
                                                progress=update))
@@ -173,7 +177,8 @@ def cmd_refine(args) -> int:
         res.keep_within(bound, query)
     changed = sum(1 for v in res.slice_info.values() if v.get("reason") != "annotated")
     name = io.result_name(corrected.name)
-    io.write_result(out, query, res.mask, name=name, color=corrected.color, label_value=corrected.label_value or 1)
+    io.write_result(out, query, res.mask, name=name, color=corrected.color,
+                    label_value=io.result_label(corrected.label_value))
     print(f"wrote {out}: {changed} slices recomputed from {len([i for i, v in res.slice_info.items() if v.get('reason') == 'annotated'])} "
           f"corrected, {res.slices_encoded} encoded, {res.seconds:.1f} s")
     return 0

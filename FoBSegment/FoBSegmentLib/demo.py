@@ -45,6 +45,9 @@ def run_demo(output_dir="fobsegment_demo", volume=None, labels=None, backbone="l
     lab = np.rint(lab_vol.array).astype(np.int64)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .io import check_output_path
+
+    check_output_path(out / "demo_result.seg.nrrd")  # writable, not write-protected: before the work
     seg = Segmenter(backbone, device, cache_dir=cache_dir)
     say(f"FoBSegment demo: {volume.name} {q.shape_ijk}, backbone {seg.backbone.name} on {seg.backbone.device}, "
         f"prompts {seg.prompt_source}/{seg.start_prompter.strategy}")

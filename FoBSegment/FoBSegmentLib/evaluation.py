@@ -302,6 +302,8 @@ def check_json_output(path, data, cases) -> None:
         raise FoBInputError(f"The folder of --json {p.parent} does not exist. Create it first.")
     if p.is_dir():
         raise FoBInputError(f"--json {p} is a folder; give a file name such as {p / 'results.json'}.")
+    if p.is_file() and not p.stat().st_mode & 0o222:
+        raise FoBInputError(f"--json {p} exists and is write-protected: it is not replaced. Choose another path.")
     check_writable_folder(p.parent, "--json")
     refuse_overwriting_inputs(p, [Path(data) / f"{kind}_{c}.nii.gz" for c in cases for kind in ("image", "label")],
                               "--json")
@@ -315,6 +317,8 @@ def cmd_evaluate(args) -> int:
     cases = [c for c in args.cases.split(",") if c]
     if args.json:
         check_json_output(args.json, args.data, [args.support_case, *cases])
+    if args.output_dir and Path(args.output_dir).is_file():
+        raise FoBInputError(f"The output folder {args.output_dir} is a file; give a folder with --output-dir.")
     if args.output_dir and not Path(args.output_dir).is_dir():
         raise FoBInputError(f"The output folder {args.output_dir} does not exist. Create it first.")
     if args.engine == "dask" and (args.prompt_source != "contrast" or args.method != "pipeline"):

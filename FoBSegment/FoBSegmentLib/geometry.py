@@ -59,19 +59,34 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
-    def on_lattice_of(self, other: "Volume", tol: float = 1e-3) -> bool:
-        """True when this volume's voxels are voxels of ``other`` (the same spacing and axes, an
-        origin a whole number of voxels away) and the two overlap: a part of ``other``'s grid,
-        as a Slicer segmentation stores only its segments' extent of the image it was drawn on."""
-        if not (np.allclose(self.spacing, other.spacing, atol=tol)
-                and np.allclose(self.direction, other.direction, atol=tol)):
+    def on_lattice_of(self, other: "Volume", tol: float = 0.05) -> bool:
+        """True when this volume's voxel centres lie on ``other``'s lattice or on a whole-number
+        subdivision of it (Slicer's oversampled segmentation geometry), its axes those of
+        ``other`` in any order or sense, and the two overlap: a segmentation drawn on ``other``,
+        which may store only its segments' extent.  Not a grid of another image."""
+        m = np.linalg.inv(other.ijk_to_lps()) @ self.ijk_to_lps()
+        axes, offset = m[:3, :3], m[:3, 3]
+        steps = np.abs(axes).max(axis=0)  # per axis of self: its step in other's voxels (1 / k)
+        if np.any(steps < 1e-6):
             return False
-        to_index = np.linalg.inv(np.asarray(other.direction, float) @ np.diag(np.asarray(other.spacing, float)))
-        offset = to_index @ (np.asarray(self.origin, float) - np.asarray(other.origin, float))
-        if np.abs(offset - np.round(offset)).max() > 0.05:
+        if np.abs(np.abs(axes) / steps - np.round(np.abs(axes) / steps)).max() > tol:
+            return False  # not an axis-aligned permutation of other's axes
+        if np.any(np.round(np.abs(axes) / steps).sum(axis=0) != 1):
             return False
-        offset = np.round(offset)
-        return bool(np.all(offset + np.asarray(self.shape_ijk) > 0) and np.all(offset < np.asarray(other.shape_ijk)))
+        k = 1.0 / steps
+        if np.abs(k - np.round(k)).max() > tol:
+            return False  # not a whole-number subdivision
+        k = np.round(k)
+        # voxel 0 of a k-fold subdivision of other's voxel v is centred at v - 1/2 + 1/(2k)
+        order = np.abs(axes).argmax(axis=0)  # other's axis of each of self's axes
+        first = np.array([offset[order[a]] for a in range(3)])
+        start = first * k + 0.5 * k - 0.5
+        if np.abs(start - np.round(start)).max() > tol * k.max():
+            return False
+        corners = np.array([[i, j, kk, 1.0] for i in (0, self.shape_ijk[0] - 1) for j in (0, self.shape_ijk[1] - 1)
+                            for kk in (0, self.shape_ijk[2] - 1)]) @ m.T
+        lo, hi = corners[:, :3].min(axis=0), corners[:, :3].max(axis=0)
+        return bool(np.all(hi > -0.5) and np.all(lo < np.asarray(other.shape_ijk) - 0.5))
 
     def is_same_image(self, other: "Volume") -> bool:
         """The same image (not a copy of it): the same object, or the same grid over the same

@@ -423,6 +423,12 @@ def check_output_geometry(path: str | Path, query: Volume) -> None:
                 f"{Path(path).name}.")
 
 
+def result_label(value) -> int:
+    """The label value a result is written with: the support's where a label map can hold it
+    (1 to 65535), else 1."""
+    return int(value) if value is not None and 1 <= int(value) <= 65535 else 1
+
+
 def result_name(name: str) -> str:
     """A result's segment name: the support's, marked ``(FoB)`` once (a support that is itself a
     FoBSegment result keeps its single mark)."""

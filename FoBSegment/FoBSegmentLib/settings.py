@@ -227,6 +227,8 @@ class SegmenterSettings:
 #: Counts of at least one; every other number is at least zero unless signed.
 _AT_LEAST_ONE = {"seed.scan_slices", "seed.walks", "seed.regions", "seed.shape_min_slices", "contrast.per_level",
                  "ring.wall_sectors"}
+#: Widths that divide: more than zero.
+_POSITIVE = {"contrast.position_sigma_px"}
 #: Contrasts (cosine differences) may be negative.
 _SIGNED = {"presence.min_contrast", "contrast.levels"}
 #: Fractions, 0 to 1.
@@ -268,11 +270,14 @@ def _problem(name: str, kind: str, value) -> str | None:
         return "a tuple of numbers"
     whole = base == "int"
     for v in items:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral if whole else numbers.Real) or not math.isfinite(v):
+        kind_ok = isinstance(v, numbers.Integral if whole else numbers.Real) and not isinstance(v, bool)
+        if not kind_ok or not math.isfinite(v):
             return "a whole number" if whole else "a number"
         low = 1 if name in _AT_LEAST_ONE else (-math.inf if name in _SIGNED else 0)
         if v < low or (name in _FRACTIONS and v > 1):
             return f"from {low} to 1" if name in _FRACTIONS else f"at least {low}"
+        if name in _POSITIVE and v <= 0:
+            return "more than 0"
     return None
 
 

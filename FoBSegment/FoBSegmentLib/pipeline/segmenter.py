@@ -149,6 +149,9 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
+        from .run import check_slice_range as within_query
+
+        within_query(check_slice_range(slice_range), query)  # before any support's run
         rule = rule or self.settings.atlas.fusion
         triples = check_supports(query, supports, rule)
         n = len(triples)
@@ -206,6 +209,7 @@ class Segmenter:
         _check_volume(query, "query")
         if support is not None:
             _check_volume(support, "support")
+        if support is not None and support_mask is not None:
             support_mask = check_mask(support_mask)
         slice_range = check_slice_range(slice_range)
         view, prev, corr = rf.to_stacks(query, previous_mask, corrected_mask)

@@ -103,7 +103,8 @@ def check_support_slices(support: Volume, support_mask: np.ndarray, support_slic
 def _annotated_and_chosen(mstack: np.ndarray, support_slices) -> tuple[list, list]:
     annotated = occupied_slices(mstack)
     if not annotated:
-        raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the support image.")
+        raise FoBInputError("The support mask is empty: paint the structure on at least one slice of the "
+                            "support image.")
     return annotated, _chosen_slices(support_slices, annotated, mstack.shape[0])
 
 

@@ -59,6 +59,7 @@ class GeneratorPrompter:
                 "and pass --weights.")
         if not weights.is_file():
             raise FoBInputError(f"Generator weights {weights} not found. Check the --weights path.")
+        self.weights = weights  # what a batch records as part of a case's recipe
         self.generator, self.meta = load_generator(weights, device=backbone.device)
         self.generator.eval()
         if not use_spr:  # coarse (soft-argmax) ring points, no refinement

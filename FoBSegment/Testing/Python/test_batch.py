@@ -354,3 +354,41 @@ def test_batch_command_exits_1_when_a_case_failed(cohort, capsys):
     assert "case2: failed (" in printed and "empty" in printed
     assert "totals: cases 4, ok 3, skipped 0, failed 1" in printed
     assert all((out / f"case{n}.seg.nrrd").is_file() for n in (0, 1, 3))
+
+
+def test_manifest_outputs_may_not_collide_or_replace_inputs(tmp_path, cohort):
+    """Two rows with one output (they would overwrite each other on every resume) are refused;
+    so is an output that would replace another row's input when the output folder is the
+    manifest's own."""
+    manifest, _, rows = cohort
+    twice = tmp_path / "twice.csv"
+    twice.write_text("id,query,support_mask,output\na,q0.nii.gz,m0.nii.gz,r.seg.nrrd\n"
+                     "b,q1.nii.gz,m1.nii.gz,R.seg.nrrd\n")
+    with pytest.raises(FoBInputError, match="also case 'a'"):
+        read_manifest(twice)
+    over = tmp_path / "over.csv"
+    over.write_text("id,query,support_mask,output\na,q0.nii.gz,m0.nii.gz,m1.nii.gz\nb,q1.nii.gz,m1.nii.gz,\n")
+    before = (tmp_path / "m1.nii.gz").read_bytes()
+    with pytest.raises(FoBInputError, match="would replace that input"):
+        run_batch(over, tmp_path, {"backbone": "litemedsam"})
+    assert (tmp_path / "m1.nii.gz").read_bytes() == before and not (tmp_path / "summary.jsonl").exists()
+    frac = tmp_path / "frac.jsonl"
+    frac.write_text('{"query": "q0.nii.gz", "support_mask": "m0.nii.gz", "support_slices": [40.7, 45]}\n')
+    with pytest.raises(FoBInputError, match="support_slices must be slice numbers"):
+        read_manifest(frac)
+
+
+def test_recipe_is_the_same_for_a_given_or_a_built_segmenter(cohort, litemedsam):
+    """An evaluation resumed under the other engine (a built Segmenter or options) reuses its
+    outputs; another checkpoint or other settings do not."""
+    from FoBSegmentLib import Segmenter
+    from FoBSegmentLib.batch import case_recipe
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+    manifest, _, _ = cohort
+    case = read_manifest(manifest)[0]
+    options = {"backbone": "litemedsam", "device": "cpu", "cache_dir": "/somewhere"}
+    given = case_recipe(case, {**options, "device": "auto"}, Segmenter(litemedsam))
+    assert given == case_recipe(case, options) == case_recipe(case, {"backbone": litemedsam})
+    assert case_recipe(case, {**options, "checkpoint": str(manifest)}) != given
+    assert case_recipe(case, {**options, "settings": DEFAULT_SETTINGS.with_changes(**{"walk.pad_px": 6.0})}) != given

@@ -46,7 +46,8 @@ def _run(argv, capsys, out: Path):
         raise AssertionError("the input was refused only after the work had started")
 
     with mock.patch.object(Segmenter, "segment", work_started), \
-            mock.patch.object(Segmenter, "segment_atlas", work_started), mock.patch.object(Segmenter, "refine", work_started):
+            mock.patch.object(Segmenter, "segment_atlas", work_started), \
+            mock.patch.object(Segmenter, "refine", work_started):
         code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, "bad input gives exit 2"
@@ -321,3 +322,23 @@ def test_output_the_format_cannot_hold_is_refused_first(case, capsys):
     assert "NIfTI cannot store it" in err
     err = _run(_seg(case, label=5, out=case / "out.mhd"), capsys, case / "out.mhd")
     assert "Unsupported output format" in err
+
+
+def test_write_protected_outputs_are_refused_before_the_work(case, capsys, monkeypatch):
+    """The demo's result and an evaluation's --json, where they exist write-protected, and a
+    cache folder variable naming a file: refused before any segmentation."""
+    demo = case / "demo"
+    demo.mkdir()
+    (demo / "demo_result.seg.nrrd").write_bytes(b"kept")
+    os.chmod(demo / "demo_result.seg.nrrd", 0o444)
+    code = main(["demo", "--output-dir", str(demo)])
+    assert code == 2 and "write-protected" in capsys.readouterr().err
+    data = _evaluation_data(case)
+    (data / "r.json").write_text("{}")
+    os.chmod(data / "r.json", 0o444)
+    err = _run(["evaluate", "--data", str(data), "--classes", "liver=5", "--support-case", "1", "--cases", "2",
+                "--json", str(data / "r.json")], capsys, data / "absent.json")
+    assert "write-protected" in err and (data / "r.json").read_text() == "{}"
+    monkeypatch.setenv("FOBSEGMENT_CACHE_DIR", str(case / "lab.nii.gz"))
+    err = _run(_seg(case, label=5), capsys, case / "out.nii.gz")
+    assert "is a file, not a folder" in err

@@ -165,3 +165,24 @@ def test_within_slices_keeps_a_structure_within_anothers_extent(example_ct):
     assert none == [] and untouched is liver
     with pytest.raises(ValueError):
         within_slices(liver, spleen[1:])
+
+
+def test_a_segmentations_grid_on_the_lattice_of_its_image(example_ct):
+    """What a Slicer segmentation of an image may store (a part of its grid, an axis reversed as
+    a DICOM-to-NIfTI conversion does, an oversampled in-plane grid) is on the image's lattice;
+    a shift by part of a voxel, another spacing or a place elsewhere is another image's grid."""
+    from FoBSegmentLib import read_volume
+    from FoBSegmentLib.geometry import Volume
+
+    ct = read_volume(example_ct[0])
+    sp, d, o = np.asarray(ct.spacing), np.asarray(ct.direction), np.asarray(ct.origin)
+    a = np.zeros((5, 6, 7))
+
+    def grid(origin_voxels, spacing=sp, direction=d):
+        return Volume(a, spacing, o + d @ (sp * np.asarray(origin_voxels, float)), direction)
+
+    on = [grid([0, 0, 0]), grid([3, 4, 5]), grid([0, 0, ct.shape_ijk[2] - 1], direction=d @ np.diag([1, 1, -1])),
+          grid([-0.25, -0.25, 0], spacing=sp * np.array([0.5, 0.5, 1]))]
+    off = [grid([0.5, 0, 0]), grid([0, 0, 0], spacing=sp * 1.3), grid([5000, 0, 0])]
+    assert [g.on_lattice_of(ct) for g in on] == [True] * 4
+    assert [g.on_lattice_of(ct) for g in off] == [False] * 3

@@ -383,6 +383,10 @@ def test_writer_refuses_what_it_cannot_write_faithfully(small, tmp_path):
         write_result(tmp_path / "r.seg.nrrd", vol, m, name="a\nb:=c")
     with pytest.raises(FoBInputError, match="Nothing to write"):
         write_segments(tmp_path / "r.nrrd", vol, [])
+    from FoBSegmentLib.io import result_label
+
+    # a support's label value a label map cannot hold: the result is written as 1, not refused after the run
+    assert (result_label(300), result_label(70000), result_label(None)) == (300, 1, 1)
     assert not list(tmp_path.glob("r*"))
     write_result(tmp_path / "u.nii.gz", vol, m, name="Milz – größer")  # a label map keeps no name
     kept = write_result(tmp_path / "kept.nii.gz", vol, m)

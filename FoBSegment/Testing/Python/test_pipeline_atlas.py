@@ -76,6 +76,8 @@ def test_atlas_inputs_are_checked_before_work(ct, segmenter, monkeypatch):
         segmenter.segment_atlas(vol, [(v, m), (v, np.zeros_like(m))])
     with pytest.raises(FoBInputError, match=r"Atlas support 2: the mask has shape"):
         segmenter.segment_atlas(vol, [(v, m), (v, m[1:])])
+    with pytest.raises(FoBInputError, match=r"^Slice range 30:5 runs backwards"):
+        segmenter.segment_atlas(vol, [(v, m)], slice_range=(30, 5))
     assert segmenter.encoded_count == before  # refused before the first run
     monkeypatch.undo()
 

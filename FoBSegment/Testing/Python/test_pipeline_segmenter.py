@@ -186,6 +186,8 @@ def test_what_a_console_caller_passes_is_checked_before_any_work(ct, segmenter):
         segmenter.segment(vol.with_array(vol.array > 0), None, support)
     with pytest.raises(FoBInputError, match="must be a FoBSegmentLib Volume"):
         segmenter.refine(vol, support, support, support=vol.array, support_mask=support)
+    unchanged = segmenter.refine(vol, support, support, support=vol, support_mask=None)  # corrections as support
+    assert np.array_equal(unchanged.mask > 0, support > 0)
     # a ring (a wall around a cavity): its support slices are checked as a compact structure's
     st = view.to_stack(labels == 5)
     ring = np.zeros_like(st)

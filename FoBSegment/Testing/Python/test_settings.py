@@ -53,6 +53,7 @@ def test_every_setting_is_documented():
     ({"walk": 3}, "walk must be a WalkSettings"),
     ({"presence.min_area_px": None}, "presence.min_area_px must be given"),
     ({"walk.padpx": 1}, "known: walk.pad_px"),
+    ({"contrast.position_sigma_px": 0}, "position_sigma_px must be more than 0"),
 ])
 def test_a_setting_out_of_its_kind_or_range_is_refused(change, message):
     """A wrong value is an input error naming the setting, not a failure deep inside a run or
