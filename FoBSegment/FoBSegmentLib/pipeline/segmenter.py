@@ -15,10 +15,9 @@ from ..geometry import SliceView, Volume, occupied_slices, validate_image_conten
 from ..settings import DEFAULT_SETTINGS, SegmenterSettings
 from . import protocols
 from .embedding import Embedder
-from .inputs import check_mask, check_segment_call, check_slice_range
-from .inputs import check_volume as _check_volume
+from .inputs import check_mask, check_segment_call, check_slice_range, check_volume as _check_volume
 from .ring_structures import check_wall_rule, draw_walls, split_ring, wall_thickness
-from .run import QueryRun, SegmentationResult
+from .run import QueryRun, SegmentationResult, check_slice_range as query_slice_range
 from .slice_prompting import ContrastPrompter, SlicePredictor
 from .support import Support, _chosen_slices, prepare_support
 
@@ -149,9 +148,7 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
-        from .run import check_slice_range as within_query
-
-        within_query(check_slice_range(slice_range), query)  # before any support's run
+        query_slice_range(check_slice_range(slice_range), query)  # before any support's run
         rule = rule or self.settings.atlas.fusion
         triples = check_supports(query, supports, rule)
         n = len(triples)
