@@ -62,7 +62,7 @@ def cmd_segment(args) -> int:
     slice_range = _parse_range(args.slices)
     inp = io.read_segmentation_inputs(args.output, args.volume, masks[0], volumes[0] if volumes else None,
                                       args.label, args.segment, args.series, also_inputs=[args.within])
-    from .pipeline.run import check_slice_range
+    from .pipeline.inputs import check_slice_range
     from .pipeline.support import check_support_slices
 
     check_support_slices(inp.support, inp.support_mask.mask, support_slices)  # before a model is built
@@ -116,7 +116,7 @@ def _segment_atlas(args) -> int:
     supports = [(inp.support, inp.support_mask.mask),
                 *io.read_more_supports(zip(volumes[1:], masks[1:]), args.label, args.segment)]
     slice_range = _parse_range(args.slices)
-    from .pipeline.run import check_slice_range
+    from .pipeline.inputs import check_slice_range
 
     check_slice_range(slice_range, inp.query)  # before a model is built
     res = _segment_and_write(args, inp, f"segmenting from {len(supports)} supports", lambda seg, update:

@@ -54,16 +54,31 @@ def check_slices(slices, what: str) -> list[int] | None:
     return out
 
 
-def check_slice_range(slice_range) -> tuple[int, int] | None:
-    """(first, last) as two whole numbers, or None; the volume checks the bounds."""
+def check_slice_range(slice_range, query: Volume | None = None) -> tuple[int, int] | None:
+    """(first, last) as two whole numbers, or None.  With ``query``: checked against its slices
+    (acquisition axis) -> the first and last slice a run on it covers (all of them for None)."""
+    if slice_range is not None:
+        if isinstance(slice_range, (str, bytes)) or not hasattr(slice_range, "__len__") or len(slice_range) != 2:
+            raise FoBInputError(f"slice_range must be (first, last), two slice numbers (got {slice_range!r}).")
+        slice_range = tuple(check_slices(slice_range, "slice_range"))
+    if query is None:
+        return slice_range
+    return slice_bounds(slice_range, SliceView.for_volume(query).n_slices(query))
+
+
+def slice_bounds(slice_range, n: int) -> tuple[int, int]:
+    """(first, last) of a volume of ``n`` slices: ``slice_range`` checked, or all of them."""
     if slice_range is None:
-        return None
-    if isinstance(slice_range, (str, bytes)) or not hasattr(slice_range, "__len__") or len(slice_range) != 2:
-        raise FoBInputError(f"slice_range must be (first, last), two slice numbers (got {slice_range!r}).")
-    pair = check_slices(slice_range, "slice_range")
-    if len(pair) != 2:
-        raise FoBInputError(f"slice_range must be (first, last), two slice numbers (got {slice_range!r}).")
-    return pair[0], pair[1]
+        return 0, n - 1
+    a, b = int(slice_range[0]), int(slice_range[1])
+    if a > b:
+        raise FoBInputError(f"Slice range {a}:{b} runs backwards: give the first slice first ({b}:{a}).")
+    if not (0 <= a <= b < n):
+        raise FoBInputError(
+            f"Slice range {a}:{b} is outside the query image, which has {n} slices along its "
+            f"acquisition axis (valid: 0:{n - 1})."
+        )
+    return a, b
 
 
 def check_query_slices(query_slices, n: int) -> list[int] | None:
@@ -87,7 +102,6 @@ def check_segment_call(query, support, support_mask, support_slices, slice_range
     if support is not None:
         check_volume(support, "support")
     if query_slices is not None:
-        n = np.asarray(query.array).shape[2 - SliceView.for_volume(query).slice_axis_ijk]
-        query_slices = check_query_slices(query_slices, n)
+        query_slices = check_query_slices(query_slices, SliceView.for_volume(query).n_slices(query))
     return (check_mask(support_mask), check_slices(support_slices, "support_slices"), check_slice_range(slice_range),
             query_slices)

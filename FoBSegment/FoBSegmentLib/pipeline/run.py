@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backbones.base import slice_to_square, square_to_slice
-from ..errors import CancelledError, FoBInputError
+from ..errors import CancelledError
 from ..geometry import SliceView, Volume, within_slices
 from ..preprocessing import fit_normalisation
 from .contrast import prototype_contrast, prototypes
+from .inputs import slice_bounds
 from .slice_prompting import SlicePrompt
 from .walk import contrast_floor, decide
 
@@ -80,7 +81,7 @@ class QueryRun:
         self.view = SliceView.for_volume(query)
         self.stack = self.view.to_stack(query.array)
         n, self.rows, self.cols = self.stack.shape
-        self.lo, self.hi = _slice_range(slice_range, n)
+        self.lo, self.hi = slice_bounds(slice_range, n)
         self.norm = fit_normalisation(query.array)
         self.keys: dict[int, str] = {}
         self.out = np.zeros((n, self.rows, self.cols), np.uint8)
@@ -193,23 +194,3 @@ class QueryRun:
         if self.progress is not None:
             self.progress(self.total, self.total)
         return r
-
-
-def check_slice_range(slice_range, query: Volume) -> tuple[int, int]:
-    """The first and last slice a run on ``query`` covers (acquisition axis), checked."""
-    view = SliceView.for_volume(query)
-    return _slice_range(slice_range, query.array.shape[2 - view.slice_axis_ijk])
-
-
-def _slice_range(slice_range, n: int) -> tuple[int, int]:
-    if slice_range is None:
-        return 0, n - 1
-    a, b = int(slice_range[0]), int(slice_range[1])
-    if a > b:
-        raise FoBInputError(f"Slice range {a}:{b} runs backwards: give the first slice first ({b}:{a}).")
-    if not (0 <= a <= b < n):
-        raise FoBInputError(
-            f"Slice range {a}:{b} is outside the query image, which has {n} slices along its "
-            f"acquisition axis (valid: 0:{n - 1})."
-        )
-    return a, b

@@ -17,7 +17,7 @@ from . import protocols
 from .embedding import Embedder
 from .inputs import check_mask, check_segment_call, check_slice_range, check_volume as _check_volume
 from .ring_structures import check_wall_rule, draw_walls, split_ring, wall_thickness
-from .run import QueryRun, SegmentationResult, check_slice_range as query_slice_range
+from .run import QueryRun, SegmentationResult
 from .slice_prompting import ContrastPrompter, SlicePredictor
 from .support import Support, _chosen_slices, prepare_support
 
@@ -90,9 +90,7 @@ class Segmenter:
         _check_volume(volume, "volume")
         validate_volume(volume, "volume")
         stack = SliceView.for_volume(volume).to_stack(volume.array)
-        from .run import _slice_range
-
-        lo, hi = _slice_range(check_slice_range(slice_range), stack.shape[0])
+        lo, hi = check_slice_range(slice_range, volume)
         norm = fit_normalisation(volume.array)
         before = self.encoded_count
         total = hi - lo + 1
@@ -148,7 +146,7 @@ class Segmenter:
 
         started = (time.perf_counter(), self.encoded_count)
         _check_volume(query, "query")
-        query_slice_range(check_slice_range(slice_range), query)  # before any support's run
+        check_slice_range(slice_range, query)  # before any support's run
         rule = rule or self.settings.atlas.fusion
         triples = check_supports(query, supports, rule)
         n = len(triples)
