@@ -42,6 +42,7 @@ with one Segmenter per worker process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -51,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import CancelledError, FoBError, FoBInputError
-from .files import atomic_write, check_writable_folder
+from .files import atomic_write, check_writable_folder, file_identity
 
 FIELDS = ("id", "query", "support_volume", "support_mask", "label", "segment", "reference", "reference_label",
           "output", "support_slices", "oracle", "atlas_fusion", "within")
@@ -531,8 +532,18 @@ def _refuse_outputs_over_inputs(cases: list, out_dir: Path) -> None:
 
     inputs = {p for c in cases for p in (c.query, c.support_mask, c.support_volume, c.reference,
                                          *[q for pair in c.more_supports for q in pair]) if p is not None}
+    # Every input's identity once, so that a cohort of thousands is checked in one pass.
+    known = set().union(*(file_identity(p) for p in inputs))
+    folders = set()
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            if Path(p).is_dir():  # a DICOM series folder
+                folders.add(os.path.normcase(os.path.realpath(p)))
     for c in cases:
-        io.refuse_overwriting_inputs(out_dir / c.output, inputs, f"output (case {c.id})")
+        out = out_dir / c.output
+        inside = out.exists() and os.path.normcase(os.path.dirname(os.path.realpath(out))) in folders
+        if inside or file_identity(out) & known:  # say which input, as a single output's check does
+            io.refuse_overwriting_inputs(out, inputs, f"output (case {c.id})")
 
 
 def _run_dask(todo, out_dir, options, workers, scheduler, summary, on_case, is_cancelled, recipes):

@@ -294,7 +294,7 @@ def write_json(path, obj) -> None:
 def check_json_output(path, data, cases) -> None:
     """``--json`` checked before any work: a file name in an existing, writable folder that is
     none of the evaluation's images or labels."""
-    from .files import check_writable_folder
+    from .files import check_writable_folder, refuse_write_protected
     from .io import refuse_overwriting_inputs
 
     p = Path(path)
@@ -302,8 +302,7 @@ def check_json_output(path, data, cases) -> None:
         raise FoBInputError(f"The folder of --json {p.parent} does not exist. Create it first.")
     if p.is_dir():
         raise FoBInputError(f"--json {p} is a folder; give a file name such as {p / 'results.json'}.")
-    if p.is_file() and not p.stat().st_mode & 0o222:
-        raise FoBInputError(f"--json {p} exists and is write-protected: it is not replaced. Choose another path.")
+    refuse_write_protected(p, "--json file")
     check_writable_folder(p.parent, "--json")
     refuse_overwriting_inputs(p, [Path(data) / f"{kind}_{c}.nii.gz" for c in cases for kind in ("image", "label")],
                               "--json")

@@ -127,9 +127,23 @@ def _fsync_dir(folder: Path) -> None:
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Do two paths name the same file (symlinks, '..', case on case-insensitive systems)?"""
-    a, b = Path(a), Path(b)
+    return bool(file_identity(a) & file_identity(b))
+
+
+def file_identity(path: str | Path) -> set:
+    """What names a file: its resolved path (letter case folded where the system folds it) and,
+    for a file that exists, its device and inode.  Two paths share an identity exactly when
+    they name the same file; a set of identities answers for many paths at once."""
+    keys: set = {os.path.normcase(os.path.realpath(path))}
     with contextlib.suppress(OSError):
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    ra, rb = os.path.realpath(a), os.path.realpath(b)
-    return os.path.normcase(ra) == os.path.normcase(rb)
+        st = os.stat(path)
+        keys.add((st.st_dev, st.st_ino))
+    return keys
+
+
+def refuse_write_protected(path: str | Path, what: str = "output") -> None:
+    """An existing file that nobody may write is not replaced (an atomic rename could)."""
+    p = Path(path)
+    if p.is_file() and not p.stat().st_mode & 0o222:
+        raise FoBInputError(f"The {what} {p} exists and is write-protected: it is not replaced. Choose another "
+                            "path, or remove the protection first.")

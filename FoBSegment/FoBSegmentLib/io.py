@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FoBInputError
-from .files import atomic_write, check_writable_folder, same_file
+from .files import atomic_write, check_writable_folder, refuse_write_protected, same_file
 from .geometry import Volume, validate_volume
 
 # .mhd is refused: its voxels live in a second file that cannot be renamed atomically with it.
@@ -355,9 +355,7 @@ def check_output_path(path: str | Path) -> Path:
         )
     if p.is_dir():
         raise FoBInputError(f"The output path {p} is a folder; give a file name such as {p / 'result.seg.nrrd'}.")
-    if p.is_file() and not p.stat().st_mode & 0o222:
-        raise FoBInputError(f"The output {p} exists and is write-protected: it is not replaced. Choose another "
-                            "output path, or remove the protection first.")
+    refuse_write_protected(p)
     check_writable_folder(p.parent)
     return p
 
