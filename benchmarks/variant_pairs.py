@@ -45,28 +45,6 @@ def parse_set(items: list) -> dict:
     return out
 
 
-def check_types(changes: dict) -> str | None:
-    """A value whose kind differs from the default's (a word for a number, a number for a
-    tuple) -> what is wrong; None where every value fits."""
-    import dataclasses
-
-    from FoBSegmentLib.settings import DEFAULT_SETTINGS
-
-    for name, value in changes.items():
-        group, _, leaf = name.partition(".")
-        default = getattr(getattr(DEFAULT_SETTINGS, group, None), leaf, None) if leaf else None
-        if value is None and default is not None:
-            hint = {f.name: str(f.type) for f in dataclasses.fields(getattr(DEFAULT_SETTINGS, group))}.get(leaf, "")
-            if "None" in hint:
-                continue
-        kinds = {bool: (bool,), int: (int,), float: (int, float), tuple: (tuple,), str: (str,)}
-        want = kinds.get(type(default))
-        fits = want is not None and isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
-        if default is not None and want is not None and not fits:
-            return f"--set {name}: {value!r} is not a {type(default).__name__} like its default {default!r}"
-    return None
-
-
 def run_pairs(seg, data: Path, key: str, protocol: str, supports, classes, done: dict, out: Path | None) -> dict:
     """Each support's queries through ``evaluate``, as the all-supports page runs them (its
     support slices, oracle slices and bound); a support already in ``done`` for a class is
@@ -136,9 +114,12 @@ def main(argv=None) -> int:
         print(f"--classes: {', '.join(unbounded)} is scored within its bound, as on the all-supports page: "
               "add the bounding class")
         return 2
-    wrong = check_types(changes)
-    if wrong:
-        print(wrong)
+    from FoBSegmentLib.settings import DEFAULT_SETTINGS
+
+    try:  # the settings check each value's kind and range: refused before a model is built
+        settings = DEFAULT_SETTINGS.with_changes(**changes)
+    except (ValueError, TypeError) as e:
+        print(f"--set: {e}")
         return 2
     import torch
 
@@ -146,11 +127,7 @@ def main(argv=None) -> int:
     from FoBSegmentLib.backbones import create_backbone
 
     torch.set_num_threads(os.cpu_count())
-    try:
-        seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir).with_settings(**changes)
-    except (ValueError, TypeError) as e:
-        print(f"--set: {e}")
-        return 2
+    seg = Segmenter(create_backbone("litemedsam", "auto"), cache_dir=args.cache_dir, settings=settings)
     out = Path(args.out) if args.out else None
     done = json.loads(out.read_text()) if out is not None and out.is_file() else {}
     run_pairs(seg, data, args.dataset, args.protocol, supports, classes, done, out)
